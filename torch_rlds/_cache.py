@@ -1,0 +1,21 @@
+"""Where torch_rlds keeps what it derives from datasets (record indexes, the demo dataset)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "TORCH_RLDS_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache folder: ``$TORCH_RLDS_CACHE``, else ``$XDG_CACHE_HOME/torch_rlds``, else
+    ``~/.cache/torch_rlds``. It is created on first use."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        root = Path(env)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(base) / "torch_rlds"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,69 @@
+"""The ``torch-rlds`` command: ``inspect``, ``demo`` and the other tools."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from torch_rlds._features import iter_leaves
+    from torch_rlds.source import RLDSSource
+
+    source = RLDSSource(args.path, args.split, data_dir=args.data_dir)
+    info = source.info
+    print(f"{info.name} {info.version}  ({info.path})")
+    print(f"format: {info.file_format}")
+    for name, split in info.splits.items():
+        print(f"split {name}: {split.num_episodes} episodes in {len(split.shard_paths)} shards, "
+              f"{split.num_bytes} bytes")
+        for path, n in zip(split.shard_paths, split.shard_lengths):
+            print(f"  {path.name}: {n} episodes")
+    if args.steps:
+        total = 0
+        for name in info.splits:
+            counted = RLDSSource(info.path, name)
+            steps = [len(counted.episode(i)["steps"]["is_first"]) if _has_is_first(counted)
+                     else len(counted.episode(i)["steps"]["action"]) for i in range(len(counted))]
+            total += sum(steps)
+            print(f"split {name}: {sum(steps)} steps (episode length min {min(steps)}, "
+                  f"mean {np.mean(steps):.1f}, max {max(steps)})")
+    print("features:")
+    for leaf in iter_leaves(source.features):
+        shape = tuple(leaf.shape)
+        time = "[T] + " if leaf.per_step else ""
+        dtype = "str" if leaf.kind == "text" else str(leaf.dtype)
+        print(f"  {leaf.name}: {leaf.kind} {time}{shape} {dtype} encoding={leaf.encoding}")
+    return 0
+
+
+def _has_is_first(source) -> bool:
+    return any(leaf.path == ("steps", "is_first") for leaf in source.leaves())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``torch-rlds``."""
+    parser = argparse.ArgumentParser(prog="torch-rlds", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="splits, shards and features of a dataset")
+    inspect.add_argument("path", help="dataset version directory, or a name with --data-dir")
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--data-dir", default=None)
+    inspect.add_argument("--steps", action="store_true",
+                         help="also count steps (reads every episode)")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torch-rlds`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""``RLDSDataset``: step samples of an RLDS dataset as a resumable torch ``IterableDataset``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.utils.data
+
+from torch_rlds import _order
+from torch_rlds._state import Cursor, load_cursor, make_state
+from torch_rlds._windows import EpisodeSampler
+from torch_rlds.source import RLDSSource
+
+
+class RLDSDataset(torch.utils.data.IterableDataset):
+    """Step samples of an RLDS split, in a seeded order, with a state of a few hundred bytes.
+
+    **A sample** is a dict::
+
+        {"observation": {key: [obs_window, ...]},      # images decoded to [obs_window, H, W, C]
+         "observation_is_pad": bool [obs_window],
+         "action": float32 [action_horizon, A],
+         "action_is_pad": bool [action_horizon],
+         "language_instruction": str,
+         "meta": {"episode_index", "step_index", "epoch"}}   # int64 scalars
+
+    Before an episode's first step the observation window repeats step 0; past its last step
+    the action chunk repeats the last action; the masks are ``True`` exactly on those repeated
+    entries (repeating real values keeps padded inputs in range; losses should use the masks).
+
+    **Order.** A pure function of (seed, epoch, host, worker): each epoch permutes the episodes
+    (``shuffle=True``) and reader ``process_index * W + worker`` of ``process_count * W`` takes
+    every such episode in turn (``W`` is the DataLoader's worker count, 1 without workers). A
+    reader cuts its share into windows of ``shuffle_window`` episodes and emits every step of a
+    window in a seeded permutation. Every step of every episode appears exactly once per epoch
+    across all hosts and workers. Images are decoded when a sample is emitted, and only the
+    frames its observation window uses.
+
+    **State.** ``state_dict()`` is ``{"version", "fingerprint", "epoch", "window", "position",
+    "samples"}``: ints and strings, JSON-serialisable, under 1 KiB. The fingerprint (dataset name,
+    version, split and episode count, seed, shuffle, obs_window, action_horizon, shuffle_window,
+    process index and count, worker count and index) must match on ``load_state_dict``; every
+    difference is named in the ``ValueError``. Restoring reads one window of episodes. Because
+    the order does not depend on progress, the cursors of all readers name exactly which steps of
+    an epoch were consumed, also for a later resume under another worker or host count. The
+    format is versioned; a state of another version is refused, never misread.
+
+    Under ``torch.utils.data.DataLoader`` workers each hold a copy; the object is not meant to
+    be iterated from two threads at once.
+
+    Args:
+      source: an :class:`RLDSSource`, or a dataset path (with ``split`` and ``data_dir``).
+      split: the TFDS split expression when ``source`` is a path.
+      obs_window: observation steps per sample (>= 1).
+      action_horizon: actions per sample (>= 1).
+      observation_keys: keys under ``steps/observation`` to emit (default: all but text).
+      action_key: the action tensor under ``steps``.
+      language_key: the instruction under ``steps`` (``None`` gives ``""``).
+      shuffle: permute episodes and steps; otherwise episodes and steps come in order.
+      seed: the order's seed (>= 0).
+      shuffle_window: episodes whose steps are mixed together (>= 1).
+      repeat: an endless stream over epochs (training) or one pass.
+      process_index, process_count: this host's part of every epoch.
+      fast_jpeg: decode JPEG with the fast DCT (the pixels of ``tf.io.decode_jpeg``) instead of
+        the accurate one (the pixels of TFDS's numpy decoding).
+      data_dir: the TFDS data directory when ``source`` is a dataset name.
+    """
+
+    def __init__(self, source: RLDSSource | str | os.PathLike, split: str = "train", *,
+                 obs_window: int = 1, action_horizon: int = 16,
+                 observation_keys: Sequence[str] | None = None, action_key: str = "action",
+                 language_key: str | None = "language_instruction", shuffle: bool = True,
+                 seed: int = 0, shuffle_window: int = 16, repeat: bool = True,
+                 process_index: int = 0, process_count: int = 1, fast_jpeg: bool = False,
+                 data_dir: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        _check_positive("obs_window", obs_window)
+        _check_positive("action_horizon", action_horizon)
+        _check_positive("shuffle_window", shuffle_window)
+        _check_positive("process_count", process_count)
+        if type(seed) is not int or seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+        if type(process_index) is not int or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in [0, {process_count}) (got "
+                             f"{process_index!r})")
+        if not isinstance(source, RLDSSource):
+            source = RLDSSource(source, split, data_dir=data_dir)
+        self.source = source
+        self.obs_window = obs_window
+        self.action_horizon = action_horizon
+        self.action_key = action_key
+        self.language_key = language_key
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.shuffle_window = shuffle_window
+        self.repeat = bool(repeat)
+        self.process_index = process_index
+        self.process_count = process_count
+        self.fast_jpeg = bool(fast_jpeg)
+        self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
+            self._default_observation_keys())
+        self._check_keys()
+        self._cursor = Cursor()
+
+    def _default_observation_keys(self) -> tuple[str, ...]:
+        prefix = ("steps", "observation")
+        return tuple("/".join(leaf.path[2:]) for leaf in self.source.leaves()
+                     if leaf.path[:2] == prefix and leaf.kind != "text")
+
+    def _check_keys(self) -> None:
+        available = {"/".join(leaf.path[1:]): leaf for leaf in self.source.leaves()
+                     if leaf.per_step}
+        observation = sorted(k[len("observation/"):] for k in available
+                             if k.startswith("observation/"))
+        for key in self.observation_keys:
+            if f"observation/{key}" not in available:
+                raise ValueError(f"observation key {key!r} is not a feature of "
+                                 f"{self.source.info.name} (observation keys: {observation})")
+        if self.action_key not in available:
+            raise ValueError(f"action_key {self.action_key!r} is not a step feature of "
+                             f"{self.source.info.name} (step features: {sorted(available)})")
+        if self.language_key is not None and self.language_key not in available:
+            self.language_key = None
+
+    # -- reader identity -------------------------------------------------------------------
+    def _reader(self) -> tuple[int, int, int, int]:
+        """(reader, num_readers, num_workers, worker_index) in the current process."""
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (0, 0)
+        per_host = max(workers, 1)
+        return (self.process_index * per_host + worker, self.process_count * per_host,
+                workers, worker)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a state must match to be loaded into this dataset in this process."""
+        _, _, workers, worker = self._reader()
+        info = self.source.info
+        return {
+            "dataset": info.name,
+            "dataset_version": info.version,
+            "split": self.source.split,
+            "num_episodes": len(self.source),
+            "seed": self.seed,
+            "shuffle": int(self.shuffle),
+            "obs_window": self.obs_window,
+            "action_horizon": self.action_horizon,
+            "shuffle_window": self.shuffle_window,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "num_workers": workers,
+            "worker_index": worker,
+        }
+
+    # -- Stateful protocol -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The reader's position (see the class docstring); JSON-serialisable."""
+        return make_state(self.fingerprint(), self._cursor)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch."""
+        self._cursor = load_cursor(state_dict, self.fingerprint())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor)."""
+        if type(epoch) is not int or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
+        self._cursor = Cursor(epoch=epoch)
+
+    # -- iteration -------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, num_readers, _, _ = self._reader()
+        num_episodes = len(self.source)
+        if self.repeat and num_episodes < num_readers:
+            raise ValueError(
+                f"{num_readers} readers (process_count {self.process_count} x workers) but the "
+                f"split has {num_episodes} episodes: reader {reader} would have none; use fewer "
+                "workers or processes"
+            )
+        cursor = self._cursor
+        empty_epochs = 0
+        while True:
+            episodes = _order.reader_episodes(
+                num_episodes, seed=self.seed, epoch=cursor.epoch, shuffle=self.shuffle,
+                reader=reader, num_readers=num_readers)
+            windows = _order.num_windows(len(episodes), self.shuffle_window)
+            emitted = 0
+            for window in range(cursor.window, windows):
+                chosen = episodes[window * self.shuffle_window:(window + 1) * self.shuffle_window]
+                samplers = [self._sampler(int(e)) for e in chosen]
+                which, steps = _order.window_steps(
+                    [s.num_steps for s in samplers], seed=self.seed, epoch=cursor.epoch,
+                    shuffle=self.shuffle, reader=reader, window=window)
+                start = cursor.position if window == cursor.window else 0
+                for position in range(start, len(which)):
+                    sampler = samplers[which[position]]
+                    sample = sampler.sample(int(steps[position]), self.obs_window,
+                                            self.action_horizon, cursor.epoch,
+                                            fast_jpeg=self.fast_jpeg)
+                    cursor = Cursor(cursor.epoch, window, position + 1, cursor.samples + 1)
+                    self._cursor = cursor
+                    emitted += 1
+                    yield sample
+            cursor = Cursor(cursor.epoch + 1, 0, 0, cursor.samples)
+            self._cursor = cursor
+            if not self.repeat:
+                return
+            empty_epochs = empty_epochs + 1 if emitted == 0 else 0
+            if empty_epochs > 1:
+                raise ValueError(f"reader {reader} of {num_readers} emitted no step in two "
+                                 "epochs: its episodes are all empty")
+
+    def _sampler(self, episode_index: int) -> EpisodeSampler:
+        episode = self.source.episode(episode_index)
+        return EpisodeSampler(episode, self.observation_keys, self.action_key, self.language_key,
+                              episode_index, self.source.describe(episode_index))
+
+    def __repr__(self) -> str:
+        return (f"RLDSDataset({self.source!r}, obs_window={self.obs_window}, "
+                f"action_horizon={self.action_horizon}, shuffle={self.shuffle}, "
+                f"seed={self.seed}, shuffle_window={self.shuffle_window}, repeat={self.repeat}, "
+                f"process {self.process_index}/{self.process_count})")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 (got {value!r})")

@@ -1,0 +1,247 @@
+"""Random access to the episodes of one split of an RLDS dataset, without TensorFlow."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import types
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from torch_rlds._features import EpisodeDecoder, iter_leaves, load_features
+from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo, resolve_dataset_dir
+from torch_rlds._tfrecord import RecordIndex, build_indexes
+
+
+class RLDSSource:
+    """Episodes of one split (or TFDS split expression) of a TFDS dataset, by index.
+
+    ``source[i]`` (or ``source.episode(i)``) decodes episode ``i`` through the dataset's own
+    ``features.json``: step features stacked on a time axis, text as ``str``, images left encoded
+    (:class:`~torch_rlds.EncodedImages`) unless ``decode_images=True``.
+
+    On construction it checks the shards against ``dataset_info.json`` (each present; for
+    tfrecord, each record count and the split's byte count; for array_record, each record count)
+    and, for tfrecord, builds or loads from the cache the byte offset of every record (headers
+    only, see :class:`torch_rlds._tfrecord.RecordIndex`). Every tfrecord read verifies both CRCs.
+
+    Reads are deterministic. One source may be used from several threads (each read opens its
+    own file handle or uses a per-thread one); it pickles without its open files, so it can be
+    sent to worker processes.
+
+    Args:
+      path: a dataset version directory, a dataset directory (newest version), or, with
+        ``data_dir``, a TFDS name (``bridge`` or ``bridge:0.1.0``).
+      split: a TFDS split expression: ``train``, ``train[:90%]``, ``train[10:20]``, ``train+val``.
+      data_dir: the TFDS data directory when ``path`` is a name.
+      cache_dir: where record indexes are cached (default ``$TORCH_RLDS_CACHE/index``).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", *,
+                 data_dir: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        self.info = DatasetInfo.load(resolve_dataset_dir(path, data_dir))
+        self.split = split
+        self._cache_dir = cache_dir
+        self._ranges = _resolve_split(self.info, split)
+        self._starts = list(np.cumsum([0] + [stop - start for _, start, stop in self._ranges]))
+        self._readers = {name: _open_reader(self.info, self.info.splits[name], cache_dir)
+                         for name in {r[0] for r in self._ranges}}
+        self._decoder: EpisodeDecoder | None = None
+        self._features = None
+
+    # -- pickling: workers reopen files and rebuild the decoder from features.json
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_decoder"] = None
+        state["_features"] = None
+        return state
+
+    @property
+    def features(self):
+        """The dataset's TFDS ``FeaturesDict``, read from ``features.json``."""
+        if self._features is None:
+            self._features = load_features(self.info.path)
+        return self._features
+
+    @property
+    def decoder(self) -> EpisodeDecoder:
+        """The :class:`EpisodeDecoder` for this dataset's features."""
+        if self._decoder is None:
+            self._decoder = EpisodeDecoder(self.features)
+        return self._decoder
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """The split name and the episode index within that whole split for ``index``."""
+        n = len(self)
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+            raise IndexError(f"episode index {index} out of range: {self.split!r} has {n} episodes")
+        r = bisect.bisect_right(self._starts, int(index)) - 1
+        name, start, _ = self._ranges[r]
+        return name, start + int(index) - int(self._starts[r])
+
+    def read(self, index: int) -> bytes:
+        """The serialized ``tf.train.Example`` of episode ``index``."""
+        name, episode = self.locate(index)
+        return self._readers[name].read(episode)
+
+    def describe(self, index: int) -> str:
+        """``file @ offset`` (tfrecord) or ``file #record`` of episode ``index``, for messages."""
+        name, episode = self.locate(index)
+        return self._readers[name].describe(episode)
+
+    def episode(self, index: int, *, decode_images: bool = False) -> dict[str, Any]:
+        """Episode ``index`` as a nested dict (see the class docstring)."""
+        data = self.read(index)
+        return self.decoder.decode(data, name=self.describe(index), decode_images=decode_images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.episode(index)
+
+    def leaves(self):
+        """The feature leaves (:class:`torch_rlds._features.FeatureLeaf`), in key order."""
+        return tuple(iter_leaves(self.features))
+
+    def __repr__(self) -> str:
+        return (f"RLDSSource({self.info.name}:{self.info.version}, split={self.split!r}, "
+                f"episodes={len(self)}, format={self.info.file_format})")
+
+
+def _resolve_split(info: DatasetInfo, split: str) -> list[tuple[str, int, int]]:
+    import tensorflow_datasets as tfds
+
+    counts = {name: types.SimpleNamespace(num_examples=s.num_episodes)
+              for name, s in info.splits.items()}
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(counts)
+    except (ValueError, AssertionError) as e:
+        raise ValueError(
+            f"split {split!r} of {info.path}: {e} (splits: "
+            + ", ".join(f"{n} ({s.num_episodes} episodes)" for n, s in info.splits.items()) + ")"
+        ) from e
+    ranges = []
+    for ins in instructions:
+        n = info.splits[ins.splitname].num_episodes
+        start = 0 if ins.from_ is None else ins.from_
+        stop = n if ins.to is None else ins.to
+        ranges.append((ins.splitname, start, stop))
+    return ranges
+
+
+class _ShardedReader:
+    """Maps an episode index of one split to a shard and reads it."""
+
+    def __init__(self, split: SplitInfo) -> None:
+        self.split = split
+        self._ends = list(np.cumsum(split.shard_lengths))
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _shard_of(self, episode: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self._ends, episode)
+        return shard, episode - (self._ends[shard - 1] if shard else 0)
+
+    def _handles(self) -> dict[int, Any]:
+        handles = getattr(self._local, "handles", None)
+        if handles is None or getattr(self._local, "pid", None) != os.getpid():
+            handles = self._local.handles = {}
+            self._local.pid = os.getpid()
+        return handles
+
+
+class _TFRecordReader(_ShardedReader):
+    def __init__(self, split: SplitInfo, cache_dir) -> None:
+        super().__init__(split)
+        for path in split.shard_paths:
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path}: shard listed in dataset_info.json (split {split.name!r}, "
+                    f"{len(split.shard_paths)} shards) is missing"
+                )
+        self.indexes: list[RecordIndex] = build_indexes(
+            list(split.shard_paths), cache_dir=None if cache_dir is None else epath.Path(cache_dir)
+        )
+        payload = 0
+        for path, index, expected in zip(split.shard_paths, self.indexes, split.shard_lengths):
+            if index.num_records != expected:
+                raise DatasetFormatError(
+                    f"{path}: {index.num_records} records, dataset_info.json records "
+                    f"{expected} for this shard"
+                )
+            payload += index.file_size - 16 * index.num_records
+        if split.num_bytes and payload != split.num_bytes:
+            raise DatasetFormatError(
+                f"split {split.name!r}: shards hold {payload} bytes of records, dataset_info.json "
+                f"records numBytes={split.num_bytes} (files: {split.shard_paths[0].parent})"
+            )
+
+    def read(self, episode: int) -> bytes:
+        shard, record = self._shard_of(episode)
+        handles = self._handles()
+        f = handles.get(shard)
+        if f is None:
+            f = handles[shard] = self.split.shard_paths[shard].open("rb")
+        return self.indexes[shard].read(record, f)
+
+    def describe(self, episode: int) -> str:
+        shard, record = self._shard_of(episode)
+        offset = int(self.indexes[shard].offsets[record])
+        return f"{self.split.shard_paths[shard]} record {record} @ byte {offset}"
+
+
+class _ArrayRecordReader(_ShardedReader):
+    def __init__(self, split: SplitInfo) -> None:
+        super().__init__(split)
+        from array_record.python import array_record_module
+
+        for path, expected in zip(split.shard_paths, split.shard_lengths):
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{path}: shard listed in dataset_info.json (split {split.name!r}, "
+                    f"{len(split.shard_paths)} shards) is missing"
+                )
+            reader = array_record_module.ArrayRecordReader(os.fspath(path))
+            try:
+                found = reader.num_records()
+            finally:
+                reader.close()
+            if found != expected:
+                raise DatasetFormatError(
+                    f"{path}: {found} records, dataset_info.json records {expected} for this shard"
+                )
+
+    def read(self, episode: int) -> bytes:
+        from array_record.python import array_record_module
+
+        shard, record = self._shard_of(episode)
+        handles = self._handles()
+        reader = handles.get(shard)
+        if reader is None:
+            reader = handles[shard] = array_record_module.ArrayRecordReader(
+                os.fspath(self.split.shard_paths[shard]), "readahead_buffer_size:0"
+            )
+        return reader.read([record])[0]
+
+    def describe(self, episode: int) -> str:
+        shard, record = self._shard_of(episode)
+        return f"{self.split.shard_paths[shard]} record {record}"
+
+
+def _open_reader(info: DatasetInfo, split: SplitInfo, cache_dir) -> _ShardedReader:
+    if info.file_format == "array_record":
+        return _ArrayRecordReader(split)
+    return _TFRecordReader(split, cache_dir)
