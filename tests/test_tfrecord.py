@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from torch_rlds import _tfrecord
 from torch_rlds._tfrecord import (
@@ -194,8 +196,9 @@ def test_index_is_cached_and_reused(
     assert np.load(cached[0], allow_pickle=False).tolist() == first.offsets.tolist()
 
 
-def test_cache_dir_argument_overrides_the_default(dataset_dir: Path, tmp_path: Path,
-                                                  cache_dir: Path) -> None:
+def test_cache_dir_argument_overrides_the_default(
+    dataset_dir: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     path = dataset_dir / "data.tfrecord"
     write_tfrecord(path, _records([1, 2]))
     own = tmp_path / "own_cache"
@@ -377,3 +380,11 @@ def test_offsets_are_read_only(dataset_dir: Path) -> None:
     index = RecordIndex.load(path)
     with pytest.raises(ValueError, match="read-only"):
         index.offsets[0] = 5
+
+
+def test_build_index_advances_progress_by_bytes(dataset_dir: Path) -> None:
+    path = dataset_dir / "data.tfrecord"
+    size = write_tfrecord(path, _records([100] * 3000))
+    with open(path, "rb") as f, tqdm(total=size, file=io.StringIO(), mininterval=0) as bar:
+        build_index(f, size, str(path), progress=bar)
+        assert bar.n == size

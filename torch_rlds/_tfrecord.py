@@ -50,9 +50,9 @@ _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # payload length, masked crc of the length
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
-HEADER_SIZE = _HEADER.size  # 12
-FOOTER_SIZE = _CRC.size  # 4
-_OVERHEAD = HEADER_SIZE + FOOTER_SIZE
+_HEADER_SIZE = _HEADER.size  # 12
+_FOOTER_SIZE = _CRC.size  # 4
+_OVERHEAD = _HEADER_SIZE + _FOOTER_SIZE
 # Bumped when the cached index format changes, so that old cache files are never read.
 _CACHE_VERSION = "tfrecord-index-v1"
 _PROGRESS_DELAY_S = 1.0
@@ -119,17 +119,17 @@ def build_index(
     pos = 0
     pending = 0  # bytes indexed but not yet reported to the progress bar
     while pos < file_size:
-        if file_size - pos < HEADER_SIZE:
+        if file_size - pos < _HEADER_SIZE:
             raise TruncatedShardError(
                 f"{name}: truncated header of record {len(offsets)} at offset {pos}: needs "
-                f"{HEADER_SIZE} bytes, the file (size {file_size}) has {file_size - pos} left"
+                f"{_HEADER_SIZE} bytes, the file (size {file_size}) has {file_size - pos} left"
             )
         f.seek(pos)
-        header = f.read(HEADER_SIZE)
-        if len(header) != HEADER_SIZE:
+        header = f.read(_HEADER_SIZE)
+        if len(header) != _HEADER_SIZE:
             raise TruncatedShardError(
                 f"{name}: truncated header of record {len(offsets)} at offset {pos}: needs "
-                f"{HEADER_SIZE} bytes, read {len(header)}; the file is shorter than the "
+                f"{_HEADER_SIZE} bytes, read {len(header)}; the file is shorter than the "
                 f"{file_size} bytes expected"
             )
         length, length_crc = _HEADER.unpack(header)
@@ -365,13 +365,13 @@ class RecordIndex:
                 f"{self.path}: bad length CRC of record {i} at offset {start}: found "
                 f"{length_crc:#010x}, expected {expected_crc:#010x}"
             )
-        payload = view[HEADER_SIZE : HEADER_SIZE + length]
-        (payload_crc,) = _CRC.unpack_from(view, HEADER_SIZE + length)
+        payload = view[_HEADER_SIZE : _HEADER_SIZE + length]
+        (payload_crc,) = _CRC.unpack_from(view, _HEADER_SIZE + length)
         expected_crc = masked_crc(payload)
         if payload_crc != expected_crc:
             raise CorruptRecordError(
                 f"{self.path}: bad payload CRC of record {i} at offset {start} "
-                f"(payload of {length} bytes at offset {start + HEADER_SIZE}): found "
+                f"(payload of {length} bytes at offset {start + _HEADER_SIZE}): found "
                 f"{payload_crc:#010x}, expected {expected_crc:#010x}"
             )
         return payload

@@ -1,0 +1,247 @@
+"""Configs: frozen dataclasses, loaded from named YAML files with ``key=value`` overrides.
+
+``load_config("demo")`` reads ``configs/demo.yaml`` shipped inside the package;
+``load_config("path/to/my.yaml", ["loader.batch_size=64"])`` reads any file. Every field is
+checked on construction; an error names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from collections.abc import Sequence
+from typing import Any, get_type_hints
+
+import yaml
+
+DEMO = "demo"
+
+
+class ConfigError(ValueError):
+    """A config field with a value outside what it allows, or an unknown field."""
+
+
+def _int(name: str, value: Any, low: int = 0) -> None:
+    if type(value) is not int or value < low:
+        raise ConfigError(f"{name} must be an int >= {low} (got {value!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how its steps become samples (see :class:`torch_rlds.RLDSDataset`).
+
+    ``path`` is a dataset version directory, a dataset directory, a TFDS name with
+    ``data_dir``, or ``demo`` for the embedded demo dataset (written to the cache on first use).
+    """
+
+    path: str = DEMO
+    data_dir: str | None = None
+    split: str = "train"
+    obs_window: int = 1
+    action_horizon: int = 16
+    observation_keys: tuple[str, ...] | None = None
+    action_key: str = "action"
+    language_key: str | None = "language_instruction"
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_window: int = 16
+    repeat: bool = True
+    fast_jpeg: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"data.path must be a non-empty string (got {self.path!r})")
+        for name in ("obs_window", "action_horizon", "shuffle_window"):
+            _int(f"data.{name}", getattr(self, name), 1)
+        _int("data.seed", self.seed, 0)
+        if self.observation_keys is not None:
+            if isinstance(self.observation_keys, str) or not all(
+                    isinstance(k, str) for k in self.observation_keys):
+                raise ConfigError("data.observation_keys must be a list of strings (got "
+                                  f"{self.observation_keys!r})")
+            object.__setattr__(self, "observation_keys", tuple(self.observation_keys))
+        for name in ("shuffle", "repeat", "fast_jpeg"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(f"data.{name} must be true or false (got "
+                                  f"{getattr(self, name)!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are made. ``batch_size`` is the global batch: each of P processes loads
+    ``batch_size / P`` samples per step."""
+
+    batch_size: int = 32
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    snapshot_every_n_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _int("loader.batch_size", self.batch_size, 1)
+        _int("loader.num_workers", self.num_workers, 0)
+        _int("loader.prefetch_factor", self.prefetch_factor, 1)
+        _int("loader.snapshot_every_n_steps", self.snapshot_every_n_steps, 1)
+        if type(self.persistent_workers) is not bool:
+            raise ConfigError("loader.persistent_workers must be true or false (got "
+                              f"{self.persistent_workers!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A named dataset + loader configuration.
+
+    ``process_index`` / ``process_count`` override what :func:`torch_rlds._process.process_info`
+    finds (jax, then torch.distributed, then a single process).
+    """
+
+    name: str = DEMO
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    process_index: int | None = None
+    process_count: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.process_count is not None:
+            _int("process_count", self.process_count, 1)
+        if self.process_index is not None:
+            _int("process_index", self.process_index, 0)
+            if self.process_count is not None and self.process_index >= self.process_count:
+                raise ConfigError(f"process_index must be < process_count "
+                                  f"({self.process_index} >= {self.process_count})")
+
+    def processes(self) -> tuple[int, int]:
+        """``(process_index, process_count)``: the overrides, else what the runtime says."""
+        from torch_rlds._process import process_info
+
+        index, count = process_info()
+        return (index if self.process_index is None else self.process_index,
+                count if self.process_count is None else self.process_count)
+
+    def local_batch_size(self, process_count: int) -> int:
+        """The per-process batch; raises when the global batch does not divide."""
+        if self.loader.batch_size % process_count:
+            raise ConfigError(
+                f"loader.batch_size {self.loader.batch_size} does not divide among "
+                f"{process_count} processes; use a multiple of {process_count} (e.g. "
+                f"{(self.loader.batch_size // process_count + 1) * process_count})"
+            )
+        return self.loader.batch_size // process_count
+
+    def dataset_path(self) -> str:
+        """The dataset location, writing the demo dataset first when ``data.path`` is demo."""
+        if self.data.path == DEMO and self.data.data_dir is None:
+            from torch_rlds.demo import demo_dataset
+
+            return os.fspath(demo_dataset())
+        return self.data.path
+
+    def make_dataset(self, process_index: int | None = None, process_count: int | None = None):
+        """The :class:`torch_rlds.RLDSDataset` this config describes, for this process."""
+        from torch_rlds.dataset import RLDSDataset
+
+        index, count = self.processes()
+        index = index if process_index is None else process_index
+        count = count if process_count is None else process_count
+        d = self.data
+        return RLDSDataset(
+            self.dataset_path(), d.split, data_dir=d.data_dir, obs_window=d.obs_window,
+            action_horizon=d.action_horizon, observation_keys=d.observation_keys,
+            action_key=d.action_key, language_key=d.language_key, shuffle=d.shuffle,
+            seed=d.seed, shuffle_window=d.shuffle_window, repeat=d.repeat,
+            process_index=index, process_count=count, fast_jpeg=d.fast_jpeg,
+        )
+
+    def make_loader(self, process_index: int | None = None, process_count: int | None = None,
+                    **kwargs: Any):
+        """The :class:`torch_rlds.DataLoader` this config describes (local batch size)."""
+        from torch_rlds.loader import DataLoader
+
+        dataset = self.make_dataset(process_index, process_count)
+        count = dataset.process_count
+        workers = self.loader.num_workers
+        options: dict[str, Any] = dict(
+            batch_size=self.local_batch_size(count), num_workers=workers,
+            snapshot_every_n_steps=self.loader.snapshot_every_n_steps,
+        )
+        if workers > 0:
+            options.update(prefetch_factor=self.loader.prefetch_factor,
+                           persistent_workers=self.loader.persistent_workers)
+        options.update(kwargs)
+        return DataLoader(dataset, **options)
+
+
+_SECTIONS = {"data": DataConfig, "loader": LoaderConfig}
+
+
+def config_names() -> list[str]:
+    """Names of the configs shipped with torch_rlds."""
+    files = importlib.resources.files("torch_rlds.configs")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not os.path.exists(name_or_path):
+            raise FileNotFoundError(f"config file {name_or_path} does not exist")
+        with open(name_or_path) as f:
+            text = f.read()
+        name = os.path.splitext(os.path.basename(name_or_path))[0]
+    else:
+        resource = importlib.resources.files("torch_rlds.configs") / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"no config named {name_or_path!r} (shipped configs: "
+                              f"{config_names()}; or give a path to a .yaml file)")
+        text = resource.read_text()
+        name = name_or_path
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {name_or_path}: expected a mapping at the top level")
+    return name, raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    parts = key.strip().split(".")
+    tree = raw
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    tree[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping (got {raw!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown fields {unknown} (allowed: {sorted(fields)})")
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key in _SECTIONS and cls is Config:
+            values[key] = _build(_SECTIONS[key], value, key)
+        elif isinstance(value, list) and "tuple" in str(hints.get(key, "")):
+            values[key] = tuple(value)
+        else:
+            values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:
+    """Load a shipped config by name (``demo``) or a YAML file by path, then apply
+    ``key=value`` overrides (``data.seed=3``, ``loader.batch_size=64``)."""
+    name, raw = _read_yaml(name_or_path)
+    raw = dict(raw)
+    raw.setdefault("name", name)
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(Config, raw, f"config {name}")
