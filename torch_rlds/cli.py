@@ -55,7 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--steps", action="store_true",
                          help="also count steps (reads every episode)")
     inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="load the embedded demo dataset, save, resume in a "
+                                            "fresh process and check the batches")
+    _config_arguments(demo)
+    demo.set_defaults(run=_demo)
+
+    check = commands.add_parser("check", help="the user-facing checkpoint test of a config")
+    _config_arguments(check)
+    check.add_argument("--comprehensive", action="store_true",
+                       help="several save/load cycles, id tracking, two processes")
+    check.set_defaults(run=_check)
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-name", default="demo",
+                        help="a shipped config name or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (loader.batch_size=64)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from torch_rlds.demo import run_demo
+
+    return run_demo(args.config_name, args.overrides)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from torch_rlds.adapters.check import main as check_main
+
+    argv = ["--config-name", args.config_name, *args.overrides]
+    if args.comprehensive:
+        argv.append("--comprehensive")
+    return check_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

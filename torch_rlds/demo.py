@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 from etils import epath
 
 from torch_rlds import synthetic
 from torch_rlds._cache import cache_root
+from torch_rlds.config import load_config
 
 DEMO_SPEC = synthetic.SyntheticSpec(
     name="torch_rlds_demo", version="1.0.0", num_episodes=24, val_episodes=4, min_steps=20,
@@ -38,3 +47,111 @@ def demo_dataset() -> epath.Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return epath.Path(path)
+
+
+def batch_digest(batch: Any) -> str:
+    """A SHA-256 over every leaf of a batch (dtype, shape and bytes; strings as UTF-8), in key
+    order: two batches have the same digest exactly when they are equal bit for bit."""
+    h = hashlib.sha256()
+    _digest_into(h, batch)
+    return h.hexdigest()
+
+
+def _digest_into(h, tree: Any) -> None:
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            h.update(f"<{key}>".encode())
+            _digest_into(h, tree[key])
+    elif isinstance(tree, (list, tuple)):
+        h.update(f"[{len(tree)}]".encode())
+        for item in tree:
+            _digest_into(h, item)
+    elif isinstance(tree, str):
+        h.update(b"s" + tree.encode() + b"\0")
+    else:
+        array = np.ascontiguousarray(tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree))
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+
+
+def _shapes(batch: dict[str, Any]) -> str:
+    obs = batch["observation"]
+    parts = [f"obs.{key} shape={tuple(value.shape)}" for key, value in obs.items()]
+    parts.append(f"actions shape={tuple(batch['action'].shape)}")
+    return ", ".join(parts)
+
+
+def _resume_child(config_name: str, overrides: list[str], state_file: str, count: int) -> None:
+    """In a fresh process: restore the saved state and print the next batches' digests."""
+    config = load_config(config_name, overrides)
+    loader = config.make_loader()
+    loader.load_state(state_file)
+    iterator = iter(loader)
+    digests = [batch_digest(next(iterator)) for _ in range(count)]
+    print(json.dumps({"digests": digests, "batches_seen": loader.batches_seen}))
+
+
+def run_demo(config_name: str = "demo", overrides: Sequence[str] = (), *, before: int = 3,
+             after: int = 3) -> int:
+    """The ``torch-rlds demo`` walk-through; returns the process exit code."""
+    overrides = list(overrides)
+    ok = True
+
+    def check(passed: bool, text: str) -> None:
+        nonlocal ok
+        ok = ok and passed
+        print(f"{'✓' if passed else '✗'} {text}", flush=True)
+
+    config = load_config(config_name, overrides)
+    t0 = time.perf_counter()
+    path = config.dataset_path()
+    check(True, f"dataset {path} ({time.perf_counter() - t0:.1f}s)")
+    loader = config.make_loader()
+    print(f"loader: batch {loader.batch_size}, {loader.num_workers} workers, "
+          f"{len(loader.dataset.source)} episodes", flush=True)
+    iterator = iter(loader)
+    for i in range(before):
+        batch = next(iterator)
+        print(f"  batch {i}: {_shapes(batch)}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        state_file = os.path.join(tmp, "loader_state.json")
+        t0 = time.perf_counter()
+        loader.save_state(state_file)
+        save_ms = (time.perf_counter() - t0) * 1e3
+        size = os.path.getsize(state_file)
+        worker_states = _worker_state_sizes(loader.state_dict())
+        check(True, f"state saved after batch {before}: {size} bytes in {save_ms:.1f} ms "
+                    f"(dataset state per worker: {worker_states} bytes)")
+        reference = [batch_digest(next(iterator)) for _ in range(after)]
+        del iterator
+        t0 = time.perf_counter()
+        child = subprocess.run(
+            [sys.executable, "-m", "torch_rlds.demo", config_name, state_file, str(after),
+             *overrides],
+            capture_output=True, text=True, timeout=600,
+        )
+        if child.returncode != 0:
+            check(False, f"fresh process failed to resume (exit {child.returncode}):\n"
+                         f"{child.stderr[-2000:]}")
+        else:
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            check(result["batches_seen"] == before + after,
+                  f"fresh process restored batches_seen={result['batches_seen'] - after} "
+                  f"(expected {before})")
+            same = result["digests"] == reference
+            check(same, f"{after} batches after the restore in a fresh process equal the "
+                        f"uninterrupted run's, bit for bit ({time.perf_counter() - t0:.1f}s)")
+    print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED", flush=True)
+    return 0 if ok else 1
+
+
+def _worker_state_sizes(state: dict[str, Any]) -> list[int]:
+    snapshot = state.get("_snapshot")
+    if snapshot is None:
+        return [len(json.dumps(state.get("dataset_state")))]
+    workers = snapshot["_worker_snapshots"]
+    return [len(json.dumps(workers[key]["dataset_state"])) for key in sorted(workers)]
+
+
+if __name__ == "__main__":
+    _resume_child(sys.argv[1], sys.argv[4:], sys.argv[2], int(sys.argv[3]))
