@@ -216,3 +216,28 @@ def test_inspect_command(small_dataset, capsys):
     assert "train" in out and "6 episodes" in out and "val" in out
     assert "steps/observation/image" in out and "jpeg" in out
     assert "float32" in out and "(7,)" in out
+
+
+@pytest.mark.parametrize("cut", [100, 0.5, -10])
+def test_truncated_array_record_shard(write_dataset, tmp_path, cut):
+    path = write_dataset(num_episodes=4, num_shards=2, file_format="array_record")
+    copy = _copy(path, tmp_path)
+    shard = sorted(copy.glob("*train.array_record-*"))[0]
+    data = shard.read_bytes()
+    end = int(len(data) * cut) if isinstance(cut, float) else cut
+    shard.write_bytes(data[:end])
+    with pytest.raises(torch_rlds.DatasetFormatError, match=shard.name):
+        source = torch_rlds.RLDSSource(copy)
+        for i in range(len(source)):
+            source.episode(i)
+
+
+def test_inspect_counts_steps(small_dataset, small_spec, capsys):
+    from torch_rlds import cli
+
+    assert cli.main(["inspect", str(small_dataset), "--steps"]) == 0
+    out = capsys.readouterr().out
+    lengths = small_spec.lengths()
+    assert f"split train: {sum(lengths[:6])} steps" in out
+    assert f"split val: {sum(lengths[6:])} steps" in out
+    assert f"min {min(lengths[:6])}," in out

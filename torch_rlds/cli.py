@@ -23,14 +23,17 @@ def _inspect(args: argparse.Namespace) -> int:
         for path, n in zip(split.shard_paths, split.shard_lengths):
             print(f"  {path.name}: {n} episodes")
     if args.steps:
-        total = 0
+        from tqdm import tqdm
+
         for name in info.splits:
             counted = RLDSSource(info.path, name)
-            steps = [len(counted.episode(i)["steps"]["is_first"]) if _has_is_first(counted)
-                     else len(counted.episode(i)["steps"]["action"]) for i in range(len(counted))]
-            total += sum(steps)
+            steps = [len(counted.decoder.decode(counted.read(i))["steps"][_first_step_key(counted)])
+                     for i in tqdm(range(len(counted)), desc=f"counting steps of {name}",
+                                   unit="episode", delay=1.0, file=sys.stderr)]
             print(f"split {name}: {sum(steps)} steps (episode length min {min(steps)}, "
                   f"mean {np.mean(steps):.1f}, max {max(steps)})")
+    else:
+        print("(step counts: add --steps, which reads every episode)")
     print("features:")
     for leaf in iter_leaves(source.features):
         shape = tuple(leaf.shape)
@@ -40,8 +43,8 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_is_first(source) -> bool:
-    return any(leaf.path == ("steps", "is_first") for leaf in source.leaves())
+def _first_step_key(source) -> str:
+    return next(leaf.path[1] for leaf in source.leaves() if leaf.per_step)
 
 
 def build_parser() -> argparse.ArgumentParser:

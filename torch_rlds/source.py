@@ -86,8 +86,8 @@ class RLDSSource:
         name, start, _ = self._ranges[r]
         return name, start + int(index) - int(self._starts[r])
 
-    def read(self, index: int) -> bytes:
-        """The serialized ``tf.train.Example`` of episode ``index``."""
+    def read(self, index: int) -> bytes | memoryview:
+        """The serialized ``tf.train.Example`` of episode ``index`` (CRC-checked for tfrecord)."""
         name, episode = self.locate(index)
         return self._readers[name].read(episode)
 
@@ -189,13 +189,13 @@ class _TFRecordReader(_ShardedReader):
                 f"records numBytes={split.num_bytes} (files: {split.shard_paths[0].parent})"
             )
 
-    def read(self, episode: int) -> bytes:
+    def read(self, episode: int) -> memoryview:
         shard, record = self._shard_of(episode)
         handles = self._handles()
         f = handles.get(shard)
         if f is None:
-            f = handles[shard] = self.split.shard_paths[shard].open("rb")
-        return self.indexes[shard].read(record, f)
+            f = handles[shard] = self.indexes[shard].open()
+        return self.indexes[shard].read_view(record, f)
 
     def describe(self, episode: int) -> str:
         shard, record = self._shard_of(episode)
@@ -214,11 +214,12 @@ class _ArrayRecordReader(_ShardedReader):
                     f"{path}: shard listed in dataset_info.json (split {split.name!r}, "
                     f"{len(split.shard_paths)} shards) is missing"
                 )
-            reader = array_record_module.ArrayRecordReader(os.fspath(path))
             try:
+                reader = array_record_module.ArrayRecordReader(os.fspath(path))
                 found = reader.num_records()
-            finally:
                 reader.close()
+            except RuntimeError as e:  # array_record reports unreadable files as RuntimeError
+                raise DatasetFormatError(f"{path}: not a readable array_record shard ({e})") from e
             if found != expected:
                 raise DatasetFormatError(
                     f"{path}: {found} records, dataset_info.json records {expected} for this shard"
@@ -234,7 +235,11 @@ class _ArrayRecordReader(_ShardedReader):
             reader = handles[shard] = array_record_module.ArrayRecordReader(
                 os.fspath(self.split.shard_paths[shard]), "readahead_buffer_size:0"
             )
-        return reader.read([record])[0]
+        try:
+            return reader.read([record])[0]
+        except RuntimeError as e:  # array_record reports corruption as RuntimeError
+            raise DatasetFormatError(
+                f"{self.split.shard_paths[shard]} record {record}: unreadable ({e})") from e
 
     def describe(self, episode: int) -> str:
         shard, record = self._shard_of(episode)
