@@ -1,8 +1,8 @@
 """The order of an epoch: a pure function of (seed, epoch, reader, window).
 
-Readers are the ``process_count * num_workers`` consumers of one epoch; reader
-``r = process_index * num_workers + worker_index`` of ``R`` takes every R-th episode of the
-epoch's permutation, cuts its share into windows of ``shuffle_window`` episodes and emits all
+Readers are the ``R = process_count * W`` consumers of one epoch (``W`` is the DataLoader's
+worker count, 1 without workers); reader ``r = process_index * W + worker_index`` takes every
+R-th episode of the epoch's permutation, starting at the r-th, cuts its share into windows of ``shuffle_window`` episodes and emits all
 steps of a window in a seeded permutation. Nothing here depends on how far anybody got, so a
 cursor ``(epoch, window, position)`` per reader names exactly which steps were consumed: every
 window before ``window`` and the first ``position`` steps of the window's permutation.
@@ -60,9 +60,19 @@ def reader_episodes(num_episodes: int, *, seed: int, epoch: int, shuffle: bool, 
     return order[reader::num_readers]
 
 
+def share_size(num_episodes: int, reader: int, num_readers: int) -> int:
+    """How many episodes reader ``reader`` of ``num_readers`` takes per epoch (every epoch)."""
+    return max(0, -(-(num_episodes - reader) // num_readers))
+
+
 def num_windows(num_reader_episodes: int, shuffle_window: int) -> int:
     """How many windows a reader's share of ``num_reader_episodes`` episodes makes."""
     return -(-num_reader_episodes // shuffle_window)
+
+
+def window_episodes(episodes: np.ndarray, window: int, shuffle_window: int) -> np.ndarray:
+    """The episodes of window ``window`` of a reader's share ``episodes``, in window order."""
+    return episodes[window * shuffle_window:(window + 1) * shuffle_window]
 
 
 def window_steps(lengths: np.ndarray | list[int], *, seed: int, epoch: int, shuffle: bool,

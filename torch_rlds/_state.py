@@ -4,10 +4,10 @@ A state is a flat-ish JSON object of ints and strings::
 
     {"version": 1,
      "fingerprint": {"dataset": "bridge", "dataset_version": "0.1.0", "split": "train", ...},
-     "epoch": 3, "window": 12, "position": 517, "samples": 91234}
+     "epoch": 3, "window": 12, "position": 517}
 
 It never holds data, so its size is fixed (a few hundred bytes) whatever the dataset, the
-shuffle window or the step count. Loading checks every field's type and range and compares the
+shuffle window or the step count (ints are at most 19 digits). Loading checks every field's type and range and compares the
 fingerprint field by field; nothing in it is ever evaluated, unpickled or used as a path.
 """
 
@@ -35,20 +35,21 @@ FINGERPRINT_FIELDS: dict[str, type] = {
     "num_workers": int,
     "worker_index": int,
 }
-CURSOR_FIELDS = ("epoch", "window", "position", "samples")
+CURSOR_FIELDS = ("epoch", "window", "position")
 
 
 @dataclasses.dataclass(frozen=True)
 class Cursor:
     """Where a reader stands: the next step to emit is ``position`` of ``window`` of ``epoch``.
 
-    ``samples`` counts the samples this reader has emitted since the start, for statistics.
+    Every window before ``window`` and the first ``position`` steps of ``window`` (in the order
+    of :func:`torch_rlds._order.window_steps`) are consumed. ``window`` equal to the reader's
+    window count means the whole epoch is consumed (where a one-pass dataset stops).
     """
 
     epoch: int = 0
     window: int = 0
     position: int = 0
-    samples: int = 0
 
 
 def make_state(fingerprint: dict[str, Any], cursor: Cursor) -> dict[str, Any]:

@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--comprehensive", action="store_true",
                        help="several save/load cycles, id tracking, two processes")
     check.set_defaults(run=_check)
+
+    stats = commands.add_parser("stats", help="normalization statistics of state and action "
+                                              "(norm_stats.json, openpi's layout)")
+    _config_arguments(stats)
+    stats.add_argument("--output", default=None, help="also write norm_stats.json here")
+    stats.add_argument("--recompute", action="store_true", help="ignore the cache")
+    stats.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stats.set_defaults(run=_stats)
+
+    bench = commands.add_parser("bench", help="the benchmark suite (tf.data baseline when "
+                                              "tensorflow is installed)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -82,6 +95,25 @@ def _demo(args: argparse.Namespace) -> int:
     from torch_rlds.demo import run_demo
 
     return run_demo(args.config_name, args.overrides)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from torch_rlds.stats import main as stats_main
+
+    argv = ["--config-name", args.config_name, *args.overrides]
+    if args.output:
+        argv += ["--output", args.output]
+    if args.recompute:
+        argv.append("--recompute")
+    if args.no_progress:
+        argv.append("--no-progress")
+    return stats_main(argv)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from torch_rlds.bench import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _check(args: argparse.Namespace) -> int:

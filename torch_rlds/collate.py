@@ -9,42 +9,132 @@ import numpy as np
 import torch
 import torch.utils.data
 
+_ALIGN = 64  # byte alignment of each tensor inside a batch's buffer
+
 
 def collate(samples: Sequence[Any]) -> Any:
     """Stack a list of samples into one batch.
 
     Dicts are collated key by key; numpy arrays, numpy scalars, Python numbers and bools become
-    torch tensors with a leading batch axis (dtypes kept); strings become a list. Inside a
-    DataLoader worker the tensors are allocated in shared memory, so the batch crosses to the
-    main process without a copy through a pipe.
+    torch tensors with a leading batch axis (dtypes kept: a uint8 image stays uint8, a bool mask
+    stays bool); torch tensors are stacked; strings become a list; lists and tuples are
+    collated position by position into a list. Every sample must have the same keys, shapes and
+    dtypes: a mismatch raises ``ValueError`` naming the key path, the sample and both values,
+    rather than broadcasting or casting.
+
+    All tensors of a batch are views of one buffer. Inside a DataLoader worker that buffer is
+    allocated in shared memory, so the whole batch crosses to the main process as one handle
+    (one shared-memory segment per batch rather than one per tensor, which costs about a
+    millisecond each), without a copy through a pipe. A tensor of the batch keeps the whole
+    buffer alive.
     """
-    if not samples:
+    if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
+    leaves: list[_Leaf] = []
+    tree = _plan(samples, "batch", leaves)
+    offset = 0
+    for leaf in leaves:
+        offset = -(-offset // _ALIGN) * _ALIGN
+        leaf.offset = offset
+        offset += leaf.nbytes
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(max(offset, 1))  # as default_collate does
+    else:
+        storage = torch.UntypedStorage(max(offset, 1))
+    for leaf in leaves:
+        leaf.fill(storage)
+    return _build(tree)
+
+
+class _Leaf:
+    """One tensor of the batch: the samples' values, checked alike, and where it goes."""
+
+    def __init__(self, values: Sequence[Any], dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.values = values
+        self.dtype = dtype
+        self.shape = (len(values), *shape)
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        self.nbytes = numel * dtype.itemsize
+        self.offset = 0
+        self.tensor: torch.Tensor | None = None
+
+    def fill(self, storage: torch.UntypedStorage) -> None:
+        out = torch.empty(0, dtype=self.dtype).set_(
+            storage, self.offset // self.dtype.itemsize, self.shape)
+        if isinstance(self.values[0], torch.Tensor):
+            torch.stack(list(self.values), out=out)
+        else:
+            target = out.numpy()
+            for i, value in enumerate(self.values):
+                target[i] = value
+        self.tensor = out
+        self.values = ()
+
+
+def _plan(samples: Sequence[Any], where: str, leaves: list[_Leaf]) -> Any:
+    """Check ``samples`` alike and return the batch's tree with a :class:`_Leaf` per tensor."""
     first = samples[0]
     if isinstance(first, Mapping):
-        return {key: collate([s[key] for s in samples]) for key in first}
+        keys = list(first)
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, Mapping) or set(sample) != set(keys):
+                found = sorted(map(str, sample)) if isinstance(sample, Mapping) else (
+                    type(sample).__name__)
+                raise ValueError(f"collate: {where}: sample {i} has keys {found} / sample 0 "
+                                 f"has {sorted(map(str, keys))}")
+        return {key: _plan([s[key] for s in samples], f"{where}/{key}", leaves) for key in keys}
     if isinstance(first, str):
+        _check_all(samples, str, where)
         return [str(s) for s in samples]
     if isinstance(first, torch.Tensor):
-        return torch.stack(list(samples))
-    if isinstance(first, (np.ndarray, np.generic, int, float, bool)):
-        return _stack(samples)
+        _check_all(samples, torch.Tensor, where)
+        for i, s in enumerate(samples):
+            if s.shape != first.shape or s.dtype != first.dtype:
+                raise ValueError(f"collate: {where}: sample {i} is {s.dtype}{tuple(s.shape)} / "
+                                 f"sample 0 is {first.dtype}{tuple(first.shape)}")
+        leaf = _Leaf([s.detach().cpu() for s in samples], first.dtype, tuple(first.shape))
+        leaves.append(leaf)
+        return leaf
+    if isinstance(first, (np.ndarray, np.generic, bool, int, float)):
+        arrays = [np.asarray(v) for v in samples]
+        head = arrays[0]
+        if head.dtype == object or head.dtype.kind in "USV":
+            raise TypeError(f"collate: {where}: cannot batch arrays of dtype {head.dtype}")
+        for i, a in enumerate(arrays):
+            if a.dtype == object or a.dtype.kind in "USV":
+                raise ValueError(f"collate: {where}: sample {i} is a {type(samples[i]).__name__}"
+                                 f" / sample 0 is {head.dtype}{head.shape}")
+            if a.shape != head.shape or a.dtype != head.dtype:
+                raise ValueError(f"collate: {where}: sample {i} is {a.dtype}{a.shape} / sample "
+                                 f"0 is {head.dtype}{head.shape}")
+        leaf = _Leaf(arrays, torch.from_numpy(np.empty(0, head.dtype)).dtype, head.shape)
+        leaves.append(leaf)
+        return leaf
     if isinstance(first, (list, tuple)):
-        return [collate(list(group)) for group in zip(*samples)]
-    raise TypeError(f"collate: cannot batch values of type {type(first).__name__}")
+        _check_all(samples, (list, tuple), where)
+        for i, s in enumerate(samples):
+            if len(s) != len(first):
+                raise ValueError(f"collate: {where}: sample {i} has {len(s)} entries / sample 0 "
+                                 f"has {len(first)}")
+        return [_plan(list(group), f"{where}[{j}]", leaves)
+                for j, group in enumerate(zip(*samples))]
+    raise TypeError(f"collate: {where}: cannot batch values of type {type(first).__name__}")
 
 
-def _stack(values: Sequence[Any]) -> torch.Tensor:
-    first = np.asarray(values[0])
-    if first.dtype == object or first.dtype.kind in "US":
-        raise TypeError(f"collate: cannot batch arrays of dtype {first.dtype}")
-    shape = (len(values), *first.shape)
-    dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
-    if torch.utils.data.get_worker_info() is not None:
-        out = torch.empty(0, dtype=dtype).new_empty(shape).share_memory_()
-    else:
-        out = torch.empty(shape, dtype=dtype)
-    target = out.numpy()
-    for i, value in enumerate(values):
-        target[i] = value
-    return out
+def _check_all(samples: Sequence[Any], kind: type | tuple[type, ...], where: str) -> None:
+    for i, s in enumerate(samples):
+        if not isinstance(s, kind):
+            raise ValueError(f"collate: {where}: sample {i} is a {type(s).__name__} / sample 0 "
+                             f"is a {type(samples[0]).__name__}")
+
+
+def _build(tree: Any) -> Any:
+    if isinstance(tree, _Leaf):
+        return tree.tensor
+    if isinstance(tree, dict):
+        return {key: _build(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_build(value) for value in tree]
+    return tree

@@ -48,10 +48,13 @@ class DataConfig:
     shuffle_window: int = 16
     repeat: bool = True
     fast_jpeg: bool = False
+    key_map: Any = None
+    transform: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ConfigError(f"data.path must be a non-empty string (got {self.path!r})")
+        self._build_sections()
         for name in ("obs_window", "action_horizon", "shuffle_window"):
             _int(f"data.{name}", getattr(self, name), 1)
         _int("data.seed", self.seed, 0)
@@ -65,6 +68,29 @@ class DataConfig:
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(f"data.{name} must be true or false (got "
                                   f"{getattr(self, name)!r})")
+
+    def _build_sections(self) -> None:
+        """Turn the ``key_map`` and ``transform`` mappings into their typed objects."""
+        from torch_rlds.keymap import KeyMap, KeyMapError
+        from torch_rlds.transforms import TransformConfig
+
+        if self.key_map is not None:
+            try:
+                object.__setattr__(self, "key_map", KeyMap.from_dict(self.key_map,
+                                                                     "data.key_map"))
+            except KeyMapError as e:
+                raise ConfigError(str(e)) from e
+            if self.observation_keys is not None:
+                raise ConfigError("data.observation_keys must be null with data.key_map (the "
+                                  "key map names the observations)")
+            if self.action_key != "action" or self.language_key != "language_instruction":
+                raise ConfigError("data.action_key and data.language_key must stay at their "
+                                  "defaults with data.key_map (the key map names them)")
+        try:
+            object.__setattr__(self, "transform",
+                               TransformConfig.from_dict(self.transform, "data.transform"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,26 +157,38 @@ class Config:
 
     def dataset_path(self) -> str:
         """The dataset location, writing the demo dataset first when ``data.path`` is demo."""
-        if self.data.path == DEMO and self.data.data_dir is None:
+        d = self.data
+        if d.path == DEMO and d.data_dir is None:
             from torch_rlds.demo import demo_dataset
 
             return os.fspath(demo_dataset())
-        return self.data.path
+        if d.data_dir is None and "/" not in d.path and not os.path.exists(d.path):
+            raise ConfigError(f"data.path {d.path!r} is a dataset name: set data.data_dir to the "
+                              "TFDS data directory that holds it (e.g. data.data_dir=/data), or "
+                              "give data.path as a directory")
+        return d.path
 
     def make_dataset(self, process_index: int | None = None, process_count: int | None = None):
         """The :class:`torch_rlds.RLDSDataset` this config describes, for this process."""
         from torch_rlds.dataset import RLDSDataset
+        from torch_rlds.source import RLDSSource
 
         index, count = self.processes()
         index = index if process_index is None else process_index
         count = count if process_count is None else process_count
         d = self.data
+        source = RLDSSource(self.dataset_path(), d.split, data_dir=d.data_dir)
+        transform = None
+        if d.transform is not None:
+            transform = d.transform.build(seed=d.seed, source=source, key_map=d.key_map)
         return RLDSDataset(
-            self.dataset_path(), d.split, data_dir=d.data_dir, obs_window=d.obs_window,
-            action_horizon=d.action_horizon, observation_keys=d.observation_keys,
-            action_key=d.action_key, language_key=d.language_key, shuffle=d.shuffle,
-            seed=d.seed, shuffle_window=d.shuffle_window, repeat=d.repeat,
-            process_index=index, process_count=count, fast_jpeg=d.fast_jpeg,
+            source, obs_window=d.obs_window, action_horizon=d.action_horizon,
+            observation_keys=d.observation_keys, action_key=d.action_key,
+            language_key=d.language_key, shuffle=d.shuffle, seed=d.seed,
+            shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
+            process_count=count, fast_jpeg=d.fast_jpeg,
+            **({} if d.key_map is None else {"key_map": d.key_map}),
+            **({} if transform is None else {"sample_transform": transform}),
         )
 
     def make_loader(self, process_index: int | None = None, process_count: int | None = None,

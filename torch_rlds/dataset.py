@@ -38,17 +38,29 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     across all hosts and workers. Images are decoded when a sample is emitted, and only the
     frames its observation window uses.
 
-    **State.** ``state_dict()`` is ``{"version", "fingerprint", "epoch", "window", "position",
-    "samples"}``: ints and strings, JSON-serialisable, under 1 KiB. The fingerprint (dataset name,
-    version, split and episode count, seed, shuffle, obs_window, action_horizon, shuffle_window,
-    process index and count, worker count and index) must match on ``load_state_dict``; every
-    difference is named in the ``ValueError``. Restoring reads one window of episodes. Because
-    the order does not depend on progress, the cursors of all readers name exactly which steps of
-    an epoch were consumed, also for a later resume under another worker or host count. The
-    format is versioned; a state of another version is refused, never misread.
+    **State.** ``state_dict()`` is ``{"version", "fingerprint", "epoch", "window",
+    "position"}``: ints and strings, JSON-serialisable, a few hundred bytes whatever the window,
+    the dataset or the step count. The cursor names the next step to emit: step ``position`` of
+    the permutation of window ``window`` of ``epoch``. Because the order does not depend on
+    progress, the cursors of all readers name exactly which steps of an epoch were consumed,
+    also for a later resume under another worker or host count. The fingerprint (dataset name,
+    version, split and episode count, seed, shuffle, obs_window, action_horizon,
+    shuffle_window, process index and count, worker count and index) must match on
+    ``load_state_dict``; every difference is named in the ``ValueError`` with both values.
+    Restoring reads one window of episodes, never a replay. The format is versioned; a state of
+    another version is refused, never misread.
 
-    Under ``torch.utils.data.DataLoader`` workers each hold a copy; the object is not meant to
-    be iterated from two threads at once.
+    **Passes.** Every ``iter()`` is a pass. With ``repeat=True`` a pass is endless and continues
+    from the cursor. With ``repeat=False`` a pass is (the rest of) one epoch: the first
+    ``iter()`` after ``load_state_dict`` emits the rest of the saved epoch (nothing if this
+    reader had finished it, as happens to a worker whose share ran out before the others'); any
+    other ``iter()`` continues an unfinished epoch, or starts the next epoch once the previous
+    pass finished it. So repeated passes give epochs 0, 1, 2... (:meth:`set_epoch` picks
+    another start), and a pass that was saved and restored ends where the uninterrupted one
+    would have.
+
+    Under ``torch.utils.data.DataLoader`` workers each hold a copy; one object is not meant to
+    be iterated from two threads, nor by two live iterators, at once.
 
     Args:
       source: an :class:`RLDSSource`, or a dataset path (with ``split`` and ``data_dir``).
@@ -103,6 +115,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self._default_observation_keys())
         self._check_keys()
         self._cursor = Cursor()
+        self._resume = False
 
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")
@@ -129,13 +142,18 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         """(reader, num_readers, num_workers, worker_index) in the current process."""
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (0, 0)
-        per_host = max(workers, 1)
-        return (self.process_index * per_host + worker, self.process_count * per_host,
-                workers, worker)
+        return (*self._reader_of(workers, worker), workers, worker)
+
+    def _reader_of(self, num_workers: int, worker_index: int) -> tuple[int, int]:
+        per_host = max(num_workers, 1)
+        return self.process_index * per_host + worker_index, self.process_count * per_host
 
     def fingerprint(self) -> dict[str, Any]:
         """What a state must match to be loaded into this dataset in this process."""
         _, _, workers, worker = self._reader()
+        return self._fingerprint(workers, worker)
+
+    def _fingerprint(self, num_workers: int, worker_index: int) -> dict[str, Any]:
         info = self.source.info
         return {
             "dataset": info.name,
@@ -149,8 +167,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             "shuffle_window": self.shuffle_window,
             "process_index": self.process_index,
             "process_count": self.process_count,
-            "num_workers": workers,
-            "worker_index": worker,
+            "num_workers": num_workers,
+            "worker_index": worker_index,
         }
 
     # -- Stateful protocol -----------------------------------------------------------------
@@ -159,17 +177,37 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         return make_state(self.fingerprint(), self._cursor)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch."""
-        self._cursor = load_cursor(state_dict, self.fingerprint())
+        """Resume from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch.
+
+        The next ``iter()`` continues the pass the state was saved in: with ``repeat=False`` it
+        emits the rest of the state's epoch, nothing if this reader had finished it.
+        """
+        self._cursor = self._check_state(state_dict, *self._reader()[2:])
+        self._resume = True
+
+    def _check_state(self, state_dict: Any, num_workers: int, worker_index: int) -> Cursor:
+        """The cursor of ``state_dict`` if it belongs to worker ``worker_index`` of
+        ``num_workers``; raises ``ValueError`` naming every field that differs."""
+        cursor = load_cursor(state_dict, self._fingerprint(num_workers, worker_index))
+        reader, num_readers = self._reader_of(num_workers, worker_index)
+        windows = _order.num_windows(
+            _order.share_size(len(self.source), reader, num_readers), self.shuffle_window)
+        if cursor.window > windows or (cursor.window == windows and cursor.position != 0):
+            raise ValueError(f"state field 'window': {cursor.window} (position "
+                             f"{cursor.position}) is past the end of reader {reader}'s "
+                             f"{windows} windows")
+        return cursor
 
     def set_epoch(self, epoch: int) -> None:
         """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor)."""
         if type(epoch) is not int or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
         self._cursor = Cursor(epoch=epoch)
+        self._resume = False
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """A pass: see "Passes" in the class docstring. Where it starts is decided here."""
         reader, num_readers, _, _ = self._reader()
         num_episodes = len(self.source)
         if self.repeat and num_episodes < num_readers:
@@ -178,38 +216,63 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 f"split has {num_episodes} episodes: reader {reader} would have none; use fewer "
                 "workers or processes"
             )
-        cursor = self._cursor
+        windows = _order.num_windows(_order.share_size(num_episodes, reader, num_readers),
+                                     self.shuffle_window)
+        cursor, resume = self._cursor, self._resume
+        self._resume = False
+        if not self.repeat and not resume and 0 < windows <= cursor.window:
+            # The previous pass finished this epoch: a new pass is the next epoch.
+            cursor = self._cursor = Cursor(cursor.epoch + 1)
+        return self._steps(reader, num_readers, windows, cursor)
+
+    def _steps(self, reader: int, num_readers: int, windows: int,
+               cursor: Cursor) -> Iterator[dict[str, Any]]:
+        num_episodes = len(self.source)
+        epoch, first_window, first_position = cursor.epoch, cursor.window, cursor.position
         empty_epochs = 0
         while True:
             episodes = _order.reader_episodes(
-                num_episodes, seed=self.seed, epoch=cursor.epoch, shuffle=self.shuffle,
-                reader=reader, num_readers=num_readers)
-            windows = _order.num_windows(len(episodes), self.shuffle_window)
+                num_episodes, seed=self.seed, epoch=epoch, shuffle=self.shuffle, reader=reader,
+                num_readers=num_readers)
             emitted = 0
-            for window in range(cursor.window, windows):
-                chosen = episodes[window * self.shuffle_window:(window + 1) * self.shuffle_window]
-                samplers = [self._sampler(int(e)) for e in chosen]
+            for window in range(first_window, windows):
+                samplers = [self._sampler(int(e)) for e in
+                            _order.window_episodes(episodes, window, self.shuffle_window)]
                 which, steps = _order.window_steps(
-                    [s.num_steps for s in samplers], seed=self.seed, epoch=cursor.epoch,
+                    [s.num_steps for s in samplers], seed=self.seed, epoch=epoch,
                     shuffle=self.shuffle, reader=reader, window=window)
-                start = cursor.position if window == cursor.window else 0
+                start = first_position if window == first_window else 0
+                if start > len(which):
+                    raise ValueError(f"state field 'position': {start} is past the end of "
+                                     f"window {window} of epoch {epoch} ({len(which)} steps)")
                 for position in range(start, len(which)):
-                    sampler = samplers[which[position]]
-                    sample = sampler.sample(int(steps[position]), self.obs_window,
-                                            self.action_horizon, cursor.epoch,
-                                            fast_jpeg=self.fast_jpeg)
-                    cursor = Cursor(cursor.epoch, window, position + 1, cursor.samples + 1)
-                    self._cursor = cursor
+                    sample = samplers[which[position]].sample(
+                        int(steps[position]), self.obs_window, self.action_horizon, epoch,
+                        fast_jpeg=self.fast_jpeg)
+                    # The cursor names the next step; past a window's last step it names the
+                    # next window, so a state never makes a resume read a consumed window.
+                    if position + 1 < len(which):
+                        self._cursor = Cursor(epoch, window, position + 1)
+                    else:
+                        self._cursor = self._after_window(epoch, window, windows)
                     emitted += 1
                     yield sample
-            cursor = Cursor(cursor.epoch + 1, 0, 0, cursor.samples)
-            self._cursor = cursor
+                self._cursor = self._after_window(epoch, window, windows)
             if not self.repeat:
                 return
+            epoch, first_window, first_position = epoch + 1, 0, 0
+            self._cursor = Cursor(epoch)
             empty_epochs = empty_epochs + 1 if emitted == 0 else 0
             if empty_epochs > 1:
                 raise ValueError(f"reader {reader} of {num_readers} emitted no step in two "
                                  "epochs: its episodes are all empty")
+
+    def _after_window(self, epoch: int, window: int, windows: int) -> Cursor:
+        if window + 1 < windows:
+            return Cursor(epoch, window + 1)
+        # After the epoch's last window: an endless stream goes on with the next epoch; a
+        # one-pass dataset stays at the end of this one (see "Passes").
+        return Cursor(epoch + 1) if self.repeat else Cursor(epoch, windows)
 
     def _sampler(self, episode_index: int) -> EpisodeSampler:
         episode = self.source.episode(episode_index)

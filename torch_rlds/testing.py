@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,36 +50,86 @@ def assert_batches_equal(a: Any, b: Any, where: str = "batch") -> None:
 
 
 def assert_resumes_exactly(make_loader: Callable[[], Any], num_batches: int, *,
-                           restore_points: list[int] | None = None) -> list[Any]:
+                           restore_points: Sequence[int] | None = None,
+                           chained: bool = False, ends: bool = False) -> list[Any]:
     """Check that a loader resumes bit for bit from a state saved after any batch.
 
     Runs ``make_loader()`` uninterrupted for ``num_batches`` batches, keeping the state after
-    each. Then, for every ``k < num_batches`` (or each of ``restore_points``), builds a fresh
-    loader, loads the state saved after batch ``k`` after a ``json.dumps``/``json.loads`` round
-    trip, and checks that every later batch equals the uninterrupted run's. Returns the
-    reference batches. ``make_loader`` must return a new loader (``state_dict``,
-    ``load_state_dict``, iterable) built the same way each time.
+    each (``restore_points`` refer to these: ``k`` is the state after ``k`` batches, ``0`` the
+    state before the first). Then, for every ``k < num_batches`` (or each of
+    ``restore_points``), builds a fresh loader, loads the state saved after batch ``k`` after a
+    ``json.dumps``/``json.loads`` round trip, and checks that every later batch equals the
+    uninterrupted run's.
+
+    With ``chained=True`` the restores are one run instead: the loader restored at the first
+    point runs to the next point, saves its own state there, a fresh loader loads that, and so
+    on to ``num_batches``; each batch is still compared. This checks that a state saved by a
+    restored loader resumes exactly too (save, continue, save again, restore...).
+
+    With ``ends=True`` the stream must end right after ``num_batches`` batches (a one-pass
+    loader), uninterrupted and restored alike: a restore must not add batches either.
+
+    Returns the reference batches. ``make_loader`` must return a new loader (``state_dict``,
+    ``load_state_dict``, iterable) built the same way each time. Raises ``AssertionError``
+    naming the restore point, the batch and the first differing leaf.
     """
+    if type(num_batches) is not int or num_batches < 1:
+        raise ValueError(f"num_batches must be an int >= 1 (got {num_batches!r})")
+    points = list(range(num_batches) if restore_points is None else restore_points)
+    for k in points:
+        if type(k) is not int or not 0 <= k < num_batches:
+            raise ValueError(f"restore point {k!r} outside [0, {num_batches})")
+    if chained and points != sorted(set(points)):
+        raise ValueError(f"chained restore points must be increasing (got {points})")
     loader = make_loader()
     reference, states = [], [json.dumps(loader.state_dict())]
     iterator = iter(loader)
-    for _ in range(num_batches):
-        reference.append(_to_comparable(next(iterator)))
+    for i in range(num_batches):
+        try:
+            reference.append(_to_comparable(next(iterator)))
+        except StopIteration:
+            raise AssertionError(f"the uninterrupted run ended after {i} batches, "
+                                 f"num_batches is {num_batches}") from None
         states.append(json.dumps(loader.state_dict()))
-    del iterator
-    points = range(num_batches) if restore_points is None else restore_points
-    for k in points:
-        if not 0 <= k < num_batches:
-            raise ValueError(f"restore point {k} outside [0, {num_batches})")
-        resumed = make_loader()
-        resumed.load_state_dict(json.loads(states[k]))
-        iterator = iter(resumed)
-        for i in range(k, num_batches):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                raise AssertionError(f"restored after batch {k}: stream ended at batch {i}, the "
-                                     f"uninterrupted run had {num_batches}") from None
-            assert_batches_equal(reference[i], batch, f"restored after {k}, batch {i}")
-        del iterator
+    if ends:
+        _check_end(iterator, "the uninterrupted run", num_batches)
+    del iterator, loader
+    if chained:
+        state = states[points[0]]
+        stops = [*points[1:], num_batches]
+        for k, stop in zip(points, stops):
+            state = _resume_and_compare(make_loader, state, reference, k, stop,
+                                        f"chained restore at {k}", ends and stop == num_batches)
+    else:
+        for k in points:
+            _resume_and_compare(make_loader, states[k], reference, k, num_batches,
+                                f"restored after {k}", ends)
     return reference
+
+
+def _resume_and_compare(make_loader: Callable[[], Any], state: str, reference: list[Any],
+                        start: int, stop: int, where: str, ends: bool) -> str:
+    """Restore ``state`` into a fresh loader, compare batches ``start..stop-1`` with
+    ``reference``, and return the loader's state after them (as JSON)."""
+    loader = make_loader()
+    loader.load_state_dict(json.loads(state))
+    iterator = iter(loader)
+    for i in range(start, stop):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise AssertionError(f"{where}: stream ended at batch {i}, the uninterrupted run "
+                                 f"had {len(reference)}") from None
+        assert_batches_equal(reference[i], batch, f"{where}, batch {i}")
+    if ends:
+        _check_end(iterator, where, stop)
+    return json.dumps(loader.state_dict())
+
+
+def _check_end(iterator: Any, where: str, num_batches: int) -> None:
+    try:
+        next(iterator)
+    except StopIteration:
+        return
+    raise AssertionError(f"{where}: the stream goes on after batch {num_batches - 1}; it "
+                         f"should end there")

@@ -1,0 +1,101 @@
+"""What the adapters share: which process a loader reads for, and per-process state files."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from etils import epath
+
+_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def loader_processes(loader: Any) -> tuple[int, int]:
+    """``(process_index, process_count)`` that ``loader`` reads its part of every epoch for.
+
+    Taken from the loader itself when it says (an adapter's ``process_index``/``process_count``,
+    or its ``dataset``'s, as :class:`torch_rlds.RLDSDataset` has, or a mixture's first
+    dataset's), else from
+    :func:`torch_rlds._process.process_info` (jax, then torch.distributed, then one process).
+    The dataset's values are what its state's fingerprint holds, so they name the state file.
+    """
+    dataset = getattr(loader, "dataset", None)
+    parts = getattr(dataset, "datasets", None)
+    first = parts[0] if isinstance(parts, (list, tuple)) and parts else None
+    for owner in (loader, dataset, first):
+        index = getattr(owner, "process_index", None)
+        count = getattr(owner, "process_count", None)
+        if type(index) is int and type(count) is int:
+            return index, count
+    from torch_rlds._process import process_info
+
+    return process_info()
+
+
+# What a DataLoader worker imports to read episodes; a forkserver that preloads them forks
+# ready workers in a fraction of a second instead of importing torch and TFDS in each one.
+_WORKER_MODULES = ("torch_rlds.dataset", "torch_rlds.loader", "tensorflow_datasets")
+
+
+def preload_forkserver() -> None:
+    """Have the forkserver (used for workers once jax is imported) preload what workers import.
+
+    Takes effect only if the forkserver has not started yet; keeps any preload already set.
+    """
+    import multiprocessing.forkserver as forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return
+    current = list(getattr(server, "_preload_modules", ["__main__"]))
+    missing = [m for m in _WORKER_MODULES if m not in current]
+    if missing:
+        forkserver.set_forkserver_preload(current + missing)
+
+
+def state_filename(process_index: int, process_count: int) -> str:
+    """The name of the state file of one process: ``process_{i}-of-{n}.json``."""
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+def saved_process_counts(directory: str | os.PathLike) -> dict[int, list[int]]:
+    """``{process_count: [process_index, ...]}`` of the state files found in ``directory``."""
+    directory = epath.Path(directory)
+    found: dict[int, list[int]] = {}
+    if not directory.is_dir():
+        return found
+    for path in directory.iterdir():
+        match = _STATE_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(2)), []).append(int(match.group(1)))
+    return {count: sorted(indices) for count, indices in sorted(found.items())}
+
+
+def state_path(directory: str | os.PathLike, process_index: int,
+               process_count: int) -> epath.Path:
+    """The state file of this process in ``directory``; raises when it is not there.
+
+    ``FileNotFoundError`` when ``directory`` holds no state file at all; ``ValueError`` naming
+    both process counts when it holds the states of another number of processes (each state
+    belongs to one host's part of the data and cannot be split or merged).
+    """
+    path = epath.Path(directory) / state_filename(process_index, process_count)
+    if path.exists():
+        return path
+    found = saved_process_counts(directory)
+    if not found:
+        raise FileNotFoundError(f"No checkpoint found in {directory}")
+    if process_count not in found:
+        saved = "; ".join(f"{count} process{'es' if count > 1 else ''} (files "
+                          f"{', '.join(state_filename(i, count) for i in indices)})"
+                          for count, indices in found.items())
+        raise ValueError(
+            f"{directory} holds the data loader states of {saved}, but this run has "
+            f"{process_count} process{'es' if process_count > 1 else ''} (process "
+            f"{process_index}): resume with the process count the checkpoint was saved with"
+        )
+    raise FileNotFoundError(
+        f"{directory} holds data loader states for processes {found[process_count]} of "
+        f"{process_count} but none for process {process_index} ({path.name} is missing)"
+    )

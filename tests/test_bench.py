@@ -1,0 +1,116 @@
+"""The benchmark suite (torch_rlds.bench): a quick run without TensorFlow produces every
+torch_rlds figure and file. Values are not checked, except the contracts: a resumed run
+reproduces the uninterrupted one, and no torch_rlds measurement imports TensorFlow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+from torch_rlds.bench import BenchSettings, main
+from torch_rlds.bench._batches import batch_digest, batch_shapes
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+        value) and value >= 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_results")
+    cache = tmp_path_factory.mktemp("bench_cache")
+    code = main(["--quick", "--skip-tf", "--out", str(out), "--cache-dir", str(cache)])
+    results = json.loads((out / "results.json").read_text())
+    return code, out, results
+
+
+def _assert_child(record, *, torch: bool = True) -> dict:
+    assert record["ok"], record.get("error")
+    memory = record["memory"]
+    assert _number(memory["peak_rss_mb"]) and _number(memory["maxrss_mb"]), memory
+    assert record["modules"] == {"torch": torch, "tensorflow": False}
+    assert _number(record["foreign_cpu_pct"])
+    assert _number(record["wall_s"])
+    return record["result"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
+    code, out, results = quick_run
+    assert code == 0, results["failed"]
+    assert results["failed"] == []
+    settings = BenchSettings.quick()
+
+    throughput = results["throughput"]
+    assert set(throughput["torch_rlds"]) == {str(w) for w in settings.workers}
+    for record in throughput["torch_rlds"].values():
+        r = _assert_child(record)
+        assert _number(r["samples_per_s"]) and _number(r["first_batch_s"])
+        assert r["shapes"]["observation/image"] == [settings.batch_size, 1, 64, 64, 3]
+        assert r["shapes"]["action"] == [settings.batch_size, settings.action_horizon, 7]
+    limit = _assert_child(throughput["limit"], torch=False)
+    assert _number(limit["samples_per_s"]) and _number(limit["us_per_image"])
+    assert "tf_data" not in throughput
+
+    (resume,) = results["resume"]["torch_rlds"].values()
+    assert set(resume) == {"fresh", *map(str, settings.resume_positions)}
+    for position, record in resume.items():
+        r = _assert_child(record)
+        assert _number(r["restore_s"]) and _number(r["first_batch_s"])
+        if position != "fresh":
+            assert r["exact"] is True, f"resume at {position} is not the uninterrupted stream"
+            assert _number(r["state_bytes"]) and _number(r["save_s"])
+
+    rows = _assert_child(results["checkpoint"]["torch_rlds"])
+    assert [r["buffer_steps"] for r in rows] == list(settings.checkpoint_buffers)
+    for r in rows:
+        for key in ("bytes", "bytes_per_worker", "file_bytes", "state_dict_s", "save_s"):
+            assert _number(r[key]), key
+
+    for name in ("torch_rlds / decode limit", "torch_rlds resume 95% / 5%",
+                 "torch_rlds state bytes per worker", "torch_rlds save_state ms"):
+        assert _number(results["ratios"][name]), name
+    assert results["ratios"]["torch_rlds / tf.data (samples/s, equal cores)"] is None
+
+    table = (out / "results.md").read_text()
+    for w in settings.workers:
+        assert f"| torch_rlds num_workers={w} |" in table
+    assert "| decode limit (2 processes) |" in table
+    assert "error:" not in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert any("matplotlib" in note for note in results["notes"])
+
+
+def test_settings_name_the_bad_field():
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1 \(got 0\)"):
+        BenchSettings(batch_size=0)
+    with pytest.raises(ValueError, match="resume_positions must lie in"):
+        BenchSettings(resume_positions=(0.5, 1.0))
+    quick = BenchSettings.quick()
+    assert BenchSettings.from_dict(json.loads(json.dumps(quick.to_dict()))) == quick
+
+
+def test_resume_points_lie_inside_the_first_epoch():
+    s = BenchSettings.quick()
+    first, last = s.resume_batches()
+    assert 1 <= first < last < s.epoch_batches()
+
+
+def test_batch_digest_and_shapes():
+    batch = {"a": np.arange(6).reshape(2, 3), "text": ["x", "y"],
+             "tf_text": np.array([b"x", b"y"], dtype=object)}
+    same = {"a": np.arange(6).reshape(2, 3), "text": ["x", "y"],
+            "tf_text": np.array([b"x", b"y"], dtype=object)}
+    assert batch_digest(batch) == batch_digest(same)
+    same["a"] = same["a"].astype(np.int32)
+    assert batch_digest(batch) != batch_digest(same)
+    assert batch_shapes({"o": {"a": np.zeros((2, 3))}, "t": ["x", "y"]}) == {
+        "o/a": [2, 3], "t": [2]}

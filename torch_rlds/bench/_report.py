@@ -1,0 +1,245 @@
+"""The results of a run: ratios against the targets, ``results.json``, ``results.md`` and
+``chart.png`` (matplotlib, imported only here and only when present)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# (ratio name, target, True when higher is better): the targets of issue 6.
+TARGETS = {
+    "torch_rlds / tf.data (samples/s, equal cores)": (1.3, True),
+    "torch_rlds / decode limit": (0.8, True),
+    "torch_rlds resume 95% / 5%": (1.2, False),
+    "torch_rlds state bytes per worker": (1024, False),
+    "torch_rlds save_state ms": (5.0, False),
+}
+
+
+def _ok(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    return record["result"] if record and record.get("ok") else None
+
+
+def _best_torch(results: dict[str, Any]) -> tuple[str | None, float | None]:
+    best, rate = None, None
+    for workers, record in results["throughput"]["torch_rlds"].items():
+        r = _ok(record)
+        if r and (rate is None or r["samples_per_s"] > rate):
+            best, rate = workers, r["samples_per_s"]
+    return best, rate
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the targets are about, from a results dict (``None`` where unmeasured)."""
+    out: dict[str, float | None] = {}
+    through = results["throughput"]
+    _, best = _best_torch(results)
+    tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
+    limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
+    equal = max(through["torch_rlds"], key=int, default=None)
+    equal_rate = (_ok(through["torch_rlds"].get(equal)) or {}).get("samples_per_s")
+    out["torch_rlds / tf.data (samples/s, equal cores)"] = _div(equal_rate, tf_rate)
+    out["torch_rlds best / tf.data"] = _div(best, tf_rate)
+    out["torch_rlds / decode limit"] = _div(best, limit)
+    out["tf.data / decode limit"] = _div(tf_rate, limit)
+    first_window = next(iter(results["resume"]["torch_rlds"]), None)
+    for name, runs in results["resume"]["torch_rlds"].items():
+        key = ("torch_rlds resume 95% / 5%" if name == first_window
+               else f"torch_rlds resume 95% / 5% ({name})")
+        out[key] = _position_ratio(runs)
+    for method, runs in results["resume"].get("tf_data", {}).items():
+        out[f"tf.data {method} resume 95% / 5%"] = _position_ratio(runs)
+    rows = _ok(results["checkpoint"].get("torch_rlds")) or []
+    out["torch_rlds state bytes per worker"] = max((r["bytes_per_worker"] for r in rows),
+                                                   default=None)
+    out["torch_rlds save_state ms"] = max((1e3 * r["save_s"] for r in rows), default=None)
+    return out
+
+
+def _position_ratio(runs: dict[str, Any]) -> float | None:
+    positions = sorted((float(p), _ok(r)) for p, r in runs.items() if p != "fresh")
+    if len(positions) < 2 or positions[0][1] is None or positions[-1][1] is None:
+        return None
+    return _div(positions[-1][1]["first_batch_s"], positions[0][1]["first_batch_s"])
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def target_status(name: str, value: float | None) -> str:
+    """``met`` / ``missed`` against the issue's target, ``-`` where there is none."""
+    if name not in TARGETS or value is None:
+        return "-"
+    target, higher = TARGETS[name]
+    return "met" if (value >= target if higher else value <= target) else "missed"
+
+
+def write_json(results: dict[str, Any], out_dir: str) -> str:
+    path = os.path.join(out_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return path
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _memory(record: dict[str, Any] | None) -> tuple[str, str]:
+    memory = (record or {}).get("memory") or {}
+    return _fmt(memory.get("peak_rss_mb"), 0), _fmt(memory.get("peak_pss_mb"), 0)
+
+
+def _error(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "not run"
+    return "" if record.get("ok") else f"error: {record.get('error', '?')}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of ``results.md``."""
+    s = results["settings"]
+    lines = [
+        "# torch_rlds benchmark",
+        "",
+        f"{results['dataset']['episodes']} episodes, {results['dataset']['steps']:,} steps, "
+        f"two {s['image_size']}x{s['image_size']} JPEG cameras; sample: obs_window "
+        f"{s['obs_window']}, action chunk {s['action_horizon']}, batch {s['batch_size']}; "
+        f"JPEG {'fast' if s['fast_jpeg'] else 'accurate'} DCT; {results['machine']['cpus']} "
+        f"CPUs; torch_rlds {results['machine']['torch_rlds']} (source "
+        f"{results['machine'].get('torch_rlds_source') or 'not a git checkout'}). Memory: peak RSS summed over the process tree (shared pages counted once per "
+        "process) and peak PSS (shared pages split), MiB.",
+        "",
+        "## Throughput",
+        "",
+        "| pipeline | samples/s | / tf.data | / limit | first batch s | peak RSS | peak PSS | |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    through = results["throughput"]
+    tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
+    limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
+    rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
+    rows += [("tf.data (Octo/openpi)", through.get("tf_data")),
+             (f"decode limit ({s['limit_processes']} processes)", through.get("limit"))]
+    for name, record in rows:
+        r = _ok(record) or {}
+        rate = r.get("samples_per_s")
+        lines.append(f"| {name} | {_fmt(rate, 0)} | {_fmt(_div(rate, tf_rate))} | "
+                     f"{_fmt(_div(rate, limit))} | {_fmt(r.get('first_batch_s'))} | "
+                     f"{' | '.join(_memory(record))} | {_error(record)} |")
+    lines += ["", "## Resume: time to the first batch in a fresh process", "",
+              "| pipeline | position | batch | restore s | first batch s | exact | peak RSS | "
+              "peak PSS | |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    resume = results["resume"]
+    runs = [(f"torch_rlds {name}", r) for name, r in resume["torch_rlds"].items()]
+    runs += [(f"tf.data {method}", r) for method, r in resume.get("tf_data", {}).items()]
+    for name, by_position in runs:
+        for position, record in by_position.items():
+            r = _ok(record) or {}
+            label = "fresh" if position == "fresh" else f"{float(position):.0%}"
+            lines.append(f"| {name} | {label} | {_fmt(r.get('batch'))} | "
+                         f"{_fmt(r.get('restore_s'))} | {_fmt(r.get('first_batch_s'))} | "
+                         f"{_fmt(r.get('exact'))} | {' | '.join(_memory(record))} | "
+                         f"{_error(record)} |")
+    lines += ["", "## Checkpoint size and save time", "",
+              "| pipeline | shuffle (steps) | bytes | bytes per worker | save ms | peak RSS | "
+              "peak PSS | |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    checkpoint = results["checkpoint"]
+    record = checkpoint.get("torch_rlds")
+    for r in _ok(record) or [{}]:
+        lines.append(f"| torch_rlds (window {_fmt(r.get('shuffle_window'))} episodes) | "
+                     f"{_fmt(r.get('buffer_steps'))} | {_fmt(r.get('bytes'))} | "
+                     f"{_fmt(r.get('bytes_per_worker'), 0)} | "
+                     f"{_fmt(1e3 * r['save_s'] if 'save_s' in r else None, 3)} | "
+                     f"{' | '.join(_memory(record))} | {_error(record)} |")
+    for buffer, record in checkpoint.get("tf_data", {}).items():
+        r = _ok(record) or {}
+        lines.append(f"| tf.data iterator | {_fmt(int(buffer))} | {_fmt(r.get('bytes'))} | "
+                     f"{_fmt(r.get('bytes'))} | "
+                     f"{_fmt(1e3 * r['save_s'] if 'save_s' in r else None, 1)} | "
+                     f"{' | '.join(_memory(record))} | {_error(record)} |")
+    lines += ["", "## Ratios", "", "| ratio | value | target | |", "|---|---:|---:|---|"]
+    for name, value in results["ratios"].items():
+        target = TARGETS.get(name)
+        bound = "-" if target is None else f"{'>=' if target[1] else '<='} {target[0]:g}"
+        lines.append(f"| {name} | {_fmt(value)} | {bound} | {target_status(name, value)} |")
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"* {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: dict[str, Any], out_dir: str) -> str:
+    path = os.path.join(out_dir, "results.md")
+    with open(path, "w") as f:
+        f.write(markdown(results))
+    return path
+
+
+def write_chart(results: dict[str, Any], out_dir: str) -> str | None:
+    """``chart.png``: throughput bars, resume time against position, checkpoint sizes.
+    Returns ``None`` (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_resume, ax_size) = plt.subplots(1, 3, figsize=(16, 4.8))
+    through = results["throughput"]
+    bars = [(f"torch_rlds\nw={w}", _ok(r)) for w, r in through["torch_rlds"].items()]
+    bars += [("tf.data", _ok(through.get("tf_data"))), ("decode\nlimit", _ok(through.get("limit")))]
+    names = [name for name, _ in bars]
+    rates = [r["samples_per_s"] if r else 0 for _, r in bars]
+    colors = ["tab:blue"] * (len(bars) - 2) + ["tab:orange", "tab:gray"]
+    ax_rate.bar(names, rates, color=colors)
+    for i, rate in enumerate(rates):
+        ax_rate.text(i, rate, f"{rate:,.0f}", ha="center", va="bottom", fontsize=8)
+    ax_rate.set_ylabel("samples/s")
+    ax_rate.set_title("Throughput")
+
+    resume = results["resume"]
+    series = [(f"torch_rlds {n}", r) for n, r in resume["torch_rlds"].items()]
+    series += [(f"tf.data {m}", r) for m, r in resume.get("tf_data", {}).items()]
+    for name, runs in series:
+        points = sorted((0.0 if p == "fresh" else float(p), _ok(r)["first_batch_s"])
+                        for p, r in runs.items() if _ok(r))
+        if points:
+            ax_resume.plot([100 * x for x, _ in points], [y for _, y in points], marker="o",
+                           label=name)
+    ax_resume.set_xlabel("position in the epoch (%; 0 = fresh start)")
+    ax_resume.set_ylabel("time to first batch (s)")
+    ax_resume.set_yscale("log")
+    ax_resume.set_title("Resume")
+    ax_resume.legend(fontsize=7)
+
+    checkpoint = results["checkpoint"]
+    labels, sizes, colors = [], [], []
+    for r in _ok(checkpoint.get("torch_rlds")) or []:
+        labels.append(f"torch_rlds\n{r['buffer_steps']:,}")
+        sizes.append(r["bytes"])
+        colors.append("tab:blue")
+    for buffer, record in checkpoint.get("tf_data", {}).items():
+        r = _ok(record)
+        labels.append(f"tf.data\n{int(buffer):,}")
+        sizes.append(r["bytes"] if r else 0)
+        colors.append("tab:orange")
+    ax_size.bar(labels, [max(v, 1) for v in sizes], color=colors)
+    ax_size.set_yscale("log")
+    ax_size.set_ylabel("checkpoint bytes")
+    ax_size.set_title("Checkpoint size by shuffle size (steps)")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "chart.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,151 @@
+"""What the benchmark measures: the dataset it writes and the sample every pipeline emits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from torch_rlds import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The sizes of one benchmark run; validated on construction.
+
+    Every pipeline emits the same sample: ``obs_window`` steps of every camera (decoded) and of
+    ``observation/state``, an action chunk of ``action_horizon`` steps, the language instruction,
+    in batches of ``batch_size``.
+
+    Attributes:
+      episodes, min_steps, max_steps: the synthetic dataset (episode lengths drawn uniformly).
+      image_size: height and width of each of the two JPEG cameras.
+      num_shards: tfrecord shards of the train split.
+      batch_size, obs_window, action_horizon: the sample and batch every pipeline makes.
+      shuffle_window: torch_rlds episodes whose steps are mixed.
+      tf_shuffle_buffer: tf.data shuffle buffer (steps) for throughput and resume.
+      checkpoint_buffers: tf.data shuffle buffers (steps) whose iterator checkpoints are sized.
+      workers: torch_rlds DataLoader worker counts measured for throughput.
+      resume_workers: the worker count of the torch_rlds resume measurements.
+      resume_positions: fractions of an epoch at which a state is saved and resumed.
+      warmup_batches, measure_batches: throughput is timed over ``measure_batches`` batches
+        after ``warmup_batches``.
+      limit_processes: processes that decode JPEGs for the decode limit.
+      limit_episodes, limit_rounds: the limit decodes every frame of the first
+        ``limit_episodes`` episodes ``limit_rounds`` times.
+      save_repeats: torch_rlds ``save_state`` calls whose median is the save time.
+      fast_jpeg: fast-DCT JPEG decoding everywhere (the pixels of ``tf.io.decode_jpeg`` with its
+        defaults, as Octo and openpi run it); otherwise the accurate DCT everywhere.
+      seed: seeds the dataset, torch_rlds and tf.data.
+    """
+
+    episodes: int = 400
+    min_steps: int = 40
+    max_steps: int = 80
+    image_size: int = 256
+    num_shards: int = 16
+    batch_size: int = 32
+    obs_window: int = 1
+    action_horizon: int = 16
+    shuffle_window: int = 16
+    tf_shuffle_buffer: int = 10_000
+    checkpoint_buffers: tuple[int, ...] = (10_000, 100_000)
+    workers: tuple[int, ...] = (0, 1, 2)
+    resume_workers: int = 2
+    resume_positions: tuple[float, ...] = (0.05, 0.95)
+    warmup_batches: int = 20
+    measure_batches: int = 300
+    limit_processes: int = 2
+    limit_episodes: int = 40
+    limit_rounds: int = 3
+    save_repeats: int = 20
+    fast_jpeg: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("episodes", "min_steps", "num_shards", "batch_size", "obs_window",
+                     "action_horizon", "shuffle_window", "tf_shuffle_buffer", "measure_batches",
+                     "limit_processes", "limit_episodes", "limit_rounds", "save_repeats"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("warmup_batches", "resume_workers", "seed"):
+            _at_least(name, getattr(self, name), 0)
+        if self.max_steps < self.min_steps:
+            raise ValueError(f"max_steps must be >= min_steps ({self.min_steps}) (got "
+                             f"{self.max_steps})")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 (got {self.image_size})")
+        if self.num_shards > self.episodes:
+            raise ValueError(f"num_shards must be <= episodes ({self.episodes}) (got "
+                             f"{self.num_shards})")
+        if not self.workers or any(type(w) is not int or w < 0 for w in self.workers):
+            raise ValueError(f"workers must be ints >= 0 (got {self.workers!r})")
+        if not self.checkpoint_buffers or any(
+                type(b) is not int or b < 1 for b in self.checkpoint_buffers):
+            raise ValueError(f"checkpoint_buffers must be ints >= 1 (got "
+                             f"{self.checkpoint_buffers!r})")
+        if any(not 0 < p < 1 for p in self.resume_positions):
+            raise ValueError(f"resume_positions must lie in (0, 1) (got "
+                             f"{self.resume_positions!r})")
+        if self.resume_workers > self.episodes:
+            raise ValueError(f"resume_workers must be <= episodes ({self.episodes}) (got "
+                             f"{self.resume_workers})")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchSettings:
+        """Tiny sizes that run every measurement in seconds (the smoke test)."""
+        # tf_shuffle_buffer mixes as many steps as shuffle_window: one resume window to measure
+        sizes = dict(episodes=6, min_steps=8, max_steps=16, image_size=64, num_shards=2,
+                     batch_size=8, tf_shuffle_buffer=192, checkpoint_buffers=(32, 128),
+                     warmup_batches=1, measure_batches=3, limit_episodes=6, limit_rounds=1,
+                     save_repeats=3)
+        return cls(**{**sizes, **overrides})
+
+    def spec(self) -> synthetic.SyntheticSpec:
+        """The synthetic dataset every pipeline reads."""
+        cameras = tuple(synthetic.Camera(name, self.image_size, self.image_size)
+                        for name in CAMERAS)
+        return synthetic.SyntheticSpec(
+            name="torch_rlds_bench", version="1.0.0", num_episodes=self.episodes,
+            min_steps=self.min_steps, max_steps=self.max_steps, cameras=cameras, state_dim=8,
+            action_dim=7, num_shards=self.num_shards, texture=True, seed=self.seed,
+        )
+
+    def epoch_steps(self) -> int:
+        """Steps in one epoch of the train split."""
+        return sum(self.spec().lengths())
+
+    def epoch_batches(self) -> int:
+        """Whole batches in one epoch."""
+        return self.epoch_steps() // self.batch_size
+
+    def resume_batches(self) -> list[int]:
+        """The batch counts after which a state is saved: one per resume position, each >= 1
+        and inside the first epoch."""
+        total = self.epoch_batches()
+        return [min(max(1, round(p * total)), max(1, total - 1)) for p in self.resume_positions]
+
+    def window_for_buffer(self, steps: int) -> int:
+        """The torch_rlds shuffle window (episodes) that mixes about ``steps`` steps."""
+        mean = (self.min_steps + self.max_steps) / 2
+        return max(1, math.ceil(steps / mean))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that :meth:`from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BenchSettings:
+        """The settings :meth:`to_dict` wrote."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"bench settings: unknown fields {unknown}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+CAMERAS = ("image", "wrist_image")
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    if type(value) is not int or value < low:
+        raise ValueError(f"{name} must be an int >= {low} (got {value!r})")

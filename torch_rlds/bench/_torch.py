@@ -1,0 +1,172 @@
+"""The torch_rlds measurements: throughput, resume, and the cost of a state.
+
+Every function runs in its own process (see :mod:`torch_rlds.bench._subprocess`) and uses only
+the public API (:class:`torch_rlds.RLDSDataset`, :class:`torch_rlds.DataLoader`,
+``save_state`` / ``load_state``), so it measures whatever the loader does today.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from torch_rlds.bench._batches import batch_digest, batch_shapes
+from torch_rlds.bench._settings import CAMERAS, BenchSettings
+
+
+def make_loader(settings: BenchSettings, dataset: str, workers: int, *,
+                shuffle_window: int | None = None):
+    """The torch_rlds DataLoader of the benchmark sample (see :class:`BenchSettings`)."""
+    from torch_rlds import DataLoader, RLDSDataset
+
+    data = RLDSDataset(
+        dataset, "train", obs_window=settings.obs_window,
+        action_horizon=settings.action_horizon, observation_keys=(*CAMERAS, "state"),
+        shuffle=True, seed=settings.seed,
+        shuffle_window=shuffle_window or settings.shuffle_window, repeat=True,
+        fast_jpeg=settings.fast_jpeg,
+    )
+    options: dict[str, Any] = {"batch_size": settings.batch_size, "num_workers": workers}
+    if workers:
+        options.update(prefetch_factor=2, persistent_workers=True)
+    return DataLoader(data, **options)
+
+
+def throughput(settings: dict[str, Any], dataset: str, workers: int) -> dict[str, Any]:
+    """Samples/s over ``measure_batches`` batches after ``warmup_batches``."""
+    s = BenchSettings.from_dict(settings)
+    start = time.perf_counter()
+    loader = make_loader(s, dataset, workers)
+    batches = iter(loader)
+    batch = next(batches)
+    first = time.perf_counter() - start
+    for _ in range(s.warmup_batches - 1):
+        next(batches)
+    timed = time.perf_counter()
+    for _ in tqdm(range(s.measure_batches), desc=f"torch_rlds num_workers={workers}",
+                  unit="batch", leave=False):
+        batch = next(batches)
+    seconds = time.perf_counter() - timed
+    return {
+        "workers": workers,
+        "samples_per_s": s.measure_batches * s.batch_size / seconds,
+        "batches": s.measure_batches,
+        "seconds": seconds,
+        "first_batch_s": first,
+        "shapes": batch_shapes(batch),
+        "stats": loader_stats(loader),
+    }
+
+
+def save_states(settings: dict[str, Any], dataset: str, workers: int, shuffle_window: int,
+                batches: list[int], out_dir: str) -> dict[str, Any]:
+    """Iterate one uninterrupted run and save the state after each count in ``batches``.
+
+    For each save: the file, its size, the time ``save_state`` took, and the digest of the next
+    batch, which a resumed run must reproduce.
+    """
+    s = BenchSettings.from_dict(settings)
+    loader = make_loader(s, dataset, workers, shuffle_window=shuffle_window)
+    wanted = sorted(batches)
+    saves: list[dict[str, Any]] = []
+    pending: dict[str, Any] | None = None
+    it = iter(loader)
+    for seen in tqdm(range(1, wanted[-1] + 2), desc="torch_rlds: run to the save points",
+                     unit="batch", leave=False):
+        batch = next(it)
+        if pending is not None:
+            pending["next_digest"] = batch_digest(batch)
+            saves.append(pending)
+            pending = None
+        if seen in wanted:
+            path = os.path.join(out_dir, f"torch_rlds_w{shuffle_window}_b{seen}.json")
+            if os.path.exists(path):  # a redone run; save_state over a file fails in 0.1.0
+                os.remove(path)
+            t = time.perf_counter()
+            loader.save_state(path)
+            pending = {"batch": seen, "path": path, "bytes": os.path.getsize(path),
+                       "save_s": time.perf_counter() - t}
+    return {"workers": workers, "shuffle_window": shuffle_window, "saves": saves}
+
+
+def resume(settings: dict[str, Any], dataset: str, workers: int, shuffle_window: int,
+           state_path: str | None, expected_digest: str | None) -> dict[str, Any]:
+    """Time to the first batch in a fresh process: build the loader, load the state (none: a
+    fresh start), fetch one batch. ``exact`` compares that batch with the uninterrupted run."""
+    s = BenchSettings.from_dict(settings)
+    start = time.perf_counter()
+    loader = make_loader(s, dataset, workers, shuffle_window=shuffle_window)
+    if state_path is not None:
+        loader.load_state(state_path)
+    restored = time.perf_counter() - start
+    batch = next(iter(loader))
+    total = time.perf_counter() - start
+    return {
+        "workers": workers,
+        "shuffle_window": shuffle_window,
+        "restore_s": restored,
+        "first_batch_s": total,
+        "exact": None if expected_digest is None else batch_digest(batch) == expected_digest,
+    }
+
+
+def state_cost(settings: dict[str, Any], dataset: str, workers: int,
+               buffers: list[int], out_dir: str) -> list[dict[str, Any]]:
+    """Size and save time of the loader state at shuffle windows that mix as many steps as
+    each tf.data shuffle buffer in ``buffers``."""
+    s = BenchSettings.from_dict(settings)
+    rows = []
+    for buffer in buffers:
+        window = s.window_for_buffer(buffer)
+        loader = make_loader(s, dataset, workers, shuffle_window=window)
+        it = iter(loader)
+        for _ in range(2):
+            next(it)
+        dict_times, save_times = [], []
+        for repeat in range(s.save_repeats):
+            t = time.perf_counter()
+            state = loader.state_dict()
+            dict_times.append(time.perf_counter() - t)
+            # a new file each time: save_state over an existing file fails in torch_rlds 0.1.0
+            path = os.path.join(out_dir, f"torch_rlds_cost_w{window}_{repeat}.json")
+            t = time.perf_counter()
+            loader.save_state(path)
+            save_times.append(time.perf_counter() - t)
+        size = len(json.dumps(state, sort_keys=True).encode())
+        rows.append({
+            "buffer_steps": buffer,
+            "shuffle_window": window,
+            "workers": workers,
+            "bytes": size,
+            "bytes_per_worker": size / max(workers, 1),
+            "file_bytes": os.path.getsize(path),
+            "state_dict_s": statistics.median(dict_times),
+            "save_s": statistics.median(save_times),
+        })
+        del it, loader
+    return rows
+
+
+def loader_stats(loader: Any) -> Any:
+    """``loader.stats()`` where the loader has it (JSON-safe), else ``None``."""
+    stats = getattr(loader, "stats", None)
+    return _plain(stats()) if callable(stats) else None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars and arrays
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__dict__"):  # a dataclass or plain object of figures
+        return _plain(vars(value))
+    return str(value)

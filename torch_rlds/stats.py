@@ -1,0 +1,398 @@
+"""Normalization statistics of state and action, computed by streaming a dataset once.
+
+:func:`compute_stats` reads every episode of a source (images stay encoded: nothing is decoded
+but the tensors), maps it with a :class:`~torch_rlds.keymap.KeyMap` and accumulates, per
+dimension, the mean, standard deviation (population, as ``np.std``), min, max and the 1st and
+99th percentiles of the per-step state and action.
+
+Mean, std, min and max are exact (float64 accumulation). Quantiles come from a histogram of
+:data:`NUM_BINS` bins per dimension that widens by merging bin pairs when a value falls
+outside it, so memory is fixed whatever the dataset size; each quantile is within one bin width
+(``Stats.quantile_tolerance``, at most about 4 (max - min) / NUM_BINS) of ``np.quantile``'s
+default (linear) interpolation.
+
+:func:`load_or_compute_stats` caches the result in the torch_rlds cache folder, keyed by a hash
+of the dataset (name, version, split expression, every split's shard lengths and byte count) and
+the key map's state and action keys. ``norm_stats.json`` uses openpi's layout::
+
+    {"norm_stats": {"state": {"mean": [...], "std": [...], "q01": [...], "q99": [...]},
+                    "actions": {...}}}
+
+``torch-rlds stats --config-name NAME`` is :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from torch_rlds._cache import cache_root
+from torch_rlds.keymap import ACTION, STATE, KeyMap
+
+NUM_BINS = 10_000
+STATS_VERSION = 1
+NORM_STATS_FILE = "norm_stats.json"
+STATS_FILE = "stats.json"
+_FLUSH_ROWS = 65_536
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """Per-dimension statistics of one feature (float64 arrays of shape ``[D]``).
+
+    ``min``, ``max``, ``count`` and ``quantile_tolerance`` are ``None`` when read from a
+    ``norm_stats.json``, which holds only what normalization needs.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    count: int | None = None
+    quantile_tolerance: np.ndarray | None = None
+
+    def to_json(self, *, full: bool = True) -> dict[str, Any]:
+        """JSON form: the four normalization fields, plus the rest when ``full``."""
+        out: dict[str, Any] = {k: _list(getattr(self, k)) for k in ("mean", "std", "q01", "q99")}
+        if full:
+            for k in ("min", "max", "quantile_tolerance"):
+                if getattr(self, k) is not None:
+                    out[k] = _list(getattr(self, k))
+            if self.count is not None:
+                out["count"] = self.count
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], where: str = "stats") -> Stats:
+        """Read :meth:`to_json`'s form; raises ``ValueError`` naming the missing field."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where} must be a mapping (got {type(raw).__name__})")
+        values: dict[str, Any] = {}
+        for k in ("mean", "std", "q01", "q99", "min", "max", "quantile_tolerance"):
+            if k in raw:
+                values[k] = np.asarray(raw[k], dtype=np.float64).reshape(-1)
+            elif k in ("mean", "std", "q01", "q99"):
+                raise ValueError(f"{where}: field {k!r} is missing (fields: {sorted(raw)})")
+        dims = {v.shape for v in values.values()}
+        if len(dims) > 1:
+            raise ValueError(f"{where}: fields have different lengths "
+                             f"{ {k: len(v) for k, v in values.items()} }")
+        if "count" in raw:
+            values["count"] = int(raw["count"])
+        return cls(**values)
+
+
+def _list(a: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(a, dtype=np.float64)]
+
+
+class RunningStats:
+    """Streaming statistics of rows ``[N, D]`` (see the module docstring for the accuracy).
+
+    ``update`` merges a batch with Chan's parallel formulas for mean and variance, so feeding
+    the same rows in the same batches gives bit-identical results. Not thread-safe.
+    """
+
+    def __init__(self, num_bins: int = NUM_BINS) -> None:
+        if type(num_bins) is not int or num_bins < 2 or num_bins % 2:
+            raise ValueError(f"num_bins must be an even int >= 2 (got {num_bins!r})")
+        self.num_bins = num_bins
+        self.count = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+        self._min: np.ndarray | None = None
+        self._max: np.ndarray | None = None
+        self._lo: np.ndarray | None = None
+        self._width: np.ndarray | None = None
+        self._hist: np.ndarray | None = None
+
+    @property
+    def dims(self) -> int | None:
+        """The number of dimensions, once a batch has been seen."""
+        return None if self._mean is None else len(self._mean)
+
+    def update(self, rows: np.ndarray) -> None:
+        """Add ``rows`` ``[N, D]`` (or ``[N]`` for one dimension)."""
+        x = np.asarray(rows, dtype=np.float64)
+        x = x.reshape(len(x), -1) if x.ndim != 2 else x
+        n = len(x)
+        if n == 0:
+            return
+        if self.dims is not None and x.shape[1] != self.dims:
+            raise ValueError(f"rows have {x.shape[1]} dimensions, earlier rows {self.dims}")
+        if not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise ValueError(f"row {bad[0]} dimension {bad[1]} is {x[tuple(bad)]}; statistics "
+                             "need finite values")
+        batch_mean = x.mean(axis=0)
+        batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
+        batch_min, batch_max = x.min(axis=0), x.max(axis=0)
+        if self._mean is None:
+            self._mean, self._m2 = batch_mean, batch_m2
+            self._min, self._max = batch_min, batch_max
+            self._lo = batch_min.copy()
+            span = batch_max - batch_min
+            tiny = np.maximum(np.abs(batch_min), 1.0) * 1e-9
+            self._width = np.where(span > 0, span / self.num_bins, tiny)
+            self._hist = np.zeros((x.shape[1], self.num_bins), np.int64)
+        else:
+            total = self.count + n
+            delta = batch_mean - self._mean
+            self._mean = self._mean + delta * (n / total)
+            self._m2 = self._m2 + batch_m2 + delta ** 2 * (self.count * n / total)
+            self._min = np.minimum(self._min, batch_min)
+            self._max = np.maximum(self._max, batch_max)
+        self.count += n
+        self._widen(batch_min, batch_max)
+        index = np.floor((x - self._lo) / self._width).astype(np.int64)
+        np.clip(index, 0, self.num_bins - 1, out=index)
+        index += np.arange(x.shape[1], dtype=np.int64) * self.num_bins
+        self._hist += np.bincount(index.ravel(), minlength=self._hist.size).reshape(
+            self._hist.shape)
+
+    def _widen(self, low: np.ndarray, high: np.ndarray) -> None:
+        # Doubling the bin width merges bin pairs exactly, so counts never get redistributed.
+        bins, half = self.num_bins, self.num_bins // 2
+        for d in range(len(low)):
+            while low[d] < self._lo[d] or high[d] > self._lo[d] + bins * self._width[d]:
+                merged = self._hist[d].reshape(half, 2).sum(axis=1)
+                self._hist[d] = 0
+                if high[d] > self._lo[d] + bins * self._width[d]:
+                    self._hist[d, :half] = merged
+                else:
+                    self._hist[d, half:] = merged
+                    self._lo[d] -= bins * self._width[d]
+                self._width[d] *= 2.0
+
+    def _order_statistic(self, k: int) -> np.ndarray:
+        # The k-th smallest value (0-based) of every dimension, placed evenly inside its bin.
+        cumulative = np.cumsum(self._hist, axis=1)
+        b = (cumulative <= k).sum(axis=1)
+        rows = np.arange(len(b))
+        in_bin = self._hist[rows, b]
+        before = cumulative[rows, b] - in_bin
+        return self._lo + (b + (k - before + 0.5) / in_bin) * self._width
+
+    def quantile(self, q: float) -> np.ndarray:
+        """The ``q`` quantile of every dimension (linear interpolation, as ``np.quantile``)."""
+        if self.count == 0:
+            raise ValueError("no rows were added")
+        rank = q * (self.count - 1)
+        k = int(np.floor(rank))
+        low = self._order_statistic(k)
+        high = self._order_statistic(min(k + 1, self.count - 1))
+        value = low + (rank - k) * (high - low)
+        return np.clip(value, self._min, self._max)
+
+    def result(self) -> Stats:
+        """The statistics of every row added so far."""
+        if self.count == 0:
+            raise ValueError("no rows were added")
+        return Stats(mean=self._mean.copy(), std=np.sqrt(self._m2 / self.count),
+                     q01=self.quantile(0.01), q99=self.quantile(0.99), min=self._min.copy(),
+                     max=self._max.copy(), count=self.count,
+                     quantile_tolerance=self._width.copy())
+
+
+def compute_stats(source: Any, key_map: KeyMap, *, progress: bool = True,
+                  num_bins: int = NUM_BINS) -> dict[str, Stats]:
+    """``{"state": Stats, "actions": Stats}`` of every step of ``source`` (an
+    :class:`~torch_rlds.RLDSSource`) under ``key_map`` (``state`` only when it has state
+    keys). Validates the key map first; shows a tqdm bar over episodes when ``progress``."""
+    from tqdm import tqdm
+
+    key_map.validate(source)
+    parts = {"state": STATE, "actions": ACTION} if key_map.state_keys else {"actions": ACTION}
+    running = {name: RunningStats(num_bins) for name in parts}
+    pending: dict[str, list[np.ndarray]] = {name: [] for name in parts}
+    rows = 0
+
+    def flush() -> None:
+        for name, chunks in pending.items():
+            if chunks:
+                running[name].update(np.concatenate(chunks))
+                chunks.clear()
+
+    info = source.info
+    bar = tqdm(range(len(source)), desc=f"stats {info.name}", unit="episode",
+               disable=not progress)
+    for i in bar:
+        where = source.describe(i)
+        episode = key_map.apply(source.episode(i), name=where)
+        steps = episode["steps"]
+        for name, key in parts.items():
+            value = steps["observation"][STATE] if key == STATE else steps[ACTION]
+            if not np.isfinite(value).all():
+                raise ValueError(f"{where}: {name} holds non-finite values; statistics need "
+                                 "finite values")
+            pending[name].append(value)
+        rows += len(steps[ACTION])
+        if rows >= _FLUSH_ROWS:
+            flush()
+            rows = 0
+    flush()
+    for name, r in running.items():
+        if r.count == 0:
+            raise ValueError(f"{info.name} split {source.split!r}: no steps, so no {name} "
+                             "statistics")
+    return {name: r.result() for name, r in running.items()}
+
+
+# -- cache and files -----------------------------------------------------------------------------
+def cache_key(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> str:
+    """The hash the statistics of ``source`` under ``key_map`` are cached by."""
+    info = source.info
+    identity = {
+        "format": STATS_VERSION,
+        "dataset": info.name,
+        "version": info.version,
+        "split": source.split,
+        "splits": {name: {"shard_lengths": list(s.shard_lengths), "num_bytes": s.num_bytes}
+                   for name, s in sorted(info.splits.items())},
+        "state_keys": list(key_map.state_keys),
+        "action_keys": list(key_map.action_keys),
+        "num_bins": num_bins,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> Path:
+    """The cache folder of the statistics of ``source`` under ``key_map``."""
+    info = source.info
+    key = cache_key(source, key_map, num_bins)[:20]
+    return cache_root() / "stats" / f"{info.name}-{info.version}-{key}"
+
+
+def write_norm_stats(stats: Mapping[str, Stats], path: str | os.PathLike) -> epath.Path:
+    """Write ``stats`` as openpi's ``norm_stats.json`` (a folder gets ``norm_stats.json``
+    inside it); returns the file."""
+    path = epath.Path(path)
+    if path.is_dir() or not path.name.endswith(".json"):
+        path = path / NORM_STATS_FILE
+    _write_json(path, {"norm_stats": {k: v.to_json(full=False) for k, v in stats.items()}})
+    return path
+
+
+def _write_json(path: epath.Path, obj: Any) -> None:
+    # Readers (other hosts, other workers) see the old file or the new one, never half of one.
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "://" in os.fspath(path):  # object stores replace whole objects
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text)
+    os.replace(os.fspath(tmp), os.fspath(path))
+
+
+def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
+    """Read a ``norm_stats.json`` (openpi's layout; a folder means the file inside it) or a
+    torch_rlds ``stats.json``."""
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / NORM_STATS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no normalization statistics there; write them with "
+                                "`torch-rlds stats --config-name NAME --output PATH`")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+    table = raw.get("norm_stats") if isinstance(raw, dict) else None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected {{'norm_stats': {{'state': ..., 'actions': ...}}}} "
+                         f"(found keys {sorted(raw) if isinstance(raw, dict) else raw!r:.100})")
+    return {k: Stats.from_json(v, f"{path}: norm_stats.{k}") for k, v in table.items()}
+
+
+def load_or_compute_stats(source: Any, key_map: KeyMap, *, recompute: bool = False,
+                          progress: bool = True, num_bins: int = NUM_BINS
+                          ) -> tuple[dict[str, Stats], Path]:
+    """The statistics of ``source`` under ``key_map`` and their cache folder: read from the
+    cache, or computed (one pass over the dataset) and cached as ``stats.json`` (everything)
+    and ``norm_stats.json`` (openpi's layout)."""
+    folder = cache_dir(source, key_map, num_bins)
+    full = folder / STATS_FILE
+    if full.exists() and not recompute:
+        return read_norm_stats(full), folder
+    stats = compute_stats(source, key_map, progress=progress, num_bins=num_bins)
+    info = source.info
+    write_norm_stats(stats, folder / NORM_STATS_FILE)
+    # stats.json last: its presence is what marks the cache entry complete.
+    _write_json(epath.Path(full), {
+        "version": STATS_VERSION,
+        "dataset": {"name": info.name, "version": info.version, "split": source.split},
+        "key_map": {"state": list(key_map.state_keys), "action": list(key_map.action_keys)},
+        "num_bins": num_bins,
+        "norm_stats": {k: v.to_json() for k, v in stats.items()},
+    })
+    return stats, folder
+
+
+# -- the command ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of ``torch-rlds stats``."""
+    parser = argparse.ArgumentParser(
+        prog="torch-rlds stats",
+        description="Stream a dataset once (images stay encoded) and compute the per-dimension "
+                    "mean, std, min, max, q01 and q99 of state and action; cached, and written "
+                    "as openpi's norm_stats.json.")
+    parser.add_argument("--config-name", default="demo",
+                        help="a shipped config name or a path to a YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (data.split=train)")
+    parser.add_argument("--output", default=None,
+                        help="also write norm_stats.json here (a file or a folder)")
+    parser.add_argument("--recompute", action="store_true", help="ignore the cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``torch-rlds stats --config-name NAME [overrides] [--output PATH]``."""
+    from torch_rlds.config import load_config
+    from torch_rlds.keymap import key_map_from_config
+    from torch_rlds.source import RLDSSource
+
+    args = build_parser().parse_args(argv)
+    config = load_config(args.config_name, args.overrides)
+    key_map = key_map_from_config(config.data)
+    source = RLDSSource(config.dataset_path(), config.data.split, data_dir=config.data.data_dir)
+    stats, folder = load_or_compute_stats(source, key_map, recompute=args.recompute,
+                                          progress=not args.no_progress)
+    print(f"{source.info.name} {source.info.version} split {source.split!r}: "
+          f"{stats['actions'].count or '?'} steps")
+    for name, s in stats.items():
+        print(f"{name} ({len(s.mean)} dims)")
+        for field in ("mean", "std", "min", "max", "q01", "q99"):
+            value = getattr(s, field)
+            if value is not None:
+                print(f"  {field:>4}: " + " ".join(f"{v: .4g}" for v in value))
+    print(f"cached in {folder}")
+    if args.output:
+        print(f"wrote {write_norm_stats(stats, args.output)}")
+    return 0
+
+
+__all__ = [
+    "NUM_BINS",
+    "RunningStats",
+    "Stats",
+    "cache_key",
+    "compute_stats",
+    "load_or_compute_stats",
+    "main",
+    "read_norm_stats",
+    "write_norm_stats",
+]

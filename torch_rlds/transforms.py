@@ -1,0 +1,587 @@
+"""Sample transforms: camera selection, image resize, augmentation, normalization, padding.
+
+Each transform is a picklable callable ``sample -> sample`` on one step sample as
+:class:`torch_rlds.RLDSDataset` emits it (``{"observation": {key: [obs_window, ...]},
+"action": [H, A], "meta": {...}, ...}``), returning a new dict and leaving its input untouched.
+Every transform is deterministic: its output is a pure function of the sample, its own arguments
+and, for :class:`Augment`, ``(seed, epoch, dataset_index, episode_index, step_index)`` read from
+``sample["meta"]``. A transformed stream therefore resumes exactly wherever the untransformed one
+does, and no transform adds anything to the state.
+
+Image observations are the 4-d arrays ``[obs_window, H, W, C]`` of ``sample["observation"]``;
+after a :class:`~torch_rlds.keymap.KeyMap` they are called ``image_<role>``.
+
+:class:`Compose` chains transforms; :class:`TransformedDataset` applies one to every sample of
+a resumable dataset and forwards its state; :class:`TransformConfig` is the ``data.transform``
+section of a config and :meth:`TransformConfig.build` the chain it describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+
+from torch_rlds import _order
+from torch_rlds.keymap import IMAGE_PREFIX, STATE, image_key
+
+EPS = 1e-6
+NORMALIZE_MODES = ("zscore", "quantile")
+RESIZE_MODES = ("pad", "stretch")
+_AUGMENT_TAG = 0x41554731
+
+
+def _images(observation: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in observation.items() if isinstance(v, np.ndarray) and v.ndim == 4]
+
+
+def _with_observation(sample: Mapping[str, Any], observation: dict[str, Any]) -> dict[str, Any]:
+    out = dict(sample)
+    out["observation"] = observation
+    return out
+
+
+class Compose:
+    """Apply ``transforms`` in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[dict], dict]]) -> None:
+        self.transforms = tuple(transforms)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        return f"Compose({list(self.transforms)!r})"
+
+
+class TransformedDataset(torch.utils.data.IterableDataset):
+    """``fn`` applied to every sample of ``dataset``; the state is ``dataset``'s, unchanged.
+
+    Because ``fn`` must be a pure function of the sample (every transform here is), the
+    transformed stream resumes exactly wherever ``dataset`` does. Other attributes
+    (``source``, ``process_index``, ``set_epoch``...) are those of ``dataset``.
+    """
+
+    def __init__(self, dataset: Any, fn: Callable[[dict], dict]) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.fn = fn
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for sample in self.dataset:
+            yield self.fn(sample)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped dataset's state."""
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the wrapped dataset's state."""
+        self.dataset.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "fn") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __repr__(self) -> str:
+        return f"TransformedDataset({self.dataset!r}, {self.fn!r})"
+
+
+# -- cameras -------------------------------------------------------------------------------------
+class SelectCameras:
+    """Keep the cameras ``roles`` (in that order) and drop other image observations.
+
+    A role the sample lacks (a dataset without a wrist camera in a mixture) is filled with
+    zeros, of ``fill_shape`` ``(H, W, C)`` when given, else of the first present camera's
+    shape, and marked ``False`` in ``sample["image_mask"][role]`` (``True`` for present ones),
+    so batches of several datasets line up and a model can tell the filler apart.
+    ``fill=False`` raises instead.
+    """
+
+    def __init__(self, roles: Sequence[str], *, fill: bool = True,
+                 fill_shape: tuple[int, int, int] | None = None) -> None:
+        if isinstance(roles, str) or not roles:
+            raise ValueError(f"roles must be a non-empty list of camera roles (got {roles!r})")
+        self.roles = tuple(roles)
+        self.fill = fill
+        self.fill_shape = None if fill_shape is None else tuple(int(d) for d in fill_shape)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        observation = sample["observation"]
+        images = _images(observation)
+        present = [image_key(r) for r in self.roles if image_key(r) in observation]
+        missing = [r for r in self.roles if image_key(r) not in observation]
+        if missing and not self.fill:
+            raise KeyError(f"cameras {missing} are not in the sample (its images: {images})")
+        if missing and not present and self.fill_shape is None:
+            raise KeyError(f"none of the cameras {list(self.roles)} is in the sample (its "
+                           f"images: {images}); give fill_shape to fill them all with zeros")
+        out = {k: v for k, v in observation.items() if k not in images}
+        window = len(sample["observation_is_pad"])
+        mask = {}
+        for role in self.roles:
+            key = image_key(role)
+            if key in observation:
+                out[key] = observation[key]
+                mask[role] = np.bool_(True)
+            else:
+                if self.fill_shape is not None:
+                    shape, dtype = (window, *self.fill_shape), np.uint8
+                else:
+                    first = observation[present[0]]
+                    shape, dtype = first.shape, first.dtype
+                out[key] = np.zeros(shape, dtype)
+                mask[role] = np.bool_(False)
+        result = _with_observation(sample, out)
+        result["image_mask"] = mask
+        return result
+
+    def __repr__(self) -> str:
+        return f"SelectCameras({list(self.roles)}, fill={self.fill}, fill_shape={self.fill_shape})"
+
+
+# -- resize --------------------------------------------------------------------------------------
+def letterbox(height: int, width: int, out_height: int, out_width: int
+              ) -> tuple[int, int, int, int]:
+    """Where an ``height x width`` image lands when resized into ``out_height x out_width``
+    keeping its aspect ratio: ``(top, left, new_height, new_width)``, centred."""
+    scale = min(out_height / height, out_width / width)
+    new_h = min(out_height, max(1, round(height * scale)))
+    new_w = min(out_width, max(1, round(width * scale)))
+    return (out_height - new_h) // 2, (out_width - new_w) // 2, new_h, new_w
+
+
+def _resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if frame.shape[:2] == (height, width):
+        return frame
+    if frame.dtype == np.uint8 and frame.shape[2] in (1, 3, 4):
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[frame.shape[2]]
+        image = Image.fromarray(frame[:, :, 0] if mode == "L" else frame, mode)
+        resized = np.asarray(image.resize((width, height), Image.BILINEAR))
+        return resized.reshape(height, width, frame.shape[2])
+    # Other dtypes (uint16 depth, float): each channel through Pillow's 32-bit float mode.
+    channels = []
+    for c in range(frame.shape[2]):
+        image = Image.fromarray(np.ascontiguousarray(frame[:, :, c], dtype=np.float32), "F")
+        channels.append(np.asarray(image.resize((width, height), Image.BILINEAR)))
+    out = np.stack(channels, axis=-1)
+    if np.issubdtype(frame.dtype, np.integer):
+        info = np.iinfo(frame.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(frame.dtype)
+
+
+def resize_images(frames: np.ndarray, size: tuple[int, int], mode: str = "pad") -> np.ndarray:
+    """Resize ``frames`` ``[N, H, W, C]`` to ``size`` ``(height, width)`` with Pillow's bilinear
+    filter: ``stretch`` to exactly that size, or ``pad`` keeping the aspect ratio, centred on
+    zeros (see :func:`letterbox`). Frames already of that size come back unchanged."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES} (got {mode!r})")
+    out_h, out_w = size
+    n, h, w, c = frames.shape
+    if (h, w) == (out_h, out_w):
+        return frames
+    out = np.zeros((n, out_h, out_w, c), frames.dtype)
+    if mode == "stretch":
+        top, left, new_h, new_w = 0, 0, out_h, out_w
+    else:
+        top, left, new_h, new_w = letterbox(h, w, out_h, out_w)
+    for i in range(n):
+        out[i, top:top + new_h, left:left + new_w] = _resize_frame(frames[i], new_h, new_w)
+    return out
+
+
+class Resize:
+    """Resize every image observation (or those in ``keys``) to ``size`` ``(height, width)``;
+    ``mode`` ``pad`` keeps the aspect ratio and pads with zeros, ``stretch`` does not."""
+
+    def __init__(self, size: tuple[int, int], mode: str = "pad",
+                 keys: Sequence[str] | None = None) -> None:
+        size = tuple(size)
+        if len(size) != 2 or not all(type(d) is int and d >= 1 for d in size):
+            raise ValueError(f"size must be (height, width), both ints >= 1 (got {size!r})")
+        if mode not in RESIZE_MODES:
+            raise ValueError(f"resize mode must be one of {RESIZE_MODES} (got {mode!r})")
+        self.size = size
+        self.mode = mode
+        self.keys = None if keys is None else tuple(keys)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        observation = dict(sample["observation"])
+        for key in self.keys or _images(observation):
+            observation[key] = resize_images(observation[key], self.size, self.mode)
+        return _with_observation(sample, observation)
+
+    def __repr__(self) -> str:
+        return f"Resize({self.size}, mode={self.mode!r})"
+
+
+# -- augmentation --------------------------------------------------------------------------------
+def uniform(*key: int) -> float:
+    """A number in ``[0, 1)`` determined by the integers ``key`` (the platform-stable hash of
+    :mod:`torch_rlds._order`; numpy generators promise no stream stability)."""
+    return (_order._key(*key) >> 11) * 2.0 ** -53
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """What :class:`Augment` does to one camera of one sample: crop ``crop_height x
+    crop_width`` at ``(top, left)`` and resize back, multiply by ``brightness``, scale the
+    deviation from the frame mean by ``contrast``."""
+
+    top: int
+    left: int
+    crop_height: int
+    crop_width: int
+    brightness: float
+    contrast: float
+
+
+class Augment:
+    """Random crop, brightness and contrast, drawn from ``(seed, epoch, dataset_index,
+    episode_index, step_index, camera)``.
+
+    The same draw applies to every frame of a sample's observation window (the frames stay
+    consistent with each other); cameras draw separately. ``dataset_index`` is read from
+    ``meta`` when present (samples of a :class:`~torch_rlds.mixture.MixtureDataset`), so apply
+    this transform after the mixture, or give each dataset of a mixture its own ``seed``.
+
+    * crop: a ``crop_scale`` fraction of the height and width at a random place, resized back
+      to the frame size (bilinear); ``crop_scale=1`` turns it off.
+    * brightness: pixels times a factor uniform in ``[1 - brightness, 1 + brightness]``.
+    * contrast: deviations from the frame's mean times a factor uniform in
+      ``[1 - contrast, 1 + contrast]``. Brightness and contrast apply to uint8 images only
+      (a depth image keeps its values).
+    """
+
+    def __init__(self, seed: int = 0, *, crop_scale: float = 0.95, brightness: float = 0.2,
+                 contrast: float = 0.2, keys: Sequence[str] | None = None) -> None:
+        if type(seed) is not int or seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+        _check_range("crop_scale", crop_scale, 0.0, 1.0, low_open=True)
+        _check_range("brightness", brightness, 0.0, 1.0)
+        _check_range("contrast", contrast, 0.0, 1.0)
+        self.seed = seed
+        self.crop_scale = float(crop_scale)
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.keys = None if keys is None else tuple(keys)
+
+    def params(self, meta: Mapping[str, Any], key: str, height: int, width: int) -> AugmentParams:
+        """The draw for camera ``key`` (``height x width``) of the sample with ``meta``."""
+        base = (self.seed, int(meta["epoch"]), int(meta.get("dataset_index", 0)),
+                int(meta["episode_index"]), int(meta["step_index"]),
+                zlib.crc32(key.encode()), _AUGMENT_TAG)
+        u = [uniform(*base, i) for i in range(4)]
+        crop_h = min(height, max(1, round(height * self.crop_scale)))
+        crop_w = min(width, max(1, round(width * self.crop_scale)))
+        top = min(int(u[0] * (height - crop_h + 1)), height - crop_h)
+        left = min(int(u[1] * (width - crop_w + 1)), width - crop_w)
+        return AugmentParams(top, left, crop_h, crop_w,
+                             1.0 + (2.0 * u[2] - 1.0) * self.brightness,
+                             1.0 + (2.0 * u[3] - 1.0) * self.contrast)
+
+    def apply(self, frames: np.ndarray, p: AugmentParams) -> np.ndarray:
+        """Apply the draw ``p`` to ``frames`` ``[N, H, W, C]``."""
+        n, h, w, c = frames.shape
+        out = frames
+        if (p.crop_height, p.crop_width) != (h, w):
+            crop = frames[:, p.top:p.top + p.crop_height, p.left:p.left + p.crop_width]
+            out = np.stack([_resize_frame(np.ascontiguousarray(f), h, w) for f in crop])
+        if frames.dtype == np.uint8 and (self.brightness or self.contrast):
+            x = out.astype(np.float32) * np.float32(p.brightness)
+            mean = x.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float32)
+            x = (x - mean) * np.float32(p.contrast) + mean
+            out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return out
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        observation = dict(sample["observation"])
+        mask = sample.get("image_mask", {})
+        for key in self.keys or _images(observation):
+            if key.startswith(IMAGE_PREFIX) and not mask.get(key[len(IMAGE_PREFIX):], True):
+                continue  # a zero-filled camera stays zero
+            frames = observation[key]
+            observation[key] = self.apply(
+                frames, self.params(sample["meta"], key, frames.shape[1], frames.shape[2]))
+        return _with_observation(sample, observation)
+
+    def __repr__(self) -> str:
+        return (f"Augment(seed={self.seed}, crop_scale={self.crop_scale}, "
+                f"brightness={self.brightness}, contrast={self.contrast})")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be a number in {interval} (got {value!r})")
+
+
+# -- normalization -------------------------------------------------------------------------------
+def _stat(stats: Any, name: str) -> np.ndarray:
+    value = stats[name] if isinstance(stats, Mapping) else getattr(stats, name)
+    return np.asarray(value, dtype=np.float64)
+
+
+def normalize(x: np.ndarray, stats: Any, mode: str) -> np.ndarray:
+    """``x`` ``[..., D]`` normalized with per-dimension ``stats`` (an object or mapping with
+    ``mean``, ``std``, ``q01``, ``q99``): ``zscore`` gives ``(x - mean) / (std + 1e-6)``,
+    ``quantile`` maps ``[q01, q99]`` onto ``[-1, 1]`` (``2 (x - q01) / (q99 - q01 + 1e-6) - 1``,
+    not clipped, so :func:`unnormalize` inverts it). Computed in float64; the result has
+    ``x``'s float dtype (float32 for integer input)."""
+    x = np.asarray(x)
+    shift, scale = _affine(stats, mode, x.shape[-1])
+    out_dtype = x.dtype if x.dtype.kind == "f" else np.float32
+    return ((x.astype(np.float64) - shift) / scale).astype(out_dtype)
+
+
+def unnormalize(y: np.ndarray, stats: Any, mode: str) -> np.ndarray:
+    """The inverse of :func:`normalize`: ``unnormalize(normalize(x)) == x`` up to the rounding
+    of ``x``'s dtype (a few ulp in float32, exact to ~1e-15 relative in float64)."""
+    y = np.asarray(y)
+    shift, scale = _affine(stats, mode, y.shape[-1])
+    out_dtype = y.dtype if y.dtype.kind == "f" else np.float32
+    return (y.astype(np.float64) * scale + shift).astype(out_dtype)
+
+
+def _affine(stats: Any, mode: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    # x_normalized = (x - shift) / scale, for both modes.
+    if mode == "zscore":
+        shift, scale = _stat(stats, "mean"), _stat(stats, "std") + EPS
+    elif mode == "quantile":
+        q01, q99 = _stat(stats, "q01"), _stat(stats, "q99")
+        scale = (q99 - q01 + EPS) / 2.0
+        shift = q01 + scale
+    else:
+        raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES} (got {mode!r})")
+    if shift.shape != (dims,):
+        raise ValueError(f"values have {dims} dimensions, the normalization statistics "
+                         f"{shift.shape[0] if shift.ndim == 1 else shift.shape}")
+    return shift, scale
+
+
+class Normalize:
+    """Normalize ``observation/state`` and ``action`` with dataset statistics.
+
+    ``stats`` maps ``"state"`` and ``"actions"`` (openpi's names, as in ``norm_stats.json``)
+    to per-dimension statistics (:class:`torch_rlds.stats.Stats` or a mapping with ``mean``,
+    ``std``, ``q01``, ``q99``); a missing entry leaves that part alone. ``mode`` is ``zscore``
+    or ``quantile`` (see :func:`normalize`). :meth:`unnormalize_actions` is the exact inverse
+    for a model's predicted actions. Apply it before :class:`PadDims`: the statistics have the
+    dataset's width.
+    """
+
+    def __init__(self, stats: Mapping[str, Any], mode: str) -> None:
+        if mode not in NORMALIZE_MODES:
+            raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES} (got {mode!r})")
+        if "state" not in stats and "actions" not in stats:
+            raise ValueError(f"normalization statistics need 'state' or 'actions' (got "
+                             f"{sorted(stats)})")
+        self.mode = mode
+        self.stats = {k: {n: _stat(v, n) for n in ("mean", "std", "q01", "q99")}
+                      for k, v in stats.items() if k in ("state", "actions")}
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = dict(sample)
+        if "state" in self.stats and STATE in sample["observation"]:
+            observation = dict(sample["observation"])
+            observation[STATE] = normalize(observation[STATE], self.stats["state"], self.mode)
+            out["observation"] = observation
+        if "actions" in self.stats:
+            out["action"] = normalize(sample["action"], self.stats["actions"], self.mode)
+        return out
+
+    def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Actions ``[..., A]`` (at the dataset's width: drop padded dimensions first) in the
+        dataset's units."""
+        return unnormalize(actions, self.stats["actions"], self.mode)
+
+    def __repr__(self) -> str:
+        return f"Normalize({sorted(self.stats)}, mode={self.mode!r})"
+
+
+# -- padding -------------------------------------------------------------------------------------
+class PadDims:
+    """Pad ``observation/state`` to ``state_dim`` and ``action`` to ``action_dim`` values with
+    zeros, adding ``state_dim_is_pad`` / ``action_dim_is_pad`` (bool ``[dim]``, ``True`` on
+    the added dimensions), so datasets of different widths batch together. A wider value than
+    the target raises (nothing is cut off silently); ``None`` leaves that part alone."""
+
+    def __init__(self, state_dim: int | None = None, action_dim: int | None = None) -> None:
+        for name, value in (("state_dim", state_dim), ("action_dim", action_dim)):
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (got {value!r})")
+        self.state_dim = state_dim
+        self.action_dim = action_dim
+
+    @staticmethod
+    def _pad(x: np.ndarray, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+        width = x.shape[-1]
+        if width > dim:
+            raise ValueError(f"{name} has {width} dimensions, more than the padded width {dim}")
+        out = np.zeros((*x.shape[:-1], dim), x.dtype)
+        out[..., :width] = x
+        return out, np.arange(dim) >= width
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        out = dict(sample)
+        if self.state_dim is not None and STATE in sample["observation"]:
+            observation = dict(sample["observation"])
+            observation[STATE], out["state_dim_is_pad"] = self._pad(
+                observation[STATE], self.state_dim, "observation/state")
+            out["observation"] = observation
+        if self.action_dim is not None:
+            out["action"], out["action_dim_is_pad"] = self._pad(
+                sample["action"], self.action_dim, "action")
+        return out
+
+    def __repr__(self) -> str:
+        return f"PadDims(state_dim={self.state_dim}, action_dim={self.action_dim})"
+
+
+# -- the config section --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TransformConfig:
+    """The ``data.transform`` section of a config: which sample transforms run, in the order
+    camera selection, resize, augmentation, normalization, padding.
+
+    Attributes:
+      image_size: ``[height, width]`` every camera is resized to (``None``: as stored).
+      resize: ``pad`` (keep the aspect ratio, pad with zeros) or ``stretch``.
+      cameras: the camera roles to emit, in order; missing ones are zero-filled and masked
+        (see :class:`SelectCameras`). ``None``: every camera of the key map.
+      augment: random crop, brightness and contrast (see :class:`Augment`), seeded by
+        ``data.seed``.
+      crop_scale, brightness, contrast: the augmentation's strengths.
+      pad_state_to, pad_action_to: pad state / action to this many dimensions (``None``: no).
+      normalize: ``zscore``, ``quantile`` or ``None``.
+      norm_stats: a ``norm_stats.json`` to normalize with; ``None``: the cached statistics of
+        the dataset and key map (computed on first use, see :mod:`torch_rlds.stats`).
+    """
+
+    image_size: tuple[int, int] | None = None
+    resize: str = "pad"
+    cameras: tuple[str, ...] | None = None
+    augment: bool = False
+    crop_scale: float = 0.95
+    brightness: float = 0.2
+    contrast: float = 0.2
+    pad_state_to: int | None = None
+    pad_action_to: int | None = None
+    normalize: str | None = None
+    norm_stats: str | None = None
+
+    def __post_init__(self) -> None:
+        where = "data.transform"
+
+        def fail(field: str, allowed: str) -> None:
+            raise ValueError(f"{where}.{field} must be {allowed} (got "
+                             f"{getattr(self, field)!r})")
+
+        if self.image_size is not None:
+            size = self.image_size
+            if isinstance(size, str) or not isinstance(size, Sequence) or len(size) != 2 or \
+                    not all(type(d) is int and d >= 1 for d in size):
+                fail("image_size", "[height, width] with ints >= 1, or null")
+            object.__setattr__(self, "image_size", tuple(size))
+        if self.resize not in RESIZE_MODES:
+            fail("resize", f"one of {list(RESIZE_MODES)}")
+        if self.cameras is not None:
+            if isinstance(self.cameras, str) or not isinstance(self.cameras, Sequence) or \
+                    not self.cameras or not all(isinstance(c, str) for c in self.cameras):
+                fail("cameras", "a non-empty list of camera roles, or null")
+            object.__setattr__(self, "cameras", tuple(self.cameras))
+        if type(self.augment) is not bool:
+            fail("augment", "true or false")
+        try:
+            _check_range("crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
+            _check_range("brightness", self.brightness, 0.0, 1.0)
+            _check_range("contrast", self.contrast, 0.0, 1.0)
+        except ValueError as e:
+            raise ValueError(f"{where}.{e}") from None
+        for field in ("pad_state_to", "pad_action_to"):
+            value = getattr(self, field)
+            if value is not None and (type(value) is not int or value < 1):
+                fail(field, "an int >= 1, or null")
+        if self.normalize is not None and self.normalize not in NORMALIZE_MODES:
+            fail("normalize", f"one of {list(NORMALIZE_MODES)}, or null")
+        if self.norm_stats is not None and (not isinstance(self.norm_stats, str)
+                                            or not self.norm_stats):
+            fail("norm_stats", "a path to a norm_stats.json, or null")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | TransformConfig | None,
+                  where: str = "data.transform") -> TransformConfig | None:
+        """The section from its config mapping (``None`` stays ``None``). Errors name
+        ``where.field``, the value and what is allowed."""
+        if raw is None or isinstance(raw, TransformConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{where} must be a mapping (got {raw!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in set(raw) - fields)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown} (allowed: {sorted(fields)})")
+        try:
+            return cls(**dict(raw))
+        except ValueError as e:
+            raise ValueError(str(e).replace("data.transform", where, 1)) from None
+
+    def build(self, *, seed: int = 0, norm_stats: Mapping[str, Any] | None = None,
+              source: Any = None, key_map: Any = None) -> Compose:
+        """The transform chain. With ``normalize`` set, the statistics are ``norm_stats`` if
+        given, else read from ``self.norm_stats``, else the cached statistics of ``source``
+        under ``key_map`` (computed, streaming the dataset once, when not cached)."""
+        chain: list[Callable[[dict], dict]] = []
+        if self.cameras is not None:
+            fill = None if self.image_size is None else (*self.image_size, 3)
+            chain.append(SelectCameras(self.cameras, fill_shape=fill))
+        if self.image_size is not None:
+            chain.append(Resize(self.image_size, self.resize))
+        if self.augment:
+            chain.append(Augment(seed, crop_scale=self.crop_scale, brightness=self.brightness,
+                                 contrast=self.contrast))
+        if self.normalize is not None:
+            if norm_stats is None:
+                from torch_rlds import stats as _stats
+
+                if self.norm_stats is not None:
+                    norm_stats = _stats.read_norm_stats(self.norm_stats)
+                elif source is not None and key_map is not None:
+                    norm_stats, _ = _stats.load_or_compute_stats(source, key_map)
+                else:
+                    raise ValueError("data.transform.normalize needs statistics: set "
+                                     "data.transform.norm_stats, or pass source and key_map")
+            chain.append(Normalize(norm_stats, self.normalize))
+        if self.pad_state_to is not None or self.pad_action_to is not None:
+            chain.append(PadDims(self.pad_state_to, self.pad_action_to))
+        return Compose(chain)
+
+
+__all__ = [
+    "Augment",
+    "AugmentParams",
+    "Compose",
+    "Normalize",
+    "PadDims",
+    "Resize",
+    "SelectCameras",
+    "TransformConfig",
+    "TransformedDataset",
+    "letterbox",
+    "normalize",
+    "resize_images",
+    "uniform",
+    "unnormalize",
+]
