@@ -275,9 +275,9 @@ def write_dataset(root: str | os.PathLike, spec: SyntheticSpec | None = None, *,
 
     ``overrides`` replace fields of ``spec`` (``write_dataset(tmp, num_episodes=3)``).
     """
+    from google.protobuf import json_format
     from tensorflow_datasets.core import example_serializer
     from tensorflow_datasets.core.proto import dataset_info_pb2
-    from google.protobuf import json_format
     from tqdm import tqdm
 
     spec = dataclasses.replace(spec or SyntheticSpec(), **overrides)
