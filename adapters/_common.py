@@ -33,27 +33,6 @@ def loader_processes(loader: Any) -> tuple[int, int]:
     return process_info()
 
 
-# What a DataLoader worker imports to read episodes; a forkserver that preloads them forks
-# ready workers in a fraction of a second instead of importing torch and TFDS in each one.
-_WORKER_MODULES = ("torch_rlds.dataset", "torch_rlds.loader", "tensorflow_datasets")
-
-
-def preload_forkserver() -> None:
-    """Have the forkserver (used for workers once jax is imported) preload what workers import.
-
-    Takes effect only if the forkserver has not started yet; keeps any preload already set.
-    """
-    import multiprocessing.forkserver as forkserver
-
-    server = forkserver._forkserver
-    if getattr(server, "_forkserver_pid", None) is not None:
-        return
-    current = list(getattr(server, "_preload_modules", ["__main__"]))
-    missing = [m for m in _WORKER_MODULES if m not in current]
-    if missing:
-        forkserver.set_forkserver_preload(current + missing)
-
-
 def state_filename(process_index: int, process_count: int) -> str:
     """The name of the state file of one process: ``process_{i}-of-{n}.json``."""
     return f"process_{process_index}-of-{process_count}.json"

@@ -194,15 +194,19 @@ def run_phase(phase: str, out: str, *, config: str, overrides: Sequence[str], st
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + timeout
         try:
-            for i, proc in enumerate(procs):
-                try:
-                    code = proc.wait(max(1.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    failed = f"process {i} did not finish within {timeout:.0f} s"
+            while True:
+                codes = [proc.poll() for proc in procs]
+                bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+                if bad:  # its peers would wait for it until jax's heartbeat timeout
+                    failed = f"process {bad[0][0]} exited with code {bad[0][1]}"
                     break
-                if code != 0:
-                    failed = f"process {i} exited with code {code}"
+                if all(c == 0 for c in codes):
                     break
+                if time.monotonic() > deadline:
+                    late = [i for i, c in enumerate(codes) if c is None]
+                    failed = f"process {late} did not finish within {timeout:.0f} s"
+                    break
+                time.sleep(0.1)
         finally:
             for proc in procs:  # a failed peer leaves the other waiting on the coordinator
                 if proc.poll() is None:

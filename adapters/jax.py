@@ -5,10 +5,10 @@ the process count); :func:`to_global` turns that local batch into global ``jax.A
 ``jax.make_array_from_process_local_data``, so a jitted step sees the whole global batch.
 
 **Worker processes and jax.** Forking a process in which jax has started its backend (threads,
-locks held by them) can deadlock the child. :class:`torch_rlds.DataLoader` therefore starts
-its workers with ``forkserver`` when jax is imported when it is built, and :class:`JaxLoader`
+locks held by them) can deadlock the child. :class:`torch_rlds.DataLoader` therefore starts its
+workers with ``forkserver`` when jax was imported before it was built, and :class:`JaxLoader`
 switches a wrapped loader whose workers would start with ``fork`` to ``forkserver`` (workers
-already running are kept), and has the forkserver preload torch_rlds and TFDS, so that each
+already running are kept); either way the fork server preloads torch_rlds and TFDS, so each
 worker starts in well under a second rather than importing them anew. As with ``spawn``, the
 dataset and ``collate_fn`` must pickle (module-level functions, not lambdas) and a training
 script must guard its entry point with ``if __name__ == "__main__":`` (workers import it).
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from torch_rlds.adapters._common import loader_processes, preload_forkserver
+from torch_rlds.adapters._common import loader_processes
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
-from torch_rlds.loader import to_numpy
+from torch_rlds.loader import default_start_method, to_numpy
 
 __all__ = ["JaxLoader", "device_put_collator", "to_global"]
 
@@ -179,7 +179,6 @@ class JaxLoader(StatefulPrefetcher):
         """A JaxLoader over ``config.make_loader()`` for this process (local batch = global
         batch / process count; raises when it does not divide)."""
         index, count = config.processes()
-        config.local_batch_size(count)
         loader_kwargs.setdefault("as_numpy", True)
         return cls(config.make_loader(index, count, **loader_kwargs), sharding, prefetch)
 
@@ -197,6 +196,8 @@ def _avoid_fork(loader: Any) -> None:
     """Make the loader start future workers with forkserver where it would fork."""
     if not getattr(loader, "num_workers", 0):
         return
+    # jax is imported here, so this also has the fork server preload torch_rlds and TFDS.
+    safe = default_start_method() or "forkserver"
     context = getattr(loader, "multiprocessing_context", None)
     if context is None:
         method = multiprocessing.get_start_method(allow_none=True) or (
@@ -206,7 +207,4 @@ def _avoid_fork(loader: Any) -> None:
     else:
         method = context.get_start_method()
     if method == "fork":
-        loader.multiprocessing_context = "forkserver"
-        method = "forkserver"
-    if method == "forkserver":
-        preload_forkserver()
+        loader.multiprocessing_context = safe

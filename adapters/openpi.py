@@ -18,19 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from torch_rlds.adapters._common import (
-    loader_processes,
-    preload_forkserver,
-    state_filename,
-    state_path,
-)
+from torch_rlds.adapters._common import loader_processes, state_filename, state_path
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
 from torch_rlds.loader import read_json, to_numpy, write_json_atomic
 
@@ -261,9 +255,6 @@ def create_data_loader(config: Any, *, sharding: Any = None, shuffle: bool = Tru
         loader_config = dataclasses.replace(loader_config, num_workers=num_workers)
     config = dataclasses.replace(config, data=data, loader=loader_config)
     index, count = config.processes()
-    config.local_batch_size(count)
-    if "jax" in sys.modules:  # the loader's workers will start with forkserver
-        preload_forkserver()
     loader = config.make_loader(index, count, as_numpy=True)
     return OpenpiDataLoader(config, loader, sharding=sharding,
                             persistent_iterator=persistent_iterator, num_batches=num_batches,

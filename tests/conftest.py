@@ -45,3 +45,12 @@ def small_spec(small_dataset):
         num_episodes=6, val_episodes=2, min_steps=3, max_steps=12, num_shards=3, texture=False,
         cameras=(synthetic.Camera("image"), synthetic.Camera("wrist_image", 32, 48)),
     )
+
+
+_JAX_TESTS = ("test_adapters_", "test_check")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the tests that start a jax backend last: after that, a plain StatefulDataLoader
+    that forks its workers would fork a multithreaded process."""
+    items.sort(key=lambda item: item.path.name.startswith(_JAX_TESTS))

@@ -25,9 +25,9 @@ def jax():
     jax = pytest.importorskip("jax")
     with contextlib.suppress(RuntimeError):  # a backend already up keeps its devices
         jax.config.update("jax_num_cpu_devices", 2)
-    from torch_rlds.adapters._common import preload_forkserver
+    from torch_rlds.loader import default_start_method
 
-    preload_forkserver()
+    default_start_method()  # the fork server that later workers use preloads torch_rlds
     return jax
 
 
