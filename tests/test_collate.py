@@ -8,6 +8,7 @@ import torch
 import torch.utils.data
 
 import torch_rlds
+from torch_rlds.loader import default_start_method
 
 
 def _sample(i: int) -> dict:
@@ -79,7 +80,8 @@ class _Numbers(torch.utils.data.IterableDataset):
 
 def test_batches_from_workers_are_in_shared_memory():
     loader = torch.utils.data.DataLoader(_Numbers(), batch_size=2, num_workers=1,
-                                         collate_fn=torch_rlds.collate)
+                                         collate_fn=torch_rlds.collate,
+                                         multiprocessing_context=default_start_method())
     batches = list(loader)
     assert [b["s"] for b in batches] == [["0", "1"], ["2", "3"]]
     assert all(b["x"].is_shared() for b in batches)

@@ -325,7 +325,8 @@ def test_fingerprint_and_repr(varied):
 @pytest.mark.parametrize("option, value, message", [
     ("obs_window", 0, r"obs_window must be an int >= 1 \(got 0\)"),
     ("shuffle_window", 1.5, r"shuffle_window must be an int >= 1 \(got 1.5\)"),
-    ("seed", -1, r"seed must be an int >= 0 \(got -1\)"),
+    ("seed", -1, r"seed must be an int in \[0, 2\*\*63 - 1\] \(got -1\)"),
+    ("seed", 2**64, r"seed must be an int in \[0, 2\*\*63 - 1\]"),
     ("process_index", 2, r"process_index must be in \[0, 1\) \(got 2\)"),
 ])
 def test_bad_options_are_named(varied, option, value, message):

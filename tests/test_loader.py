@@ -84,9 +84,10 @@ def test_resume_matrix(tiny, workers, batch_size, shuffle):
     if workers == 0:
         points = None  # without workers a restore is cheap: restore after every batch
     else:
-        # The first, the middle and the last batch, and around where each epoch ends.
-        points = sorted({0, num_batches // 2, num_batches - 1, min(firsts) - 1,
-                         *firsts} - {-1})
+        # The first and the last batch, and around the end of epoch 0: just before the first
+        # worker passes it, as it does, and as the last worker does.
+        points = sorted({0, min(firsts) - 1, min(firsts), max(firsts), num_batches - 1}
+                        - {-1})
     reference = assert_resumes_exactly(make, num_batches, restore_points=points)
     for first in firsts:  # the run does cross the epoch where predicted
         assert max(_epochs(reference[first])) >= 1
@@ -123,8 +124,9 @@ def test_snapshot_every_n_steps(small_dataset, workers, options):
 
 
 def test_plain_stateful_dataloader_with_collate(small_dataset):
+    # (forkserver when an earlier test imported jax: forking a jax process can deadlock)
     make = _maker(small_dataset, loader=StatefulDataLoader, batch_size=7, num_workers=2,
-                  collate_fn=torch_rlds.collate)
+                  collate_fn=torch_rlds.collate, multiprocessing_context=default_start_method())
     reference = assert_resumes_exactly(make, 16, restore_points=[0, 6, 7, 15])
     assert isinstance(reference[0]["action"], np.ndarray)  # compared as arrays...
     batch = next(iter(make()))
@@ -341,6 +343,13 @@ def test_as_numpy_hands_out_views_without_a_copy(small_dataset, workers):
     assert np.shares_memory(views["observation"]["image"], tensors["observation"]["image"])
 
 
+def test_without_batching_samples_come_one_by_one(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=None)
+    sample = next(iter(loader))
+    assert isinstance(sample["action"], torch.Tensor) and sample["action"].shape == (4, 7)
+    assert isinstance(sample["language_instruction"], str)
+
+
 @pytest.mark.parametrize("saved, loading", [(1, 2), (0, 2), (2, 0), (3, 2)])
 def test_a_state_of_another_worker_count_is_refused(small_dataset, saved, loading):
     state = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=4,
@@ -366,10 +375,10 @@ def test_a_state_of_another_dataset_configuration_is_refused_on_load(small_datas
 
 
 def test_plain_stateful_dataloader_refuses_another_seed_in_the_worker(small_dataset):
-    state = StatefulDataLoader(_dataset(small_dataset), batch_size=4, num_workers=1,
-                               collate_fn=torch_rlds.collate).state_dict()
-    loader = StatefulDataLoader(_dataset(small_dataset, seed=1), batch_size=4, num_workers=1,
-                                collate_fn=torch_rlds.collate)
+    options = dict(batch_size=4, num_workers=1, collate_fn=torch_rlds.collate,
+                   multiprocessing_context=default_start_method())
+    state = StatefulDataLoader(_dataset(small_dataset), **options).state_dict()
+    loader = StatefulDataLoader(_dataset(small_dataset, seed=1), **options)
     loader.load_state_dict(state)
     with pytest.raises(ValueError, match="seed in checkpoint: 0 / in this dataset: 1"):
         next(iter(loader))
@@ -414,3 +423,42 @@ def test_every_step_once_per_epoch_through_the_loader(small_dataset, small_spec)
     ids, _ = _pass_ids(loader)
     assert collections.Counter(ids) == collections.Counter(
         (e, t) for e, n in enumerate(lengths) for t in range(n))
+
+
+class _Counting:
+    """A stand-in loader whose batches are 0, 1, 2...; a restore lands ``skew`` batches off,
+    and a stream of ``length`` ends there."""
+
+    def __init__(self, skew=0, length=None):
+        self.next, self.skew, self.length = 0, skew, length
+
+    def state_dict(self):
+        return {"next": self.next}
+
+    def load_state_dict(self, state):
+        self.next = state["next"] + self.skew
+
+    def __iter__(self):
+        while self.length is None or self.next < self.length:
+            self.next += 1
+            yield {"x": np.array([self.next - 1])}
+
+
+def test_the_resume_helper_catches_a_wrong_resume():
+    assert_resumes_exactly(_Counting, 6)
+    assert_resumes_exactly(lambda: _Counting(length=6), 6, ends=True, chained=True,
+                           restore_points=[0, 2, 5])
+    with pytest.raises(AssertionError, match="restored after 0, batch 0/x: values differ"):
+        assert_resumes_exactly(lambda: _Counting(skew=1), 6)
+    made = []
+
+    def shorter_after_the_first():
+        made.append(None)
+        return _Counting(length=6 if len(made) == 1 else 4)
+
+    with pytest.raises(AssertionError, match="chained restore at 3: stream ended at batch 4"):
+        assert_resumes_exactly(shorter_after_the_first, 6, chained=True, restore_points=[3])
+    with pytest.raises(AssertionError, match="the stream goes on after batch 4"):
+        assert_resumes_exactly(lambda: _Counting(length=6), 5, ends=True)
+    with pytest.raises(ValueError, match="restore point 6 outside"):
+        assert_resumes_exactly(_Counting, 6, restore_points=[6])

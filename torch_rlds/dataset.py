@@ -9,7 +9,7 @@ from typing import Any
 import torch.utils.data
 
 from torch_rlds import _order
-from torch_rlds._state import Cursor, load_cursor, make_state
+from torch_rlds._state import MAX_INT, Cursor, load_cursor, make_state
 from torch_rlds._windows import EpisodeSampler
 from torch_rlds.source import RLDSSource
 
@@ -92,8 +92,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         _check_positive("action_horizon", action_horizon)
         _check_positive("shuffle_window", shuffle_window)
         _check_positive("process_count", process_count)
-        if type(seed) is not int or seed < 0:
-            raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+        if type(seed) is not int or not 0 <= seed <= MAX_INT:
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1] (got {seed!r})")
         if type(process_index) is not int or not 0 <= process_index < process_count:
             raise ValueError(f"process_index must be in [0, {process_count}) (got "
                              f"{process_index!r})")

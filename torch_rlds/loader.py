@@ -58,7 +58,8 @@ class DataLoader(StatefulDataLoader):
     Differences from ``StatefulDataLoader``:
 
     * ``collate_fn`` defaults to :func:`torch_rlds.collate` (a batch is one buffer of shared
-      memory that crosses from a worker as one handle; strings as lists);
+      memory that crosses from a worker as one handle; strings as lists); with
+      ``batch_size=None`` to torch's, which turns each sample's arrays into tensors;
     * ``as_numpy=True`` hands out numpy views of the batch tensors, without a copy;
     * workers start with ``forkserver`` when jax is imported in the parent
       (:func:`default_start_method`), unless ``multiprocessing_context`` is given;
@@ -85,7 +86,9 @@ class DataLoader(StatefulDataLoader):
                  multiprocessing_context: Any = None, **kwargs: Any) -> None:
         if multiprocessing_context is None and kwargs.get("num_workers", 0) > 0:
             multiprocessing_context = default_start_method()
-        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn or collate,
+        if collate_fn is None and batch_size is not None:
+            collate_fn = collate  # without batching torch's default converts each sample
+        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
         self.as_numpy = as_numpy
         self.batches_seen = 0

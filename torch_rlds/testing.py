@@ -79,8 +79,9 @@ def assert_resumes_exactly(make_loader: Callable[[], Any], num_batches: int, *,
     for k in points:
         if type(k) is not int or not 0 <= k < num_batches:
             raise ValueError(f"restore point {k!r} outside [0, {num_batches})")
-    if chained and points != sorted(set(points)):
-        raise ValueError(f"chained restore points must be increasing (got {points})")
+    if chained and (not points or points != sorted(set(points))):
+        raise ValueError(f"chained restore points must be increasing, at least one (got "
+                         f"{points})")
     loader = make_loader()
     reference, states = [], [json.dumps(loader.state_dict())]
     iterator = iter(loader)
