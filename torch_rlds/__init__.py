@@ -5,13 +5,19 @@ from torch_rlds._images import EncodedImages, ImageDecodeError
 from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo
 from torch_rlds._tfrecord import CorruptRecordError, TFRecordError, TruncatedShardError
 from torch_rlds.collate import collate
+from torch_rlds.config import Config, ConfigError, load_config
 from torch_rlds.dataset import RLDSDataset
+from torch_rlds.keymap import KeyMap, KeyMapError
 from torch_rlds.loader import DataLoader
+from torch_rlds.mixture import MixtureDataset
 from torch_rlds.source import RLDSSource
+from torch_rlds.transforms import TransformedDataset
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Config",
+    "ConfigError",
     "CorruptRecordError",
     "DataLoader",
     "DatasetFormatError",
@@ -19,10 +25,15 @@ __all__ = [
     "EncodedImages",
     "EpisodeDecodeError",
     "ImageDecodeError",
+    "KeyMap",
+    "KeyMapError",
+    "MixtureDataset",
     "RLDSDataset",
     "RLDSSource",
     "SplitInfo",
     "TFRecordError",
+    "TransformedDataset",
     "TruncatedShardError",
     "collate",
+    "load_config",
 ]

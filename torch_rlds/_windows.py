@@ -76,7 +76,7 @@ class EpisodeSampler:
                 observation[key] = value.decode(obs_idx, fast=fast_jpeg)
             else:
                 observation[key] = value[obs_idx]
-        language = "" if self.language is None else str(self.language[t])
+        language = "" if self.language is None else _text(self.language[t])
         return {
             "observation": observation,
             "observation_is_pad": obs_pad,
@@ -89,6 +89,14 @@ class EpisodeSampler:
                 "epoch": np.int64(epoch),
             },
         }
+
+
+def _text(value: Any) -> str:
+    # Text features decode to str; several OXE datasets store the instruction as a string
+    # Tensor, which decodes to bytes.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _lookup(tree: dict[str, Any], key: str) -> Any:

@@ -186,9 +186,8 @@ class Config:
             observation_keys=d.observation_keys, action_key=d.action_key,
             language_key=d.language_key, shuffle=d.shuffle, seed=d.seed,
             shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
-            process_count=count, fast_jpeg=d.fast_jpeg,
-            **({} if d.key_map is None else {"key_map": d.key_map}),
-            **({} if transform is None else {"sample_transform": transform}),
+            process_count=count, fast_jpeg=d.fast_jpeg, key_map=d.key_map,
+            sample_transform=transform,
         )
 
     def make_loader(self, process_index: int | None = None, process_count: int | None = None,

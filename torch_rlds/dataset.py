@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch.utils.data
 
@@ -12,6 +12,9 @@ from torch_rlds import _order
 from torch_rlds._state import MAX_INT, Cursor, load_cursor, make_state
 from torch_rlds._windows import EpisodeSampler
 from torch_rlds.source import RLDSSource
+
+if TYPE_CHECKING:
+    from torch_rlds.keymap import KeyMap
 
 
 class RLDSDataset(torch.utils.data.IterableDataset):
@@ -78,6 +81,14 @@ class RLDSDataset(torch.utils.data.IterableDataset):
       fast_jpeg: decode JPEG with the fast DCT (the pixels of ``tf.io.decode_jpeg``) instead of
         the accurate one (the pixels of TFDS's numpy decoding).
       data_dir: the TFDS data directory when ``source`` is a dataset name.
+      key_map: a :class:`torch_rlds.KeyMap` that turns each decoded episode into the standard
+        layout (``observation/state``, ``observation/image_<role>``, ``action``,
+        ``language_instruction``) before sampling; it is checked against the features on
+        construction, and ``observation_keys``, ``action_key`` and ``language_key`` then follow
+        from it.
+      sample_transform: a function applied to every sample before it is emitted (resize,
+        augmentation, normalisation...). It must be a pure function of the sample (the sample's
+        ``meta`` carries epoch, episode and step for seeded randomness) so resume stays exact.
     """
 
     def __init__(self, source: RLDSSource | str | os.PathLike, split: str = "train", *,
@@ -86,7 +97,9 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                  language_key: str | None = "language_instruction", shuffle: bool = True,
                  seed: int = 0, shuffle_window: int = 16, repeat: bool = True,
                  process_index: int = 0, process_count: int = 1, fast_jpeg: bool = False,
-                 data_dir: str | os.PathLike | None = None) -> None:
+                 data_dir: str | os.PathLike | None = None, key_map: KeyMap | None = None,
+                 sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+                 ) -> None:
         super().__init__()
         _check_positive("obs_window", obs_window)
         _check_positive("action_horizon", action_horizon)
@@ -111,9 +124,20 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.process_index = process_index
         self.process_count = process_count
         self.fast_jpeg = bool(fast_jpeg)
-        self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
-            self._default_observation_keys())
-        self._check_keys()
+        self.key_map = key_map
+        self.sample_transform = sample_transform
+        if key_map is not None:
+            if observation_keys is not None:
+                raise ValueError("observation_keys must be None with a key_map (the key map "
+                                 "names the observations)")
+            key_map.validate(source)
+            self.observation_keys = key_map.observation_keys()
+            self.action_key = "action"
+            self.language_key = "language_instruction" if key_map.language_key else None
+        else:
+            self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
+                self._default_observation_keys())
+            self._check_keys(language_explicit=language_key != "language_instruction")
         self._cursor = Cursor()
         self._resume = False
 
@@ -122,7 +146,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         return tuple("/".join(leaf.path[2:]) for leaf in self.source.leaves()
                      if leaf.path[:2] == prefix and leaf.kind != "text")
 
-    def _check_keys(self) -> None:
+    def _check_keys(self, language_explicit: bool) -> None:
         available = {"/".join(leaf.path[1:]): leaf for leaf in self.source.leaves()
                      if leaf.per_step}
         observation = sorted(k[len("observation/"):] for k in available
@@ -135,7 +159,10 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"action_key {self.action_key!r} is not a step feature of "
                              f"{self.source.info.name} (step features: {sorted(available)})")
         if self.language_key is not None and self.language_key not in available:
-            self.language_key = None
+            if language_explicit:
+                raise ValueError(f"language_key {self.language_key!r} is not a step feature of "
+                                 f"{self.source.info.name} (step features: {sorted(available)})")
+            self.language_key = None  # the RLDS default name is optional
 
     # -- reader identity -------------------------------------------------------------------
     def _reader(self) -> tuple[int, int, int, int]:
@@ -249,6 +276,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                     sample = samplers[which[position]].sample(
                         int(steps[position]), self.obs_window, self.action_horizon, epoch,
                         fast_jpeg=self.fast_jpeg)
+                    if self.sample_transform is not None:
+                        sample = self.sample_transform(sample)
                     # The cursor names the next step; past a window's last step it names the
                     # next window, so a state never makes a resume read a consumed window.
                     if position + 1 < len(which):
@@ -276,8 +305,11 @@ class RLDSDataset(torch.utils.data.IterableDataset):
 
     def _sampler(self, episode_index: int) -> EpisodeSampler:
         episode = self.source.episode(episode_index)
+        name = self.source.describe(episode_index)
+        if self.key_map is not None:
+            episode = self.key_map.apply(episode, name=name)
         return EpisodeSampler(episode, self.observation_keys, self.action_key, self.language_key,
-                              episode_index, self.source.describe(episode_index))
+                              episode_index, name)
 
     def __repr__(self) -> str:
         return (f"RLDSDataset({self.source!r}, obs_window={self.obs_window}, "

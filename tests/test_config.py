@@ -1,0 +1,116 @@
+"""Configs: shipped names, overrides, validation errors, and loaders built from them."""
+
+from __future__ import annotations
+
+import pytest
+
+import torch_rlds
+from torch_rlds import _published
+from torch_rlds.config import Config, ConfigError, DataConfig, LoaderConfig, config_names, \
+    load_config
+from torch_rlds.testing import assert_resumes_exactly
+
+
+def test_shipped_configs_load():
+    assert {"demo", "bridge", "fractal", "droid", "libero"} <= set(config_names())
+    for name in config_names():
+        config = load_config(name)
+        assert config.name == name
+        assert config.loader.batch_size >= 1
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config("demo", ["loader.batch_size=8", "data.seed=3", "data.shuffle=false",
+                                  "data.observation_keys=[state]"])
+    assert config.loader.batch_size == 8 and config.data.seed == 3
+    assert config.data.shuffle is False and config.data.observation_keys == ("state",)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.shuffle_window=0", r"data.shuffle_window must be an int >= 1 \(got 0\)"),
+    ("loader.batch_size=-1", r"loader.batch_size must be an int >= 1 \(got -1\)"),
+    ("data.shuffle=maybe", r"data.shuffle must be true or false \(got 'maybe'\)"),
+    ("data.colour=red", r"unknown fields \['colour'\]"),
+    ("loader", r"must look like section.field=value"),
+    ("data.transform.normalize=sideways", r"normalize"),
+])
+def test_bad_fields_name_field_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"no config named 'nope'.*demo"):
+        load_config("nope")
+
+
+def test_config_file_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  path: demo\n  obs_window: 2\nloader:\n  num_workers: 0\n")
+    config = load_config(str(path))
+    assert config.name == "mine" and config.data.obs_window == 2
+
+
+def test_global_batch_must_divide_among_processes():
+    config = Config(loader=LoaderConfig(batch_size=30))
+    assert config.local_batch_size(3) == 10
+    with pytest.raises(ConfigError, match=r"batch_size 30 does not divide among 4 .*multiple of 4"):
+        config.local_batch_size(4)
+
+
+def test_dataset_name_without_data_dir_is_explained():
+    config = Config(data=DataConfig(path="bridge"))
+    with pytest.raises(ConfigError, match="data.data_dir"):
+        config.dataset_path()
+
+
+def test_key_map_with_observation_keys_is_refused():
+    with pytest.raises(ConfigError, match="observation_keys must be null"):
+        DataConfig(path="x/y", observation_keys=("state",),
+                   key_map={"state": ["observation/state"], "action": ["action"]})
+
+
+def test_process_overrides():
+    config = Config(process_index=1, process_count=2)
+    assert config.processes() == (1, 2)
+    with pytest.raises(ConfigError, match=r"process_index must be < process_count"):
+        Config(process_index=2, process_count=2)
+
+
+def test_make_loader_splits_the_global_batch(small_dataset):
+    config = load_config("demo", [f"data.path={small_dataset}", "loader.batch_size=8",
+                                  "loader.num_workers=0", "data.action_horizon=4"])
+    loader = config.make_loader(process_index=1, process_count=2)
+    assert loader.batch_size == 4 and loader.dataset.process_index == 1
+    batch = next(iter(loader))
+    assert batch["action"].shape == (4, 4, 7)
+
+
+@pytest.fixture(scope="module")
+def bridge_like(tmp_path_factory):
+    return _published.write_published(tmp_path_factory.mktemp("bridge"), "bridge")
+
+
+def test_real_dataset_config_with_key_map_and_augmentation_resumes_exactly(bridge_like):
+    overrides = [f"data.path={bridge_like}", "loader.batch_size=4", "loader.num_workers=0",
+                 "data.transform.augment=true", "data.transform.image_size=[32, 32]",
+                 "data.shuffle_window=2"]
+    config = load_config("bridge", overrides)
+    batch = next(iter(config.make_loader()))
+    assert batch["observation"]["image_primary"].shape == (4, 1, 32, 32, 3)
+    assert batch["observation"]["state"].shape == (4, 1, 7)
+    assert batch["action"].shape == (4, config.data.action_horizon, 7)
+    assert all(isinstance(s, str) and not s.startswith("b'") for s in
+               batch["language_instruction"])
+    assert_resumes_exactly(lambda: load_config("bridge", overrides).make_loader(), 6)
+
+
+def test_dataset_key_map_must_match_features(small_dataset):
+    key_map = torch_rlds.KeyMap(state_keys=("observation/proprio",), action_keys=("action",))
+    with pytest.raises(torch_rlds.KeyMapError, match=r"observation/proprio.*observation/state"):
+        torch_rlds.RLDSDataset(small_dataset, key_map=key_map)
+
+
+def test_explicit_language_key_must_exist(small_dataset):
+    with pytest.raises(ValueError, match=r"language_key 'instruction' is not a step feature"):
+        torch_rlds.RLDSDataset(small_dataset, language_key="instruction")
