@@ -6,8 +6,14 @@ import pytest
 
 import torch_rlds
 from torch_rlds import _published
-from torch_rlds.config import Config, ConfigError, DataConfig, LoaderConfig, config_names, \
-    load_config
+from torch_rlds.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LoaderConfig,
+    config_names,
+    load_config,
+)
 from torch_rlds.testing import assert_resumes_exactly
 
 
