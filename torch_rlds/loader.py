@@ -17,6 +17,7 @@ import torch.utils.data
 from etils import epath
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from torch_rlds._loader_stats import LoaderStats, StatsTracker
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
 
@@ -62,7 +63,8 @@ class DataLoader(StatefulDataLoader):
       ``batch_size=None`` to torch's, which turns each sample's arrays into tensors;
     * ``as_numpy=True`` hands out numpy views of the batch tensors, without a copy;
     * workers start with ``forkserver`` when jax is imported in the parent
-      (:func:`default_start_method`), unless ``multiprocessing_context`` is given;
+      (:func:`default_start_method`, decided again at every ``iter()``), unless
+      ``multiprocessing_context`` is given;
     * :attr:`batches_seen` counts the batches handed to the caller and is restored with the
       state; :meth:`save_state` / :meth:`load_state` write and read the state as JSON,
       atomically (temporary file, then rename), locally or on ``gs://``;
@@ -73,7 +75,9 @@ class DataLoader(StatefulDataLoader):
       handed out (``StatefulDataLoader`` would drop what its workers had prefetched, or start
       over); an ``iter()`` after a finished pass of a one-pass :class:`~torch_rlds.RLDSDataset`
       starts the next epoch (``StatefulDataLoader`` without persistent workers would repeat the
-      first one).
+      first one);
+    * :meth:`stats` reports throughput, the time the caller waited for data, epoch progress
+      and what was served per dataset.
 
     The state is what ``StatefulDataLoader`` saves (each worker's dataset state gathered with
     the batch it produced, so prefetched batches never leak into it) plus
@@ -84,6 +88,7 @@ class DataLoader(StatefulDataLoader):
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int | None = 1, *,
                  as_numpy: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
                  multiprocessing_context: Any = None, **kwargs: Any) -> None:
+        self._choose_start_method = multiprocessing_context is None
         if multiprocessing_context is None and kwargs.get("num_workers", 0) > 0:
             multiprocessing_context = default_start_method()
         if collate_fn is None and batch_size is not None:
@@ -92,8 +97,13 @@ class DataLoader(StatefulDataLoader):
                          multiprocessing_context=multiprocessing_context, **kwargs)
         self.as_numpy = as_numpy
         self.batches_seen = 0
+        self._stats = StatsTracker(_episodes_per_epoch(dataset))
 
     def __iter__(self) -> Iterator[Any]:
+        if (self._choose_start_method and self.num_workers > 0
+                and self.multiprocessing_context is None and "jax" in sys.modules):
+            # jax was imported after this loader was built: workers must not be forked now.
+            self.multiprocessing_context = default_start_method()
         self._prepare_pass()
         return _CountingIterator(self, super().__iter__())
 
@@ -124,6 +134,11 @@ class DataLoader(StatefulDataLoader):
             self.next_iter_state = None
             self._iterator = None
             self._initial_iter_for_state_dict = False
+
+    def stats(self) -> LoaderStats:
+        """Throughput, time the caller waited for data, epoch progress and steps and episodes
+        served per dataset, since this loader was built (see :class:`LoaderStats`)."""
+        return self._stats.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's state (see the class docstring)."""
@@ -245,8 +260,11 @@ class _CountingIterator:
         return self
 
     def __next__(self) -> Any:
+        tracker = self._loader._stats
+        started = tracker.started()
         batch = next(self._inner)
         self._loader.batches_seen += 1
+        tracker.served(batch, started)
         return to_numpy(batch) if self._loader.as_numpy else batch
 
     def __len__(self) -> int:
@@ -254,6 +272,14 @@ class _CountingIterator:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+def _episodes_per_epoch(dataset: Any) -> int | None:
+    source = getattr(dataset, "source", None)
+    count = getattr(dataset, "process_count", 1)
+    if source is None or not isinstance(count, int) or count < 1:
+        return None
+    return -(-len(source) // count)
 
 
 def to_numpy(tree: Any) -> Any:

@@ -1,0 +1,67 @@
+"""DataLoader.stats(): throughput, waiting time, epoch progress, per-dataset counts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import torch_rlds
+from torch_rlds._loader_stats import StatsTracker
+
+
+def test_stats_count_what_was_served(small_dataset, small_spec):
+    dataset = torch_rlds.RLDSDataset(small_dataset, action_horizon=4, repeat=False, seed=1)
+    loader = torch_rlds.DataLoader(dataset, batch_size=5)
+    assert loader.stats().batches == 0 and loader.stats().samples_per_s == 0.0
+    batches = list(loader)
+    stats = loader.stats()
+    total_steps = sum(small_spec.lengths()[:6])
+    assert stats.batches == len(batches)
+    assert stats.samples == total_steps
+    assert stats.epoch == 0 and stats.epoch_steps == total_steps
+    assert stats.epoch_episodes == 6 and stats.episodes_per_epoch == 6
+    assert stats.epoch_progress == 1.0
+    assert stats.per_dataset == {0: {"steps": total_steps, "episodes": 6}}
+    assert stats.samples_per_s > 0 and 0 <= stats.wait_fraction <= 1.0
+
+
+def test_waiting_time_is_the_time_spent_in_next():
+    tracker = StatsTracker()
+    batch = {"meta": {"episode_index": np.array([0, 1]), "epoch": np.array([0, 0])}}
+    started = tracker.started()
+    time.sleep(0.05)
+    tracker.served(batch, started)
+    time.sleep(0.05)  # the caller's "training step": not waiting
+    stats = tracker.snapshot()
+    assert stats.wait_s == pytest.approx(0.05, abs=0.03)
+    assert stats.wait_fraction == pytest.approx(0.5, abs=0.25)
+
+
+def test_new_epoch_restarts_epoch_counts_and_mixtures_are_split():
+    tracker = StatsTracker(episodes_per_epoch=4)
+    meta = {"episode_index": np.array([0, 1, 1]), "epoch": np.array([0, 0, 0]),
+            "dataset_index": np.array([0, 1, 1])}
+    tracker.served({"meta": meta}, tracker.started())
+    assert tracker.snapshot().epoch_progress == pytest.approx(2 / 4)
+    meta = {"episode_index": np.array([2, 3]), "epoch": np.array([0, 1]),
+            "dataset_index": np.array([0, 0])}
+    tracker.served({"meta": meta}, tracker.started())
+    stats = tracker.snapshot()
+    assert stats.epoch == 1 and stats.epoch_steps == 1 and stats.epoch_episodes == 1
+    assert stats.per_dataset == {0: {"steps": 3, "episodes": 3}, 1: {"steps": 2, "episodes": 1}}
+
+
+def test_start_method_follows_a_later_jax_import(small_dataset, monkeypatch):
+    import sys
+    import types
+
+    dataset = torch_rlds.RLDSDataset(small_dataset, action_horizon=4)
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    loader = torch_rlds.DataLoader(dataset, batch_size=2, num_workers=1)
+    assert loader.multiprocessing_context is None
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    iterator = iter(loader)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert next(iterator)["action"].shape == (2, 4, 7)
