@@ -115,6 +115,62 @@ class LoaderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureEntry:
+    """One dataset of a mixture: a config (shipped name or YAML path) with its own overrides,
+    and its sampling weight."""
+
+    config: str
+    weight: float = 1.0
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, str) or not self.config:
+            raise ConfigError(f"mixture.datasets[].config must be a config name or path (got "
+                              f"{self.config!r})")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) \
+                or not self.weight > 0:
+            raise ConfigError(f"mixture weight of {self.config} must be a number > 0 (got "
+                              f"{self.weight!r})")
+        if isinstance(self.overrides, str) or not all(isinstance(o, str)
+                                                      for o in self.overrides):
+            raise ConfigError(f"mixture overrides of {self.config} must be a list of "
+                              f"key=value strings (got {self.overrides!r})")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+    """Several datasets sampled with weights in one loader (:class:`torch_rlds.MixtureDataset`).
+
+    Each entry's config supplies its dataset (path, split, key map, transforms); the top-level
+    config supplies the loader. ``balance`` multiplies the weights by the datasets' episode
+    counts. Weights may change on restore (see :class:`~torch_rlds.MixtureDataset`)."""
+
+    datasets: tuple[MixtureEntry, ...]
+    seed: int = 0
+    balance: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError("mixture.datasets must list at least one dataset")
+        entries = []
+        for i, entry in enumerate(self.datasets):
+            if isinstance(entry, dict):
+                unknown = sorted(set(entry) - {"config", "weight", "overrides"})
+                if unknown:
+                    raise ConfigError(f"mixture.datasets[{i}]: unknown fields {unknown} "
+                                      "(allowed: ['config', 'overrides', 'weight'])")
+                entry = MixtureEntry(**entry)
+            elif not isinstance(entry, MixtureEntry):
+                raise ConfigError(f"mixture.datasets[{i}] must be a mapping (got {entry!r})")
+            entries.append(entry)
+        object.__setattr__(self, "datasets", tuple(entries))
+        _int("mixture.seed", self.seed, 0)
+        if type(self.balance) is not bool:
+            raise ConfigError(f"mixture.balance must be true or false (got {self.balance!r})")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A named dataset + loader configuration.
 
@@ -125,6 +181,7 @@ class Config:
     name: str = DEMO
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
+    mixture: MixtureConfig | None = None
     process_index: int | None = None
     process_count: int | None = None
 
@@ -169,13 +226,21 @@ class Config:
         return d.path
 
     def make_dataset(self, process_index: int | None = None, process_count: int | None = None):
-        """The :class:`torch_rlds.RLDSDataset` this config describes, for this process."""
+        """The :class:`torch_rlds.RLDSDataset` this config describes, for this process (a
+        :class:`torch_rlds.MixtureDataset` when the config has a ``mixture``)."""
         from torch_rlds.dataset import RLDSDataset
         from torch_rlds.source import RLDSSource
 
         index, count = self.processes()
         index = index if process_index is None else process_index
         count = count if process_count is None else process_count
+        if self.mixture is not None:
+            from torch_rlds.mixture import MixtureDataset
+
+            children = [load_config(e.config, e.overrides).make_dataset(index, count)
+                        for e in self.mixture.datasets]
+            return MixtureDataset(children, [e.weight for e in self.mixture.datasets],
+                                  seed=self.mixture.seed, balance=self.mixture.balance)
         d = self.data
         source = RLDSSource(self.dataset_path(), d.split, data_dir=d.data_dir)
         transform = None
@@ -196,7 +261,7 @@ class Config:
         from torch_rlds.loader import DataLoader
 
         dataset = self.make_dataset(process_index, process_count)
-        count = dataset.process_count
+        count = dataset.datasets[0].process_count if self.mixture else dataset.process_count
         workers = self.loader.num_workers
         options: dict[str, Any] = dict(
             batch_size=self.local_batch_size(count), num_workers=workers,
@@ -263,6 +328,13 @@ def _build(cls, raw: Any, where: str):
     for key, value in raw.items():
         if key in _SECTIONS and cls is Config:
             values[key] = _build(_SECTIONS[key], value, key)
+        elif key == "mixture" and cls is Config and value is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"mixture must be a mapping (got {value!r})")
+            try:
+                values[key] = MixtureConfig(**value)
+            except TypeError as e:
+                raise ConfigError(f"mixture: {e}") from e
         elif isinstance(value, list) and "tuple" in str(hints.get(key, "")):
             values[key] = tuple(value)
         else:
