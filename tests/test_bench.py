@@ -54,6 +54,7 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
         assert _number(r["samples_per_s"]) and _number(r["first_batch_s"])
         assert r["shapes"]["observation/image"] == [settings.batch_size, 1, 64, 64, 3]
         assert r["shapes"]["action"] == [settings.batch_size, settings.action_horizon, 7]
+        assert _number(r["stats"]["samples_per_s"]) and _number(r["stats"]["wait_fraction"])
     limit = _assert_child(throughput["limit"], torch=False)
     assert _number(limit["samples_per_s"]) and _number(limit["us_per_image"])
     assert "tf_data" not in throughput
@@ -114,3 +115,13 @@ def test_batch_digest_and_shapes():
     assert batch_digest(batch) != batch_digest(same)
     assert batch_shapes({"o": {"a": np.zeros((2, 3))}, "t": ["x", "y"]}) == {
         "o/a": [2, 3], "t": [2]}
+
+
+def test_cli_hands_every_option_to_the_suite(monkeypatch):
+    from torch_rlds import cli
+    from torch_rlds.bench import _main
+
+    seen = []
+    monkeypatch.setattr(_main, "main", lambda argv=None: seen.append(list(argv)) or 0)
+    assert cli.main(["bench", "--quick", "--out", "x", "--skip-tf"]) == 0
+    assert seen == [["--quick", "--out", "x", "--skip-tf"]]

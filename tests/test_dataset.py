@@ -6,12 +6,15 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 import torch_rlds
-from torch_rlds import synthetic
+from torch_rlds import _images, synthetic
+from torch_rlds.loader import dataset_states
+from torch_rlds.testing import assert_resumes_exactly
 
 # Lengths vary and several are shorter than the action horizon of 4 (one is a single step).
 VARIED = dict(num_episodes=11, episode_lengths=(1, 2, 3, 7, 12, 5, 3, 9, 2, 6, 4),
@@ -343,3 +346,88 @@ def test_samples_hold_numpy_values(varied):
     sample = next(iter(torch_rlds.RLDSDataset(varied, observation_keys=["image"])))
     assert isinstance(sample["observation"]["image"], np.ndarray)
     assert sample["meta"]["episode_index"].dtype == np.int64
+
+
+# -- corrupt episodes ----------------------------------------------------------------------
+def _corrupt_copy(path, tmp_path):
+    """A copy of dataset ``path`` whose train episode 0 (record 0 of shard 0) has one payload
+    byte flipped, so its CRC fails."""
+    copy = tmp_path / "corrupt"
+    shutil.copytree(path, copy)
+    shard = next(copy.glob("*-train.tfrecord-00000-of-*"))
+    data = bytearray(shard.read_bytes())
+    data[12 + 40] ^= 0xFF  # 12 header bytes, then the payload
+    shard.write_bytes(bytes(data))
+    return copy, shard
+
+
+def test_a_corrupt_episode_raises_naming_file_and_offset(varied, tmp_path):
+    corrupt, shard = _corrupt_copy(varied, tmp_path)
+    dataset = torch_rlds.RLDSDataset(corrupt, repeat=False, shuffle=False)
+    with pytest.raises(torch_rlds.CorruptRecordError,
+                       match=f"{shard}: bad payload CRC of record 0 at offset 0"):
+        next(iter(dataset))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_leaves_out_a_corrupt_episode_and_counts_it(varied, tmp_path, workers, caplog):
+    corrupt, shard = _corrupt_copy(varied, tmp_path)
+    dataset = torch_rlds.RLDSDataset(corrupt, repeat=False, shuffle_window=3, seed=2,
+                                     on_corrupt="skip")
+    loader = torch_rlds.DataLoader(dataset, batch_size=4, num_workers=workers)
+    with caplog.at_level("WARNING", logger="torch_rlds.dataset"):
+        seen = [pair for batch in loader for pair in zip(
+            batch["meta"]["episode_index"].tolist(), batch["meta"]["step_index"].tolist())]
+    expected = [(e, t) for e, t in _all_steps(VARIED["episode_lengths"]) if e != 0]
+    assert collections.Counter(seen) == collections.Counter(expected)
+    assert sum(s["skipped"] for s in dataset_states(loader.state_dict())) == 1
+    if workers == 0:  # (a worker logs in its own process)
+        [record] = caplog.records
+        assert f"episode 0 of synthetic_rlds ({shard} record 0 @ byte 0)" in record.message
+        assert "bad payload CRC" in record.message
+
+
+@pytest.mark.parametrize("workers, batch_size", [(0, 3), (2, 4)])
+def test_skip_resumes_exactly(varied, tmp_path, workers, batch_size):
+    corrupt, _ = _corrupt_copy(varied, tmp_path)
+
+    def make():
+        return torch_rlds.DataLoader(
+            torch_rlds.RLDSDataset(corrupt, shuffle_window=3, seed=1, on_corrupt="skip"),
+            batch_size=batch_size, num_workers=workers)
+
+    epoch = sum(VARIED["episode_lengths"]) - 1  # steps left in an epoch
+    num_batches = 3 * epoch // batch_size  # three epochs
+    # the start, around the first epoch's end (one reader's, with workers), the last batch
+    points = sorted({0, 3, epoch // batch_size - 1, epoch // batch_size, num_batches - 1})
+    reference = assert_resumes_exactly(make, num_batches, restore_points=points)
+    assert 0 not in {e for b in reference for e in b["meta"]["episode_index"].tolist()}
+    loader = make()
+    iterator = iter(loader)
+    for _ in range(num_batches):
+        next(iterator)
+    assert sum(s["skipped"] for s in dataset_states(loader.state_dict())) >= 2  # per epoch
+
+
+def test_skip_checks_every_frame_header(varied, monkeypatch):
+    bad = set(torch_rlds.RLDSSource(varied).episode(4)["steps"]["observation"]["image"].encoded)
+    check = _images.check_header
+
+    def failing(data, shape, name="image"):
+        if bytes(data) in bad:
+            raise torch_rlds.ImageDecodeError(f"{name}: JPEG header does not parse")
+        check(data, shape, name)
+
+    monkeypatch.setattr(_images, "check_header", failing)
+    lengths = VARIED["episode_lengths"]
+    skipping = torch_rlds.RLDSDataset(varied, repeat=False, on_corrupt="skip")
+    assert sorted(_ids(skipping)) == [(e, t) for e, t in _all_steps(lengths) if e != 4]
+    assert skipping.state_dict()["skipped"] == 1
+    # "raise" reads headers only to decode, and these decode.
+    assert sorted(_ids(torch_rlds.RLDSDataset(varied, repeat=False))) == _all_steps(lengths)
+
+
+def test_on_corrupt_is_checked(varied):
+    with pytest.raises(ValueError, match=r"on_corrupt must be one of \['raise', 'skip'\] "
+                                         r"\(got 'ignore'\)"):
+        torch_rlds.RLDSDataset(varied, on_corrupt="ignore")

@@ -7,9 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+import simplejpeg
 
 import torch_rlds
-from torch_rlds import synthetic
+from torch_rlds import _images, synthetic
 
 ALL_FEATURES = dict(
     num_episodes=5, num_shards=3, min_steps=2, max_steps=9, zlib_tensor=True,
@@ -69,6 +70,61 @@ def test_images_stay_encoded_until_asked(write_dataset):
     assert window.shape == (3, 64, 64, 3)
     np.testing.assert_array_equal(window[0], window[1])
     assert synthetic.image_ids(window[2]) == (1, 1)
+
+
+def test_fast_jpeg_gives_the_pixels_of_tf_decode_jpeg(write_dataset):
+    # tf.io.decode_jpeg's defaults are the fast integer DCT with fancy upsampling: exactly
+    # simplejpeg's fastdct=True, fastupsample=False (checked against TensorFlow 2.21). The
+    # synthetic frames are 4:2:0, where libjpeg's fast upsampling gives other pixels.
+    path = write_dataset(**{**ALL_FEATURES, "texture": True})
+    frames = torch_rlds.RLDSSource(path).episode(1)["steps"]["observation"]["image"]
+    data = frames.encoded[1]
+    assert simplejpeg.decode_jpeg_header(data)[3] == "420"
+    tf_pixels = simplejpeg.decode_jpeg(data, fastdct=True, fastupsample=False)
+    fast = frames.decode([1], fast=True)[0]
+    np.testing.assert_array_equal(fast, tf_pixels)
+    assert not np.array_equal(fast, simplejpeg.decode_jpeg(data, fastdct=True, fastupsample=True))
+    assert not np.array_equal(fast, frames[1])  # the accurate DCT's pixels differ
+    dataset = torch_rlds.RLDSDataset(path, observation_keys=["image"], fast_jpeg=True,
+                                     shuffle=False, obs_window=1)
+    sample = next(s for s in dataset
+                  if (int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])) == (1, 1))
+    np.testing.assert_array_equal(sample["observation"]["image"][0], fast)
+
+
+def test_decoding_into_a_buffer_checks_the_size():
+    data = simplejpeg.encode_jpeg(np.zeros((32, 48, 3), np.uint8))
+    out = np.empty((40, 48, 3), np.uint8)
+    with pytest.raises(torch_rlds.ImageDecodeError, match=r"decoded shape \(32, 48, 3\) does "
+                                                          r"not match the output's"):
+        _images.decode_image(data, (None, None, 3), np.uint8, out=out)
+    with pytest.raises(torch_rlds.ImageDecodeError, match="does not match the declared"):
+        _images.decode_image(data, (40, 48, 3), np.uint8, out=out)
+    out = np.empty((32, 48, 3), np.uint8)
+    assert _images.decode_image(data, (32, 48, 3), np.uint8, out=out) is out
+
+
+@pytest.mark.parametrize("data, shape, message", [
+    (b"\xff\xd8\xff\xe0garbage", (32, 48, 3), "JPEG header does not parse"),
+    (b"GIF89a....", (32, 48, 3), r"neither a JPEG nor a PNG \(starts with b'GIF89a..'\)"),
+    ("jpeg", (48, 48, 3), "height 32 in the header, 48 declared"),
+    ("png", (32, 40, 1), "width 48 in the header, 40 declared"),
+])
+def test_header_checks(data, shape, message):
+    import io
+
+    from PIL import Image
+
+    if data == "jpeg":
+        data = simplejpeg.encode_jpeg(np.zeros((32, 48, 3), np.uint8))
+    elif data == "png":
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((32, 48), np.uint8)).save(buffer, format="PNG")
+        data = buffer.getvalue()
+    with pytest.raises(torch_rlds.ImageDecodeError, match=message):
+        _images.check_header(data, shape, "frame")
+    if message.startswith(("height", "width")):
+        _images.check_header(data, (None, None, None), "frame")  # open sizes match any
 
 
 def test_equivalent_to_tfds_numpy_decoding(write_dataset):

@@ -1,14 +1,21 @@
-"""The dataset state: its schema, and the checks that make an untrusted state safe to load.
+"""The states: their schemas, and the checks that make an untrusted state safe to load.
 
-A state is a flat-ish JSON object of ints and strings::
+A dataset state is a flat-ish JSON object of ints and strings::
 
     {"version": 1,
      "fingerprint": {"dataset": "bridge", "dataset_version": "0.1.0", "split": "train", ...},
-     "epoch": 3, "window": 12, "position": 517}
+     "epoch": 3, "window": 12, "position": 517, "skipped": 0}
 
 It never holds data, so its size is fixed (a few hundred bytes) whatever the dataset, the
-shuffle window or the step count (ints are at most 19 digits). Loading checks every field's type and range and compares the
-fingerprint field by field; nothing in it is ever evaluated, unpickled or used as a path.
+shuffle window or the step count (ints are at most 19 digits). Loading checks every field's type
+and range and compares the fingerprint field by field; nothing in it is ever evaluated,
+unpickled or used as a path. ``skipped`` came within version 1: a state written before it
+existed loads with ``skipped`` 0.
+
+A DataLoader state is what torchdata's ``StatefulDataLoader`` saves around one dataset state per
+worker, plus ``{"torch_rlds": {"version", "batches_seen"}}``. :func:`check_loader_state` checks
+its whole structure before torchdata reads it, so that a malformed state is a ``ValueError``
+naming the field rather than a ``KeyError`` or ``AssertionError`` inside torchdata or a worker.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ FINGERPRINT_FIELDS: dict[str, type] = {
     "num_workers": int,
     "worker_index": int,
 }
-CURSOR_FIELDS = ("epoch", "window", "position")
+CURSOR_FIELDS = ("epoch", "window", "position", "skipped")
+# Cursor fields added within a version: a state written before them loads with the default.
+_ADDED_CURSOR_FIELDS = frozenset({"skipped"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +54,13 @@ class Cursor:
     Every window before ``window`` and the first ``position`` steps of ``window`` (in the order
     of :func:`torch_rlds._order.window_steps`) are consumed. ``window`` equal to the reader's
     window count means the whole epoch is consumed (where a one-pass dataset stops).
+    ``skipped`` counts the episodes this reader skipped as corrupt (``on_corrupt="skip"``).
     """
 
     epoch: int = 0
     window: int = 0
     position: int = 0
+    skipped: int = 0
 
 
 def make_state(fingerprint: dict[str, Any], cursor: Cursor) -> dict[str, Any]:
@@ -58,12 +69,12 @@ def make_state(fingerprint: dict[str, Any], cursor: Cursor) -> dict[str, Any]:
             **dataclasses.asdict(cursor)}
 
 
-def _check_int(value: Any, field: str) -> int:
+def _check_int(value: Any, field: str, what: str = "state field") -> int:
     if type(value) is not int:  # bool is an int subclass and must not pass
-        raise ValueError(f"state field {field!r} must be an int (got {type(value).__name__} "
-                         f"{value!r})")
+        raise ValueError(f"{what} {field!r} must be an int (got {type(value).__name__} "
+                         f"{value!r:.100})")
     if not 0 <= value <= MAX_INT:
-        raise ValueError(f"state field {field!r} must be in [0, 2**63 - 1] (got {value})")
+        raise ValueError(f"{what} {field!r} must be in [0, 2**63 - 1] (got {value})")
     return value
 
 
@@ -74,20 +85,23 @@ def _check_str(value: Any, field: str) -> str:
     if len(value) > MAX_STRING:
         raise ValueError(f"state field {field!r} is {len(value)} characters long (at most "
                          f"{MAX_STRING})")
+    if not value.isprintable():  # NUL, newlines, escapes: nothing a name or a version holds
+        raise ValueError(f"state field {field!r} holds unprintable characters ({value!r:.100})")
     return value
 
 
-def _check_keys(obj: Any, expected: set[str], where: str) -> None:
+def _check_keys(obj: Any, expected: set[str], where: str,
+                optional: frozenset[str] = frozenset()) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be a dict (got {type(obj).__name__})")
-    missing = sorted(expected - obj.keys())
-    extra = sorted(str(k) for k in obj.keys() - expected)
+    missing = sorted(expected - optional - obj.keys())
+    extra = sorted(repr(k) for k in obj if k not in expected)
     if missing or extra:
         parts = []
         if missing:
             parts.append(f"missing fields {missing}")
         if extra:
-            parts.append(f"unknown fields {extra}")
+            parts.append(f"unknown fields [{', '.join(extra)}]")
         raise ValueError(f"{where}: " + "; ".join(parts))
 
 
@@ -103,9 +117,10 @@ def load_cursor(state: Any, expected: dict[str, Any]) -> Cursor:
         raise ValueError("state field 'version' is missing")
     version = state["version"]
     if type(version) is not int or version != STATE_VERSION:
-        raise ValueError(f"state field 'version': {version!r} is not a version this torch_rlds "
-                         f"reads (expected {STATE_VERSION})")
-    _check_keys(state, {"version", "fingerprint", *CURSOR_FIELDS}, "dataset state")
+        raise ValueError(f"state field 'version': {version!r:.100} is not a version this "
+                         f"torch_rlds reads (expected {STATE_VERSION})")
+    _check_keys(state, {"version", "fingerprint", *CURSOR_FIELDS}, "dataset state",
+                optional=_ADDED_CURSOR_FIELDS)
     fingerprint = state["fingerprint"]
     _check_keys(fingerprint, set(FINGERPRINT_FIELDS), "state field 'fingerprint'")
     for field, kind in FINGERPRINT_FIELDS.items():
@@ -117,5 +132,179 @@ def load_cursor(state: Any, expected: dict[str, Any]) -> Cursor:
     if differ:
         raise ValueError("state belongs to another dataset or configuration: "
                          + "; ".join(differ))
-    values = {field: _check_int(state[field], field) for field in CURSOR_FIELDS}
+    values = {field: _check_int(state[field], field) for field in CURSOR_FIELDS
+              if field in state}
     return Cursor(**values)
+
+
+# -- the DataLoader's state ---------------------------------------------------------------------
+# The layout of a StatefulDataLoader state (torchdata 0.10, 0.11): without workers the dataset
+# state sits at the top; with workers each worker's sits in the last snapshot.
+LOADER_STATE_KEY = "torch_rlds"
+LOADER_STATE_VERSION = 1
+ITERATOR_FINISHED = "_iterator_finished"
+DATASET_STATE = "dataset_state"
+SNAPSHOT = "_snapshot"
+MAIN_SNAPSHOT = "_main_snapshot"
+WORKER_SNAPSHOTS = "_worker_snapshots"
+NUM_WORKERS = "_num_workers"
+NUM_YIELDED = "_num_yielded"
+_FETCHER_STATE = "fetcher_state"
+_SAMPLER_FIELDS = ("_index_sampler_state", "_sampler_iter_state")
+_COMMON_MAIN_FIELDS = {"_sampler_iter_yielded": "count", "_IterableDataset_len_called": "count?",
+                       "_shared_seed": "count?", **dict.fromkeys(_SAMPLER_FIELDS, "sampler")}
+_SINGLE_FIELDS = {**_COMMON_MAIN_FIELDS, NUM_YIELDED: "count", _FETCHER_STATE: "fetcher",
+                  DATASET_STATE: "dataset", ITERATOR_FINISHED: "bool"}
+_MULTI_FIELDS = {SNAPSHOT: "snapshot", "_steps_since_snapshot": "count",
+                 ITERATOR_FINISHED: "bool"}
+_SNAPSHOT_FIELDS = {"_snapshot_step": "count", "_last_yielded_worker_id": "count",
+                    MAIN_SNAPSHOT: "main", WORKER_SNAPSHOTS: "workers"}
+_MAIN_FIELDS = {NUM_WORKERS: "count", "_base_seed": "count", **_COMMON_MAIN_FIELDS}
+_WORKER_FIELDS = {"worker_id": "count", DATASET_STATE: "dataset", _FETCHER_STATE: "fetcher"}
+_FETCHER_FIELDS = {"dataset_iter_state": "iter", "fetcher_ended": "bool"}
+# What an RLDSDataset's loader saves as its sampler states: none (batch_size=None), or the
+# count of torchdata's batch sampler over torch's infinite constant sampler.
+_RLDS_SAMPLER_FIELDS = {"samples_yielded": "count"}
+
+
+def saved_num_workers(state: dict[str, Any]) -> int:
+    """The ``num_workers`` of the ``StatefulDataLoader`` that saved ``state``; raises
+    ``ValueError`` when ``state`` has neither layout."""
+    if SNAPSHOT in state:
+        try:
+            workers = state[SNAPSHOT][MAIN_SNAPSHOT][NUM_WORKERS]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(f"loader state: {SNAPSHOT!r} has no {MAIN_SNAPSHOT}.{NUM_WORKERS} "
+                             "(not a StatefulDataLoader state)") from None
+        if type(workers) is not int or workers < 1:
+            raise ValueError(f"loader state field '{SNAPSHOT}.{MAIN_SNAPSHOT}.{NUM_WORKERS}' "
+                             f"must be an int >= 1 (got {workers!r:.100})")
+        return workers
+    if NUM_YIELDED in state:
+        return 0
+    raise ValueError(f"loader state has neither {SNAPSHOT!r} (with workers) nor "
+                     f"{NUM_YIELDED!r} (without): not a StatefulDataLoader state (keys: "
+                     f"{sorted(map(str, state))[:10]})")
+
+
+def check_loader_state(state: Any, *, num_workers: int, snapshot_every_n_steps: int | None,
+                       rlds: bool) -> tuple[int | None, list[Any]]:
+    """Check the structure of a whole DataLoader state before torchdata reads it.
+
+    ``state`` must have the layout torchdata saves for ``num_workers``: every key present, no
+    other key, counters ints in [0, 2**63 - 1], flags bools, worker ids in range. With
+    ``rlds`` (the dataset is an :class:`~torch_rlds.RLDSDataset`) the sampler and iterator
+    states must be what such a loader saves; otherwise they are the dataset's business and pass
+    as they are. The dataset states are not checked here (the dataset checks its own).
+
+    Returns ``(batches_seen, dataset states)``: ``batches_seen`` is ``None`` for a state without
+    the ``torch_rlds`` entry (a plain ``StatefulDataLoader`` state); the dataset states come one
+    per worker, in worker order. Raises ``ValueError`` naming the field and the value found.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"loader state must be a dict (got {type(state).__name__})")
+    state = dict(state)
+    batches_seen = None
+    if LOADER_STATE_KEY in state:
+        batches_seen = _check_ours(state.pop(LOADER_STATE_KEY))
+    saved = saved_num_workers(state)
+    if saved != num_workers:
+        raise ValueError(f"num_workers in checkpoint: {saved} / in this loader: {num_workers}")
+    checker = _LoaderStateChecker(num_workers, rlds)
+    if num_workers == 0:
+        checker.check(state, _SINGLE_FIELDS, "")
+        return batches_seen, [state[DATASET_STATE]]
+    checker.check(state, _MULTI_FIELDS, "")
+    steps = state["_steps_since_snapshot"]
+    if snapshot_every_n_steps and steps >= snapshot_every_n_steps:
+        # torchdata replays these batches on load: a large count would be a replay from far back
+        raise ValueError(f"loader state field '_steps_since_snapshot': {steps} batches since the "
+                         f"last snapshot, but this loader snapshots every "
+                         f"{snapshot_every_n_steps} (snapshot_every_n_steps differs from the "
+                         "saving loader's, or the state was edited)")
+    workers = state[SNAPSHOT][WORKER_SNAPSHOTS]
+    return batches_seen, [workers[f"worker_{i}"][DATASET_STATE] for i in range(num_workers)]
+
+
+def _check_ours(ours: Any) -> int:
+    where = f"loader state field {LOADER_STATE_KEY!r}"
+    if not isinstance(ours, dict):
+        raise ValueError(f"{where} must be a dict (got {type(ours).__name__})")
+    version = ours.get("version")
+    if type(version) is not int or version != LOADER_STATE_VERSION:
+        raise ValueError(f"{where}: expected version {LOADER_STATE_VERSION}, got "
+                         f"{ours!r:.200}")
+    _check_keys(ours, {"version", "batches_seen"}, where)
+    seen = ours["batches_seen"]
+    if type(seen) is not int or not 0 <= seen <= MAX_INT:
+        raise ValueError(f"loader state field 'batches_seen' must be an int >= 0 and <= "
+                         f"2**63 - 1 (got {type(seen).__name__} {seen!r:.100})")
+    return seen
+
+
+class _LoaderStateChecker:
+    """Walks a StatefulDataLoader state against the field kinds above."""
+
+    def __init__(self, num_workers: int, rlds: bool) -> None:
+        self.num_workers = num_workers
+        self.rlds = rlds
+
+    def check(self, obj: Any, fields: dict[str, str], prefix: str) -> None:
+        where = f"loader state field {prefix[:-1]!r}" if prefix else "loader state"
+        _check_keys(obj, set(fields), where)
+        for name, kind in fields.items():
+            getattr(self, f"_{kind.rstrip('?')}")(obj[name], f"{prefix}{name}",
+                                                   kind.endswith("?"))
+
+    def _fail(self, field: str, expected: str, value: Any) -> None:
+        raise ValueError(f"loader state field {field!r} must be {expected} (got "
+                         f"{type(value).__name__} {value!r:.100})")
+
+    def _count(self, value: Any, field: str, optional: bool) -> None:
+        if value is None and optional:
+            return
+        _check_int(value, field, "loader state field")
+
+    def _bool(self, value: Any, field: str, optional: bool) -> None:
+        if type(value) is not bool:
+            self._fail(field, "a bool", value)
+
+    def _dataset(self, value: Any, field: str, optional: bool) -> None:
+        pass  # checked by the dataset itself, which knows its fingerprint
+
+    def _sampler(self, value: Any, field: str, optional: bool) -> None:
+        if not self.rlds or value is None:
+            return
+        if field.endswith("_index_sampler_state"):
+            self._fail(field, "None for an RLDSDataset", value)
+        self.check(value, _RLDS_SAMPLER_FIELDS, f"{field}.")
+
+    def _iter(self, value: Any, field: str, optional: bool) -> None:
+        if self.rlds and value is not None:
+            self._fail(field, "None for an RLDSDataset (its iterator keeps no state)", value)
+
+    def _fetcher(self, value: Any, field: str, optional: bool) -> None:
+        if value is None and not self.rlds:
+            return  # a map-style dataset's fetcher keeps no state
+        self.check(value, _FETCHER_FIELDS, f"{field}.")
+
+    def _snapshot(self, value: Any, field: str, optional: bool) -> None:
+        self.check(value, _SNAPSHOT_FIELDS, f"{field}.")
+        last = value["_last_yielded_worker_id"]
+        if last >= self.num_workers:
+            raise ValueError(f"loader state field '{field}._last_yielded_worker_id' must be in "
+                             f"[0, {self.num_workers - 1}] (got {last})")
+
+    def _main(self, value: Any, field: str, optional: bool) -> None:
+        self.check(value, _MAIN_FIELDS, f"{field}.")
+
+    def _workers(self, value: Any, field: str, optional: bool) -> None:
+        self.check(value, {f"worker_{i}": "worker" for i in range(self.num_workers)},
+                   f"{field}.")
+
+    def _worker(self, value: Any, field: str, optional: bool) -> None:
+        self.check(value, _WORKER_FIELDS, f"{field}.")
+        expected = int(field.rsplit("_", 1)[1])
+        if value["worker_id"] != expected:
+            raise ValueError(f"loader state field '{field}.worker_id' must be {expected} (got "
+                             f"{value['worker_id']})")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from torch_rlds._images import EncodedImages
+from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 
 
 def observation_indices(t: int, num_steps: int, obs_window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +33,9 @@ def action_indices(t: int, num_steps: int, action_horizon: int) -> tuple[np.ndar
 class EpisodeSampler:
     """Makes the step samples of one decoded episode.
 
+    Immutable after construction but for a cache of recently decoded frames (see
+    ``keep_recent``), so samples of one episode may be made from several threads at once.
+
     Args:
       episode: a decoded episode (see :class:`torch_rlds.RLDSSource`).
       observation_keys: keys under ``steps/observation`` to emit.
@@ -40,18 +43,30 @@ class EpisodeSampler:
       language_key: key under ``steps`` of the language instruction (``None``: no instruction).
       episode_index: the episode's index in the source, for ``meta``.
       name: how to call the episode in errors (file and offset).
+      check_images: check the header of every frame now (:meth:`EncodedImages.check_headers`),
+        so that an episode with a broken image fails here rather than at one of its samples.
+      keep_recent: keep a copy of the frames of the last sample, for the next one to reuse:
+        worth it where consecutive samples come from consecutive steps (no shuffling) and
+        observation windows overlap.
     """
 
     def __init__(self, episode: dict[str, Any], observation_keys: Sequence[str], action_key: str,
-                 language_key: str | None, episode_index: int, name: str) -> None:
+                 language_key: str | None, episode_index: int, name: str, *,
+                 check_images: bool = False, keep_recent: bool = False) -> None:
         steps = episode["steps"]
         observation = steps.get("observation", {})
+        self.name = name
         self.observation = {}
         for key in observation_keys:
             value = _lookup(observation, key)
             if value is None:
                 raise KeyError(f"{name}: observation key {key!r} not in this episode (it has "
                                f"{sorted(_flat_keys(observation))})")
+            if check_images and isinstance(value, EncodedImages):
+                try:
+                    value.check_headers()
+                except ImageDecodeError as e:
+                    raise ImageDecodeError(f"{name}: {e}") from e
             self.observation[key] = value
         action = _lookup(steps, action_key)
         if action is None or isinstance(action, dict):
@@ -64,6 +79,33 @@ class EpisodeSampler:
         self.num_steps = len(self.action)
         self.language = None if language_key is None else _lookup(steps, language_key)
         self.episode_index = episode_index
+        self.keep_recent = keep_recent
+        self._recent: dict[str, dict[int, np.ndarray]] = {}
+        self._layout = self._make_layout()
+
+    def layout(self) -> tuple[tuple[tuple[str, tuple[int, ...], np.dtype, bool], ...],
+                              tuple[int, ...]] | None:
+        """What one step of a sample holds: ``((key, shape, dtype, is image) per observation
+        key, action shape)``; ``None`` when an image's declared shape leaves a dimension open
+        (its size is known only once decoded). Samples of episodes with equal layouts stack."""
+        return self._layout
+
+    def _make_layout(self):
+        observations = []
+        for key, value in self.observation.items():
+            if isinstance(value, EncodedImages):
+                if None in value.shape:
+                    return None
+                observations.append((key, value.shape, value.dtype, True))
+            elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                observations.append((key, tuple(value.shape[1:]), value.dtype, False))
+            else:  # text or anything else collate decides about
+                return None
+        return tuple(observations), tuple(self.action.shape[1:])
+
+    def text(self, t: int) -> str:
+        """The language instruction of step ``t`` (``""`` without one)."""
+        return "" if self.language is None else _text(self.language[t])
 
     def sample(self, t: int, obs_window: int, action_horizon: int, epoch: int, *,
                fast_jpeg: bool = False) -> dict[str, Any]:
@@ -73,22 +115,48 @@ class EpisodeSampler:
         observation = {}
         for key, value in self.observation.items():
             if isinstance(value, EncodedImages):
-                observation[key] = value.decode(obs_idx, fast=fast_jpeg)
+                try:
+                    if self.keep_recent and obs_window > 1 and None not in value.shape:
+                        observation[key] = self._decode_reusing(key, value, obs_idx, fast_jpeg)
+                    else:
+                        observation[key] = value.decode(obs_idx, fast=fast_jpeg)
+                except ImageDecodeError as e:
+                    raise ImageDecodeError(f"{self.name}: {e}") from e
             else:
                 observation[key] = value[obs_idx]
-        language = "" if self.language is None else _text(self.language[t])
         return {
             "observation": observation,
             "observation_is_pad": obs_pad,
             "action": self.action[act_idx],
             "action_is_pad": act_pad,
-            "language_instruction": language,
+            "language_instruction": self.text(t),
             "meta": {
                 "episode_index": np.int64(self.episode_index),
                 "step_index": np.int64(t),
                 "epoch": np.int64(epoch),
             },
         }
+
+    def _decode_reusing(self, key: str, images: EncodedImages, indices: np.ndarray,
+                        fast_jpeg: bool) -> np.ndarray:
+        """``images.decode(indices)``, copying the frames the previous sample decoded."""
+        recent = self._recent.get(key, {})
+        out = np.empty((len(indices), *images.shape), images.dtype)
+        rows: dict[int, int] = {}
+        for row, t in enumerate(indices.tolist()):
+            if t in rows:
+                out[row] = out[rows[t]]
+                continue
+            frame = recent.get(t)
+            if frame is not None:
+                out[row] = frame
+            else:
+                decode_image(images.encoded[t], images.shape, images.dtype, fast=fast_jpeg,
+                             out=out[row], name=f"{images.name}[{t}]")
+            rows[t] = row
+        # Copies: the sample's own arrays are the caller's to change.
+        self._recent[key] = {t: out[row].copy() for t, row in rows.items()}
+        return out
 
 
 def _text(value: Any) -> str:

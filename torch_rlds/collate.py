@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,18 +33,30 @@ def collate(samples: Sequence[Any]) -> Any:
         raise ValueError("collate needs at least one sample")
     leaves: list[_Leaf] = []
     tree = _plan(samples, "batch", leaves)
+    tensors = allocate([(leaf.shape, leaf.dtype) for leaf in leaves])
+    for leaf, tensor in zip(leaves, tensors):
+        leaf.fill(tensor)
+    return _build(tree)
+
+
+def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors of the given ``(shape, dtype)``, all views of one new buffer.
+
+    Each starts on a 64-byte boundary. Inside a DataLoader worker the buffer is shared memory,
+    so a batch made of these tensors crosses to the main process as one handle.
+    """
+    offsets = []
     offset = 0
-    for leaf in leaves:
+    for shape, dtype in specs:
         offset = -(-offset // _ALIGN) * _ALIGN
-        leaf.offset = offset
-        offset += leaf.nbytes
+        offsets.append(offset)
+        offset += math.prod(shape) * dtype.itemsize
     if torch.utils.data.get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(max(offset, 1))  # as default_collate does
     else:
         storage = torch.UntypedStorage(max(offset, 1))
-    for leaf in leaves:
-        leaf.fill(storage)
-    return _build(tree)
+    return [torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
+            for (shape, dtype), start in zip(specs, offsets)]
 
 
 class _Leaf:
@@ -53,16 +66,9 @@ class _Leaf:
         self.values = values
         self.dtype = dtype
         self.shape = (len(values), *shape)
-        numel = 1
-        for n in self.shape:
-            numel *= n
-        self.nbytes = numel * dtype.itemsize
-        self.offset = 0
         self.tensor: torch.Tensor | None = None
 
-    def fill(self, storage: torch.UntypedStorage) -> None:
-        out = torch.empty(0, dtype=self.dtype).set_(
-            storage, self.offset // self.dtype.itemsize, self.shape)
+    def fill(self, out: torch.Tensor) -> None:
         if isinstance(self.values[0], torch.Tensor):
             torch.stack(list(self.values), out=out)
         else:

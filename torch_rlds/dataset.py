@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import copy
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch.utils.data
 
 from torch_rlds import _order
+from torch_rlds._batch import BatchBuilder, Item
+from torch_rlds._features import EpisodeDecodeError
+from torch_rlds._images import ImageDecodeError
+from torch_rlds._info import DatasetFormatError
 from torch_rlds._state import MAX_INT, Cursor, load_cursor, make_state
+from torch_rlds._tfrecord import TFRecordError
 from torch_rlds._windows import EpisodeSampler
 from torch_rlds.source import RLDSSource
 
 if TYPE_CHECKING:
     from torch_rlds.keymap import KeyMap
+
+logger = logging.getLogger(__name__)
+
+ON_CORRUPT = ("raise", "skip")
+# What makes an episode corrupt for on_corrupt="skip": a record that fails its CRC or ends early
+# (TFRecordError), an unreadable array_record record (DatasetFormatError), one that does not parse
+# under the features (EpisodeDecodeError), a frame whose header does not (ImageDecodeError).
+CORRUPT_ERRORS = (TFRecordError, DatasetFormatError, EpisodeDecodeError, ImageDecodeError)
+# One step of the stream: (sampler, step, epoch, cursor after it). A sampler of None is a
+# marker: the cursor moves (past an empty window, at the end) without a sample.
+_Plan = tuple[EpisodeSampler | None, int, int, Cursor]
+# Samples made ahead per decode thread: enough to keep the threads busy while the consumer
+# collates a batch of a few dozen.
+_LOOKAHEAD = 16
+# Threads chosen when decode_threads is None, at most: beyond that a process on a large machine
+# would hold hundreds of samples ahead for little gain.
+_MAX_THREADS = 8
 
 
 class RLDSDataset(torch.utils.data.IterableDataset):
@@ -38,13 +66,15 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     every such episode in turn (``W`` is the DataLoader's worker count, 1 without workers). A
     reader cuts its share into windows of ``shuffle_window`` episodes and emits every step of a
     window in a seeded permutation. Every step of every episode appears exactly once per epoch
-    across all hosts and workers. Images are decoded when a sample is emitted, and only the
-    frames its observation window uses.
+    across all hosts and workers. Images are decoded only for the samples emitted, and only the
+    frames their observation windows use.
 
     **State.** ``state_dict()`` is ``{"version", "fingerprint", "epoch", "window",
-    "position"}``: ints and strings, JSON-serialisable, a few hundred bytes whatever the window,
-    the dataset or the step count. The cursor names the next step to emit: step ``position`` of
-    the permutation of window ``window`` of ``epoch``. Because the order does not depend on
+    "position", "skipped"}``: ints and strings, JSON-serialisable, a few hundred bytes whatever
+    the window, the dataset or the step count. The cursor names the next step to emit: step
+    ``position`` of the permutation of window ``window`` of ``epoch``; ``skipped`` counts the
+    corrupt episodes this reader skipped so far (see "Corrupt episodes"; it only counts, the
+    order does not depend on it). Because the order does not depend on
     progress, the cursors of all readers name exactly which steps of an epoch were consumed,
     also for a later resume under another worker or host count. The fingerprint (dataset name,
     version, split and episode count, seed, shuffle, obs_window, action_horizon,
@@ -61,6 +91,32 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     pass finished it. So repeated passes give epochs 0, 1, 2... (:meth:`set_epoch` picks
     another start), and a pass that was saved and restored ends where the uninterrupted one
     would have.
+
+    **Batches.** With ``batch_size`` every item is a whole batch: ``batch_size`` consecutive
+    samples of the same stream (the last one of a one-pass epoch shorter, or dropped with
+    ``drop_last``), equal bit for bit to :func:`torch_rlds.collate` of those samples, and the
+    state after a batch is the state after its last sample. It is built straight into one
+    buffer (shared memory inside a DataLoader worker) with each frame decoded into its row and
+    a frame that several of its samples show decoded once: no copy, little Python per sample.
+    Give it (or :meth:`batched`) to a DataLoader with ``batch_size=None``. A state saved by
+    either form loads into the other: the cursor counts samples, not batches.
+
+    **Threads.** Frames are decoded by ``decode_threads`` threads (simplejpeg releases the GIL)
+    ahead of what the caller asked for: a few samples, or the next batch. While a window is
+    emitted, the next one is read in a background thread, so two windows of encoded episodes
+    are held at once. Neither changes what is emitted nor the state: work done ahead is
+    dropped on a restore, errors surface at the sample (or batch) they belong to, and the
+    state is always the cursor after the last item handed out.
+
+    **Corrupt episodes.** With ``on_corrupt="raise"`` (the default) an episode that does not
+    read raises: its file and byte offset are in the message. With ``on_corrupt="skip"`` an
+    episode whose record fails its CRC, is truncated, does not parse, or holds a frame whose
+    header does not parse or declares another size (every frame's header is checked when the
+    episode is read) is left out of the window it belongs to, logged with ``logging.warning``
+    naming file and offset, and counted in the state's ``skipped`` (once per epoch it is
+    skipped in). Which episodes are skipped is a function of the data, so the stream, and
+    resume, stay exact. A frame whose header is sound but whose compressed pixels are damaged
+    is found only when a sample decodes it, and raises under either policy.
 
     Under ``torch.utils.data.DataLoader`` workers each hold a copy; one object is not meant to
     be iterated from two threads, nor by two live iterators, at once.
@@ -89,6 +145,13 @@ class RLDSDataset(torch.utils.data.IterableDataset):
       sample_transform: a function applied to every sample before it is emitted (resize,
         augmentation, normalisation...). It must be a pure function of the sample (the sample's
         ``meta`` carries epoch, episode and step for seeded randomness) so resume stays exact.
+        It runs in the iterating thread.
+      batch_size: emit batches of this many samples instead of samples (see "Batches").
+      drop_last: with ``batch_size``, drop the short last batch of a one-pass epoch.
+      decode_threads: threads that decode frames (>= 1; 1 decodes in the iterating thread).
+        ``None``: the CPUs this process may run on, divided by the DataLoader's worker count,
+        at most 8.
+      on_corrupt: ``"raise"`` or ``"skip"`` (see "Corrupt episodes").
     """
 
     def __init__(self, source: RLDSSource | str | os.PathLike, split: str = "train", *,
@@ -98,10 +161,17 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                  seed: int = 0, shuffle_window: int = 16, repeat: bool = True,
                  process_index: int = 0, process_count: int = 1, fast_jpeg: bool = False,
                  data_dir: str | os.PathLike | None = None, key_map: KeyMap | None = None,
-                 sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-                 ) -> None:
+                 sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 batch_size: int | None = None, drop_last: bool = False,
+                 decode_threads: int | None = None, on_corrupt: str = "raise") -> None:
         super().__init__()
         _check_positive("obs_window", obs_window)
+        if batch_size is not None:
+            _check_positive("batch_size", batch_size)
+        if decode_threads is not None:
+            _check_positive("decode_threads", decode_threads)
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {list(ON_CORRUPT)} (got {on_corrupt!r})")
         _check_positive("action_horizon", action_horizon)
         _check_positive("shuffle_window", shuffle_window)
         _check_positive("process_count", process_count)
@@ -126,6 +196,10 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.fast_jpeg = bool(fast_jpeg)
         self.key_map = key_map
         self.sample_transform = sample_transform
+        self.batch_size = batch_size
+        self.drop_last = bool(drop_last)
+        self.decode_threads = decode_threads
+        self.on_corrupt = on_corrupt
         if key_map is not None:
             if observation_keys is not None:
                 raise ValueError("observation_keys must be None with a key_map (the key map "
@@ -225,11 +299,25 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                              f"{windows} windows")
         return cursor
 
+    def batched(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
+        """A copy of this dataset that emits batches of ``batch_size`` samples (see "Batches"),
+        for ``DataLoader(..., batch_size=None)``.
+
+        The copy shares the source and starts where this dataset would (a loaded state
+        included); from then on each keeps its own state.
+        """
+        _check_positive("batch_size", batch_size)
+        out = copy.copy(self)
+        out.batch_size = batch_size
+        out.drop_last = bool(drop_last)
+        return out
+
     def set_epoch(self, epoch: int) -> None:
-        """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor)."""
+        """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor but
+        the count of skipped episodes)."""
         if type(epoch) is not int or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
-        self._cursor = Cursor(epoch=epoch)
+        self._cursor = Cursor(epoch=epoch, skipped=self._cursor.skipped)
         self._resume = False
 
     # -- iteration -------------------------------------------------------------------------
@@ -249,59 +337,207 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._resume = False
         if not self.repeat and not resume and 0 < windows <= cursor.window:
             # The previous pass finished this epoch: a new pass is the next epoch.
-            cursor = self._cursor = Cursor(cursor.epoch + 1)
+            cursor = self._cursor = Cursor(cursor.epoch + 1, skipped=cursor.skipped)
         return self._steps(reader, num_readers, windows, cursor)
 
     def _steps(self, reader: int, num_readers: int, windows: int,
-               cursor: Cursor) -> Iterator[dict[str, Any]]:
-        num_episodes = len(self.source)
+               cursor: Cursor) -> Iterator[Any]:
+        threads = self._threads()
+        pool = None
+        reads = _WindowReads(self._read_window)
+        try:
+            if threads > 1:
+                pool = concurrent.futures.ThreadPoolExecutor(
+                    threads, thread_name_prefix="torch_rlds-decode")
+            plans = self._plan(reader, num_readers, windows, cursor, reads)
+            if self.batch_size is None:
+                yield from self._samples(plans, pool, threads, reads)
+            else:
+                yield from self._batches(plans, BatchBuilder(
+                    self.obs_window, self.action_horizon, fast_jpeg=self.fast_jpeg, pool=pool,
+                    threads=threads, sample_transform=self.sample_transform), reads)
+        finally:
+            reads.close()
+            if pool is not None:
+                _shutdown(pool)
+
+    def _threads(self) -> int:
+        if self.decode_threads is not None:
+            return self.decode_threads
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        return max(1, min(_MAX_THREADS, cpus // workers))
+
+    def _plan(self, reader: int, num_readers: int, windows: int, cursor: Cursor,
+              reads: _WindowReads) -> Iterator[_Plan]:
+        """The stream from ``cursor`` on: every step to emit, with the cursor after it.
+
+        It runs ahead of what was emitted (the caller decodes ahead), so it never touches
+        ``self._cursor``; the caller sets that as it hands items out.
+        """
         epoch, first_window, first_position = cursor.epoch, cursor.window, cursor.position
+        skipped = cursor.skipped
         empty_epochs = 0
         while True:
-            episodes = _order.reader_episodes(
-                num_episodes, seed=self.seed, epoch=epoch, shuffle=self.shuffle, reader=reader,
-                num_readers=num_readers)
+            episodes = self._episodes(epoch, reader, num_readers)
             emitted = 0
             for window in range(first_window, windows):
-                samplers = [self._sampler(int(e)) for e in
-                            _order.window_episodes(episodes, window, self.shuffle_window)]
+                samplers, corrupt = reads.get((epoch, window), _order.window_episodes(
+                    episodes, window, self.shuffle_window))
+                if window + 1 < windows:
+                    reads.prefetch((epoch, window + 1), _order.window_episodes(
+                        episodes, window + 1, self.shuffle_window))
+                elif self.repeat:
+                    reads.prefetch((epoch + 1, 0), _order.window_episodes(
+                        self._episodes(epoch + 1, reader, num_readers), 0, self.shuffle_window))
+                start = first_position if window == first_window else 0
+                # A window's skipped episodes count once it is opened: a cursor inside it (a
+                # position past 0) already holds them.
+                if start == 0:
+                    skipped += corrupt
                 which, steps = _order.window_steps(
                     [s.num_steps for s in samplers], seed=self.seed, epoch=epoch,
                     shuffle=self.shuffle, reader=reader, window=window)
-                start = first_position if window == first_window else 0
                 if start > len(which):
                     raise ValueError(f"state field 'position': {start} is past the end of "
                                      f"window {window} of epoch {epoch} ({len(which)} steps)")
-                for position in range(start, len(which)):
-                    sample = samplers[which[position]].sample(
-                        int(steps[position]), self.obs_window, self.action_horizon, epoch,
-                        fast_jpeg=self.fast_jpeg)
-                    if self.sample_transform is not None:
-                        sample = self.sample_transform(sample)
-                    # The cursor names the next step; past a window's last step it names the
-                    # next window, so a state never makes a resume read a consumed window.
-                    if position + 1 < len(which):
-                        self._cursor = Cursor(epoch, window, position + 1)
-                    else:
-                        self._cursor = self._after_window(epoch, window, windows)
-                    emitted += 1
-                    yield sample
-                self._cursor = self._after_window(epoch, window, windows)
+                # The cursor names the next step; past a window's last step it names the next
+                # window, so a state never makes a resume read a consumed window.
+                after = self._after_window(epoch, window, windows, skipped)
+                last = len(which) - 1
+                for position, (k, t) in enumerate(zip(which[start:].tolist(),
+                                                      steps[start:].tolist()), start):
+                    yield (samplers[k], t, epoch,
+                           Cursor(epoch, window, position + 1, skipped=skipped)
+                           if position < last else after)
+                emitted += len(which) - start
+                yield None, 0, 0, after
             if not self.repeat:
                 return
             epoch, first_window, first_position = epoch + 1, 0, 0
-            self._cursor = Cursor(epoch)
             empty_epochs = empty_epochs + 1 if emitted == 0 else 0
             if empty_epochs > 1:
                 raise ValueError(f"reader {reader} of {num_readers} emitted no step in two "
                                  "epochs: its episodes are all empty")
 
-    def _after_window(self, epoch: int, window: int, windows: int) -> Cursor:
+    def _episodes(self, epoch: int, reader: int, num_readers: int) -> np.ndarray:
+        return _order.reader_episodes(len(self.source), seed=self.seed, epoch=epoch,
+                                      shuffle=self.shuffle, reader=reader,
+                                      num_readers=num_readers)
+
+    def _samples(self, plans: Iterator[_Plan], pool: concurrent.futures.Executor | None,
+                 threads: int, reads: _WindowReads) -> Iterator[dict[str, Any]]:
+        """Samples of ``plans``, made up to a few ahead on ``pool``, cursor set as emitted.
+
+        The first sample is made alone, and the next window is read only once it is out, so
+        a restore waits for one window and one sample, no more.
+        """
+        args = (self.obs_window, self.action_horizon)
+        ahead: collections.deque = collections.deque()
+        depth = 1
+        while True:
+            while len(ahead) < depth:
+                try:
+                    plan = next(plans)
+                except StopIteration:
+                    break
+                except Exception as error:  # the plan's own error, raised in its turn
+                    ahead.append((None, error))
+                    break
+                sampler, t, epoch, cursor = plan
+                if sampler is None:
+                    ahead.append((cursor, None))
+                elif pool is not None:
+                    ahead.append((cursor, pool.submit(sampler.sample, t, *args, epoch,
+                                                      fast_jpeg=self.fast_jpeg)))
+                else:
+                    ahead.append((cursor, (sampler, t, epoch)))
+            if not ahead:
+                return
+            cursor, job = ahead.popleft()
+            if cursor is None:
+                raise job
+            if job is None:
+                self._cursor = cursor
+                continue
+            if isinstance(job, concurrent.futures.Future):
+                sample = job.result()
+            else:
+                sampler, t, epoch = job
+                sample = sampler.sample(t, *args, epoch, fast_jpeg=self.fast_jpeg)
+            if self.sample_transform is not None:
+                sample = self.sample_transform(sample)
+            self._cursor = cursor
+            yield sample
+            reads.start()
+            depth = _LOOKAHEAD * threads if pool is not None else 1
+
+    def _batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
+                 reads: _WindowReads) -> Iterator[dict[str, Any]]:
+        """Batches of ``plans``; with a pool the next batch is decoding while one is handed
+        out (from the second batch on, so that a restore waits for one batch only)."""
+        pending: collections.deque = collections.deque()
+        depth = 1
+        done = False
+        while True:
+            while not done and len(pending) < depth:
+                items: list[Item] = []
+                cursor = None
+                try:
+                    while len(items) < self.batch_size:
+                        sampler, t, epoch, cursor = next(plans)
+                        if sampler is not None:
+                            items.append((sampler, t, epoch))
+                except StopIteration:
+                    done = True
+                except Exception as error:  # the plan's own error, raised in its turn
+                    pending.append((None, error))
+                    done = True
+                    break
+                if items and not (done and self.drop_last and len(items) < self.batch_size):
+                    try:
+                        pending.append((cursor, builder.start(items)))
+                    except Exception as error:
+                        pending.append((None, error))
+                        done = True
+                elif cursor is not None:
+                    pending.append((cursor, None))
+            if not pending:
+                return
+            cursor, job = pending.popleft()
+            if cursor is None:
+                raise job
+            batch = job.result() if job is not None else None
+            self._cursor = cursor
+            if batch is not None:
+                yield batch
+                reads.start()
+                depth = 2 if builder.pool is not None else 1
+
+    def _after_window(self, epoch: int, window: int, windows: int, skipped: int) -> Cursor:
         if window + 1 < windows:
-            return Cursor(epoch, window + 1)
+            return Cursor(epoch, window + 1, skipped=skipped)
         # After the epoch's last window: an endless stream goes on with the next epoch; a
         # one-pass dataset stays at the end of this one (see "Passes").
-        return Cursor(epoch + 1) if self.repeat else Cursor(epoch, windows)
+        return (Cursor(epoch + 1, skipped=skipped) if self.repeat
+                else Cursor(epoch, windows, skipped=skipped))
+
+    def _read_window(self, episodes: np.ndarray) -> tuple[list[EpisodeSampler], int]:
+        """The samplers of ``episodes`` and how many were skipped as corrupt."""
+        samplers = []
+        for e in episodes.tolist():
+            try:
+                samplers.append(self._sampler(e))
+            except CORRUPT_ERRORS as error:
+                if self.on_corrupt == "raise":
+                    raise
+                logger.warning("torch_rlds: skipping corrupt episode %d of %s (%s): %s", e,
+                               self.source.info.name, self.source.describe(e), error)
+        return samplers, len(episodes) - len(samplers)
 
     def _sampler(self, episode_index: int) -> EpisodeSampler:
         episode = self.source.episode(episode_index)
@@ -309,13 +545,65 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         if self.key_map is not None:
             episode = self.key_map.apply(episode, name=name)
         return EpisodeSampler(episode, self.observation_keys, self.action_key, self.language_key,
-                              episode_index, name)
+                              episode_index, name, check_images=self.on_corrupt == "skip",
+                              keep_recent=not self.shuffle and self.obs_window > 1)
 
     def __repr__(self) -> str:
         return (f"RLDSDataset({self.source!r}, obs_window={self.obs_window}, "
                 f"action_horizon={self.action_horizon}, shuffle={self.shuffle}, "
                 f"seed={self.seed}, shuffle_window={self.shuffle_window}, repeat={self.repeat}, "
                 f"process {self.process_index}/{self.process_count})")
+
+
+class _WindowReads:
+    """Reads windows of episodes with ``read``, the next one in a background thread.
+
+    :meth:`prefetch` names the window to read ahead; :meth:`start` (called as an item is
+    handed out) starts reading it; :meth:`get` returns a window, from that read when it is the
+    same key, else read here. What is read never depends on timing, and an error of the read
+    is raised by ``get``.
+    """
+
+    def __init__(self, read: Callable[[np.ndarray], Any]) -> None:
+        self._read = read
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next: tuple[Any, np.ndarray] | None = None
+        self._pending: tuple[Any, concurrent.futures.Future] | None = None
+
+    def get(self, key: Any, episodes: np.ndarray) -> Any:
+        pending, self._pending = self._pending, None
+        if self._next is not None and self._next[0] == key:
+            self._next = None
+        if pending is not None and pending[0] == key:
+            return pending[1].result()
+        if pending is not None:
+            pending[1].cancel()
+        return self._read(episodes)
+
+    def prefetch(self, key: Any, episodes: np.ndarray) -> None:
+        self._next = (key, episodes)
+
+    def start(self) -> None:
+        if self._next is None:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="torch_rlds-read")
+        key, episodes = self._next
+        self._next = None
+        self._pending = (key, self._executor.submit(self._read, episodes))
+
+    def close(self) -> None:
+        self._next = self._pending = None
+        if self._executor is not None:
+            _shutdown(self._executor)
+
+
+def _shutdown(executor: concurrent.futures.Executor) -> None:
+    """Stop ``executor`` without waiting; at interpreter exit, when the modules it needs may
+    be gone already, its threads are left to the interpreter."""
+    if not sys.is_finalizing():
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _check_positive(name: str, value: Any) -> None:

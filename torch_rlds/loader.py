@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import glob
 import json
 import multiprocessing
 import os
+import re
+import signal
 import sys
+import time
+import traceback
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.utils.data
 from etils import epath
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
 
 from torch_rlds._loader_stats import LoaderStats, StatsTracker
+from torch_rlds._state import (
+    DATASET_STATE,
+    ITERATOR_FINISHED,
+    LOADER_STATE_KEY,
+    LOADER_STATE_VERSION,
+    MAIN_SNAPSHOT,
+    NUM_WORKERS,
+    SNAPSHOT,
+    WORKER_SNAPSHOTS,
+    check_loader_state,
+    saved_num_workers,
+)
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
 
-LOADER_STATE_KEY = "torch_rlds"
-LOADER_STATE_VERSION = 1
 _TMP_MARK = ".tmp-"
+# A state is a few hundred bytes per worker; a file far larger is not one, and is not read.
+MAX_STATE_BYTES = 16 << 20
 
 # torchdata 0.11 calls a torch API that newer torch deprecates, once per iterator.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -68,8 +87,19 @@ class DataLoader(StatefulDataLoader):
     * :attr:`batches_seen` counts the batches handed to the caller and is restored with the
       state; :meth:`save_state` / :meth:`load_state` write and read the state as JSON,
       atomically (temporary file, then rename), locally or on ``gs://``;
-    * a state of another worker count, or one that does not belong to the dataset, raises
-      ``ValueError`` naming the field in :meth:`load_state_dict` rather than in a worker later;
+    * :meth:`load_state_dict` checks the whole state before torchdata or a worker reads it: a
+      state of another worker count, one that does not belong to the dataset, or one malformed
+      anywhere (a missing or unknown key, a bool, float or negative number where a count
+      belongs, a worker id out of range) raises ``ValueError`` naming the field. No load path
+      unpickles anything;
+    * a worker that dies (killed, crashed, ``os._exit``) or, under ``timeout``, sends no batch
+      in time raises :class:`WorkerError` naming the worker, its pid and exit code, from
+      ``next()`` (within a fraction of a second; never from elsewhere in the main thread, as
+      torch's SIGCHLD handler would);
+    * any error ends the pass (torchdata would go on without the reader that raised, silently
+      short of its steps): the workers are stopped at once, later ``next()`` calls say so,
+      ``state_dict()`` is the state after the last batch handed out, and ``iter()`` again
+      resumes right there, with fresh workers;
     * iteration is one stream whatever ``num_workers`` and ``persistent_workers``: an
       ``iter()`` after an unfinished pass (a ``break``) continues right after the last batch
       handed out (``StatefulDataLoader`` would drop what its workers had prefetched, or start
@@ -97,6 +127,9 @@ class DataLoader(StatefulDataLoader):
                          multiprocessing_context=multiprocessing_context, **kwargs)
         self.as_numpy = as_numpy
         self.batches_seen = 0
+        # (torchdata iterator, its state after the last batch handed out) for a pass that
+        # ended with an error: see _CountingIterator.
+        self._failed_pass: tuple[Any, dict[str, Any]] | None = None
         self._stats = StatsTracker(_episodes_per_epoch(dataset))
 
     def __iter__(self) -> Iterator[Any]:
@@ -106,6 +139,21 @@ class DataLoader(StatefulDataLoader):
             self.multiprocessing_context = default_start_method()
         self._prepare_pass()
         return _CountingIterator(self, super().__iter__())
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        if getattr(iterator, "_worker_pids_set", False):
+            _report_deaths_from_next(iterator)
+        queues = getattr(iterator, "_index_queues", None)
+        if queues:
+            # torch stops workers by sending None down their index queues. When the iterator
+            # is collected as part of a reference cycle (an exception's traceback makes one
+            # easily), the collector first closes those queues (their finalizers are weakref
+            # callbacks), so the None never arrives and shutting down waits 5 s per worker
+            # before killing it. Holding the queues from outside the cycle until the iterator
+            # is gone keeps them open for its shutdown.
+            weakref.finalize(iterator, _drop, queues).atexit = False
+        return iterator
 
     def _prepare_pass(self) -> None:
         """Make the iterator ``StatefulDataLoader.__iter__`` is about to build continue the
@@ -124,7 +172,7 @@ class DataLoader(StatefulDataLoader):
             # workers had already fetched.
             self.load_state_dict(self.state_dict())
             return
-        if (pending.get(_ITERATOR_FINISHED) is True and self.num_workers > 0
+        if (pending.get(ITERATOR_FINISHED) is True and self.num_workers > 0
                 and not self.persistent_workers and isinstance(self.dataset, RLDSDataset)
                 and not self.dataset.repeat):
             # StatefulDataLoader would start fresh workers from this process's copy of the
@@ -141,8 +189,13 @@ class DataLoader(StatefulDataLoader):
         return self._stats.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
-        """The loader's state (see the class docstring)."""
-        state = dict(super().state_dict())
+        """The loader's state (see the class docstring); after a pass that ended with an error,
+        the state after the last batch it handed out."""
+        failed = self._failed_pass
+        if failed is not None and failed[0] is self._iterator:
+            state = copy.deepcopy(failed[1])
+        else:
+            state = dict(super().state_dict())
         state[LOADER_STATE_KEY] = {"version": LOADER_STATE_VERSION,
                                    "batches_seen": self.batches_seen}
         return state
@@ -150,128 +203,311 @@ class DataLoader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict`` on the next ``iter()``.
 
-        Raises ``ValueError`` for a state of another worker count or, for an
-        :class:`~torch_rlds.RLDSDataset`, one whose dataset states do not match it (every
-        differing field is named, with both values).
+        Checks the whole state first (:func:`torch_rlds._state.check_loader_state`) and, for
+        an :class:`~torch_rlds.RLDSDataset`, every worker's dataset state against the dataset:
+        a state of another worker count, of another dataset or configuration, or one malformed
+        anywhere raises ``ValueError`` naming the field (and, for a mismatch, both values).
+        ``{}`` is torchdata's "nothing to restore".
         """
         if not isinstance(state_dict, dict):
             raise ValueError(f"loader state must be a dict (got {type(state_dict).__name__})")
-        state = dict(state_dict)
-        ours = state.pop(LOADER_STATE_KEY, None)
-        seen = self.batches_seen
-        if ours is not None:
-            if not isinstance(ours, dict) or ours.get("version") != LOADER_STATE_VERSION:
-                raise ValueError(f"loader state field {LOADER_STATE_KEY!r}: expected version "
-                                 f"{LOADER_STATE_VERSION}, got {ours!r:.200}")
-            seen = ours.get("batches_seen")
-            if type(seen) is not int or seen < 0:
-                raise ValueError(f"loader state field 'batches_seen' must be an int >= 0 "
-                                 f"(got {seen!r})")
-        if state:
-            self._check_state(state)
-        super().load_state_dict(state)
-        self.batches_seen = seen
-
-    def _check_state(self, state: dict[str, Any]) -> None:
-        saved = saved_num_workers(state)
-        if saved != self.num_workers:
-            raise ValueError(f"num_workers in checkpoint: {saved} / in this loader: "
-                             f"{self.num_workers}")
-        if isinstance(self.dataset, RLDSDataset):
-            for worker, dataset_state in enumerate(dataset_states(state)):
+        self._failed_pass = None
+        if not state_dict:
+            super().load_state_dict({})
+            return
+        rlds = isinstance(self.dataset, RLDSDataset)
+        seen, datasets = check_loader_state(
+            state_dict, num_workers=self.num_workers, rlds=rlds,
+            snapshot_every_n_steps=self.snapshot_every_n_steps)
+        if rlds:
+            for worker, dataset_state in enumerate(datasets):
                 try:
                     self.dataset._check_state(dataset_state, self.num_workers, worker)
                 except ValueError as e:
                     where = f"worker {worker}: " if self.num_workers else ""
                     raise ValueError(f"{where}{e}") from None
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != LOADER_STATE_KEY})
+        if seen is not None:
+            self.batches_seen = seen
 
     def save_state(self, path: str | os.PathLike) -> epath.Path:
         """Write the state as JSON to ``path`` atomically; returns the path.
 
-        The JSON goes to a temporary file beside ``path`` that is renamed over it, so a save that
-        is killed leaves the previous state intact; leftover temporary files of killed saves are
-        removed by the next save.
+        The JSON goes to a temporary file beside ``path`` that is flushed to disk and renamed
+        over it, so a save killed at any point leaves the previous state intact (no file before
+        the first save), never a partial one; temporary files that killed saves left behind
+        are removed by the next save.
         """
         path = epath.Path(path)
         write_json_atomic(path, self.state_dict())
         return path
 
     def load_state(self, path: str | os.PathLike) -> None:
-        """Load a state written by :meth:`save_state`."""
-        self.load_state_dict(read_json(path))
+        """Load a state written by :meth:`save_state`.
 
-
-# The layout of a StatefulDataLoader state (torchdata 0.10, 0.11): without workers the dataset
-# state sits at the top; with workers each worker's sits in the last snapshot.
-_ITERATOR_FINISHED = "_iterator_finished"
-_DATASET_STATE = "dataset_state"
-_SNAPSHOT = "_snapshot"
-_MAIN_SNAPSHOT = "_main_snapshot"
-_WORKER_SNAPSHOTS = "_worker_snapshots"
-_NUM_WORKERS = "_num_workers"
-_NUM_YIELDED = "_num_yielded"
-
-
-def saved_num_workers(state: dict[str, Any]) -> int:
-    """The ``num_workers`` of the ``StatefulDataLoader`` that saved ``state``."""
-    if _SNAPSHOT in state:
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
+        one that is not a whole JSON state of this loader (truncated, edited, another
+        dataset's or configuration's).
+        """
+        state = read_json(path)
         try:
-            workers = state[_SNAPSHOT][_MAIN_SNAPSHOT][_NUM_WORKERS]
-        except (KeyError, TypeError):
-            raise ValueError(f"loader state: {_SNAPSHOT!r} has no {_MAIN_SNAPSHOT}."
-                             f"{_NUM_WORKERS} (not a StatefulDataLoader state)") from None
-        if type(workers) is not int or workers < 1:
-            raise ValueError(f"loader state field {_NUM_WORKERS!r} must be an int >= 1 (got "
-                             f"{workers!r})")
-        return workers
-    if _NUM_YIELDED in state:
-        return 0
-    raise ValueError(f"loader state has neither {_SNAPSHOT!r} (with workers) nor "
-                     f"{_NUM_YIELDED!r} (without): not a StatefulDataLoader state (keys: "
-                     f"{sorted(map(str, state))[:10]})")
+            if state == {}:  # load_state_dict's "nothing to restore"; save_state never writes it
+                raise ValueError("an empty state")
+            self.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{epath.Path(path)}: {e}") from None
 
 
 def dataset_states(state: dict[str, Any]) -> list[Any]:
     """The dataset states inside a ``StatefulDataLoader`` state, one per worker in worker
     order (one without workers); ``None`` where a worker saved none."""
     if saved_num_workers(state) == 0:
-        return [state.get(_DATASET_STATE)]
-    workers = state[_SNAPSHOT].get(_WORKER_SNAPSHOTS)
+        return [state.get(DATASET_STATE)]
+    workers = state[SNAPSHOT].get(WORKER_SNAPSHOTS)
     if not isinstance(workers, dict):
-        raise ValueError(f"loader state field {_WORKER_SNAPSHOTS!r} must be a dict (got "
+        raise ValueError(f"loader state field {WORKER_SNAPSHOTS!r} must be a dict (got "
                          f"{type(workers).__name__})")
-    count = state[_SNAPSHOT][_MAIN_SNAPSHOT][_NUM_WORKERS]
+    count = state[SNAPSHOT][MAIN_SNAPSHOT][NUM_WORKERS]
     out = []
     for i in range(count):
         worker = workers.get(f"worker_{i}")
         if not isinstance(worker, dict):
-            raise ValueError(f"loader state: {_WORKER_SNAPSHOTS}.worker_{i} is missing ("
+            raise ValueError(f"loader state: {WORKER_SNAPSHOTS}.worker_{i} is missing ("
                              f"{count} workers saved)")
-        out.append(worker.get(_DATASET_STATE))
+        out.append(worker.get(DATASET_STATE))
     return out
 
 
+class WorkerError(RuntimeError):
+    """A DataLoader worker died (killed by a signal, crashed, exited) or, under the loader's
+    ``timeout``, sent no batch in time.
+
+    ``worker`` is its index, ``pid`` its process id, ``exitcode`` its exit status (negative: the
+    signal that killed it; ``None``: still running when the loader gave up on it). The pass
+    ends with it: the loader shuts its other workers down, and ``iter()`` on the loader again
+    resumes right after the last batch handed out, with fresh workers.
+    """
+
+    def __init__(self, message: str, worker: int | None = None, pid: int | None = None,
+                 exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.pid = pid
+        self.exitcode = exitcode
+
+
 class _CountingIterator:
+    """Counts the batches handed out, and ends the pass at the first error.
+
+    torchdata would go on after an error in a dataset or transform, but the reader that raised
+    is finished by then (a generator that raised is closed), and the rest of its share would be
+    silently missing from the pass. So any error ends the pass: the workers are stopped at once
+    (rather than whenever the garbage collector gets to the iterator, which takes torch five
+    seconds per worker), every later ``next()`` says so, and the loader keeps the state after
+    the last batch handed out for ``state_dict()`` and the next ``iter()``. Without workers
+    the dataset has already moved past the steps of the batch that failed, so its state is
+    taken before each batch.
+    """
+
     def __init__(self, loader: DataLoader, inner: Iterator[Any]) -> None:
         self._loader = loader
         self._inner = inner
+        # The message later next() calls repeat (not the error: its traceback would keep the
+        # frames of the failed call alive, with whatever they held).
+        self._ended: WorkerError | str | None = None
+        dataset = getattr(inner, "_dataset", None)
+        self._dataset_state = (dataset.state_dict if loader.num_workers == 0
+                               and isinstance(dataset, Stateful) else None)
 
     def __iter__(self) -> _CountingIterator:
         return self
 
     def __next__(self) -> Any:
+        if self._ended is not None:
+            raise self._ended_error()
         tracker = self._loader._stats
         started = tracker.started()
-        batch = next(self._inner)
+        before = self._dataset_state() if self._dataset_state is not None else None
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            failure = _diagnose(self._inner, e) if isinstance(e, Exception) else None
+            self._end_pass(failure or e, before)
+            if failure is not None:
+                # torch's frames may hold open temporary files (its check of the fd limit);
+                # a worker forked later must not inherit them.
+                traceback.clear_frames(e.__traceback__)
+                raise failure from e
+            raise
         self._loader.batches_seen += 1
         tracker.served(batch, started)
         return to_numpy(batch) if self._loader.as_numpy else batch
+
+    def _end_pass(self, error: BaseException, dataset_state: Any) -> None:
+        self._ended = (WorkerError(str(error), error.worker, error.pid, error.exitcode)
+                       if isinstance(error, WorkerError) else _summary(error))
+        try:
+            state = self._inner.state_dict()  # with workers: as of the last batch handed out
+            if dataset_state is not None:
+                state = {**state, DATASET_STATE: dataset_state}
+            self._loader._failed_pass = (self._loader._iterator, state)
+        finally:
+            stuck = (error.worker if isinstance(error, WorkerError) and error.exitcode is None
+                     else None)
+            _stop_workers(self._inner, stuck)
+
+    def _ended_error(self) -> BaseException:
+        ended = self._ended
+        if isinstance(ended, WorkerError):
+            return WorkerError(f"this pass already ended: {ended}", ended.worker, ended.pid,
+                               ended.exitcode)
+        return RuntimeError(f"this pass of the loader already ended with {ended}; iter(loader) "
+                            "resumes after the last batch handed out")
 
     def __len__(self) -> int:
         return len(self._inner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+# The messages torch's DataLoader iterator raises for a dead or silent worker, and for an
+# error a worker raised (torch 2.3 on).
+_TORCH_TIMEOUT = "DataLoader timed out after"
+_PIDS = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
+_RAISED_IN_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+")
+# A worker killed while it sends a batch can break the transfer (a reset connection, a
+# truncated pickle) a moment before it can be seen dead: how long to look for the death.
+_DEATH_GRACE_S = 2.0
+
+
+def _summary(error: BaseException) -> str:
+    """``Type: message`` of ``error`` in one line (torch puts a worker's traceback first)."""
+    lines = str(error).strip().splitlines()
+    last = lines[-1][:300] if lines else ""
+    kind = type(error).__name__
+    return last if last.startswith(f"{kind}:") else f"{kind}: {last}"
+
+
+def _diagnose(inner: Any, error: Exception) -> WorkerError | None:
+    """:func:`_worker_failure`, safe from torch's SIGCHLD handler, which raises its own
+    ``RuntimeError`` in the main thread at any moment once a worker has died."""
+    for _ in range(3):
+        try:
+            if getattr(inner, "_worker_pids_set", False):  # the pass ends: stop watching them
+                torch.utils.data._utils.signal_handling._remove_worker_pids(id(inner))
+                inner._worker_pids_set = False
+            return _worker_failure(inner, error)
+        except RuntimeError as late:  # the handler ran first; its message names the worker
+            error = late
+    return _worker_failure(inner, error)
+
+
+def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
+    """The :class:`WorkerError` that ``error``, raised by ``inner``'s ``__next__``, stands for;
+    ``None`` when it is no worker's death or silence (a dataset's own error passes as it is)."""
+    workers = list(getattr(inner, "_workers", None) or ())
+    if not workers:
+        return None
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    named = {int(p) for match in _PIDS.finditer(text) for p in match.group(1).split(",")
+             if p.strip()}
+    raised_by_dataset = bool(_RAISED_IN_WORKER.match(str(error)))
+    deadline = time.monotonic() + (0.0 if raised_by_dataset else _DEATH_GRACE_S)
+    while True:
+        for worker, process in enumerate(workers):
+            process.join(timeout=0)  # reaps it if it is dead, which sets its exitcode
+            if process.pid in named or process.exitcode not in (None, 0):
+                code = process.exitcode
+                if code is None:
+                    process.join(timeout=1.0)  # torch saw it die before its exit was collected
+                    code = process.exitcode
+                return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) "
+                                   f"{_describe_exit(code)}; the loader stopped its other "
+                                   "workers. Its state still ends at the last batch handed "
+                                   "out: iter() again resumes there with fresh workers", worker,
+                                   process.pid, code)
+        if time.monotonic() >= deadline or str(error).startswith(_TORCH_TIMEOUT):
+            break
+        time.sleep(0.01)
+    if str(error).startswith(_TORCH_TIMEOUT):
+        task = getattr(inner, "_task_info", {}).get(getattr(inner, "_rcvd_idx", None))
+        if task:
+            worker = task[0]
+            process = workers[worker]
+            return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) sent no batch "
+                               f"within the loader's timeout of {inner._timeout} s (stuck or too "
+                               "slow); the loader stopped it and its other workers. Its state "
+                               "still ends at the last batch handed out: iter() again resumes "
+                               "there with fresh workers", worker, process.pid, None)
+    return None
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (exit code unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited unexpectedly with exit code {code}"
+
+
+def _stop_workers(inner: Any, stuck: int | None) -> None:
+    """Shut ``inner``'s workers down now, rather than when it is collected, and make sure none
+    outlives this call: worker ``stuck`` (one the loader timed out on) and any other that does
+    not exit when asked are killed."""
+    workers = list(getattr(inner, "_workers", None) or ())
+    if not workers:
+        return
+    if stuck is not None and workers[stuck].is_alive():
+        workers[stuck].kill()
+    # torch's SIGCHLD handler may raise for a worker that exits while it shuts the rest down.
+    with contextlib.suppress(RuntimeError):
+        inner._shutdown_workers()
+    for process in workers:
+        process.join(timeout=5.0)
+        if process.exitcode is None:
+            process.kill()
+            process.join(timeout=5.0)
+
+
+# How often a loader waiting for a batch checks that its workers live.
+_POLL_S = 0.1
+
+
+def _report_deaths_from_next(iterator: Any) -> None:
+    """Have a dead worker reported by ``next()``, and only there.
+
+    torch watches its workers with a SIGCHLD handler that raises ``RuntimeError`` in the main
+    thread wherever it happens to be (in the training step, in a ``finally``, in an import),
+    where no caller can catch it as a loader error. This takes the workers off that handler
+    and instead has ``next()``, while it waits for a batch, check them every ``_POLL_S``
+    seconds (torch's own check, which it otherwise makes every 5 s).
+    """
+    torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+    iterator._worker_pids_set = False
+    ref = weakref.ref(iterator)  # no reference cycle: the iterator still dies with its owner
+    method = type(iterator)._try_get_data
+
+    def try_get_data(timeout: float = torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            step = min(_POLL_S, max(deadline - time.monotonic(), 0.0))
+            success, data = method(ref(), step)  # raises once a worker is dead
+            if success or time.monotonic() >= deadline:
+                return success, data
+
+    iterator._try_get_data = try_get_data
+
+
+def _drop(*_: Any) -> None:
+    """The finalizer of a worker iterator (see ``DataLoader._get_iterator``): it only needs to
+    have held its arguments."""
 
 
 def _episodes_per_epoch(dataset: Any) -> int | None:
@@ -294,30 +530,80 @@ def to_numpy(tree: Any) -> Any:
 
 
 def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename.
+
+    Removes the temporary files that earlier writes to ``path`` left behind when they were
+    killed. On a local disk the file is flushed to disk before the rename and the folder after
+    it, so the new state survives a power cut once this returns; an object store (``gs://``)
+    makes the whole object visible at once.
+    """
     data = json.dumps(obj, sort_keys=True, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}{_TMP_MARK}*"):
+    prefix = f".{path.name}{_TMP_MARK}"
+    for stale in path.parent.glob(glob.escape(prefix) + "*"):
         with contextlib.suppress(FileNotFoundError):  # another save removed it first
             stale.unlink()
-    tmp = path.parent / f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}"
+    tmp = path.parent / f"{prefix}{uuid.uuid4().hex}"
     if "://" in os.fspath(tmp):  # object stores have no fsync; the rename is a copy there
         tmp.write_text(data)
-    else:
+        tmp.replace(path)
+        return
+    try:
         with open(os.fspath(tmp), "w") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    tmp.replace(path)  # atomic on a local disk; rename() refuses an existing target
+        os.replace(os.fspath(tmp), os.fspath(path))  # atomic on a local disk
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(os.fspath(tmp))
+        raise
+    _fsync_folder(os.fspath(path.parent))
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse to fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON state file; the error names the file when it is missing or malformed."""
+    """Read a JSON state file.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
+    anything that is not one whole JSON document: truncated, not UTF-8, NaN or Infinity,
+    duplicate keys, nesting too deep, or larger than :data:`MAX_STATE_BYTES`.
+    """
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no state file")
-    text = path.read_text()
+    with path.open("rb") as f:
+        data = f.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError(f"{path}: not a JSON state (larger than {MAX_STATE_BYTES} bytes)")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON state ({e})") from e
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
+                          parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+        raise ValueError(f"{path}: not a JSON state ({type(e).__name__}: {e})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a state holds")

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import os
+import pathlib
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch_rlds.bench import _report
 from torch_rlds.bench._data import bench_dataset
-from torch_rlds.bench._settings import CAMERAS, BenchSettings
-from torch_rlds.bench._subprocess import run_task
+from torch_rlds.bench._sections import Bench
+from torch_rlds.bench._settings import BenchSettings
+from torch_rlds.bench._steps import BUSY_PCT, FOREIGN_PCT, Steps, foreign
 
 DEFAULT_OUT = "bench_results"
+SECTIONS = ("throughput", "resume", "checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the dataset is written once and reused (default: the "
                              "torch_rlds cache, bench/)")
     parser.add_argument("--config-name", default=None,
-                        help="take obs_window, action_horizon, shuffle_window, seed, "
-                             "fast_jpeg, batch_size and num_workers (resume) from this config; "
-                             "the dataset stays the synthetic one")
+                        help="take obs_window, action_horizon, shuffle_window, seed and "
+                             "fast_jpeg, and (without --quick) batch_size and num_workers (for "
+                             "resume) from this config; the dataset stays the synthetic one")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default: all of "
+                             f"{','.join(SECTIONS)})")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds one measurement may take (default 1800)")
     parser.add_argument("--retries", type=int, default=None,
@@ -73,8 +80,10 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         overrides.update(
             obs_window=config.data.obs_window, action_horizon=config.data.action_horizon,
             shuffle_window=config.data.shuffle_window, seed=config.data.seed,
-            fast_jpeg=config.data.fast_jpeg, batch_size=config.loader.batch_size,
-            resume_workers=config.loader.num_workers)
+            fast_jpeg=config.data.fast_jpeg)
+        if not args.quick:  # the quick dataset is too small for a real config's loader sizes
+            overrides.update(batch_size=config.loader.batch_size,
+                             resume_workers=config.loader.num_workers)
     if args.quick:
         return BenchSettings.quick(**overrides)
     if "episodes" in overrides:
@@ -82,108 +91,25 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(**overrides)
 
 
-BUSY_PCT = 25.0  # CPU use by others, before a measurement, above which it waits
-FOREIGN_PCT = 10.0  # CPU share others took during a measurement above which it is redone
-
-
-def machine_busy_pct(seconds: float = 0.3) -> float | None:
-    """System-wide CPU use (%) over ``seconds`` while this suite runs nothing: what other
-    processes take from the measurement that comes next. ``None`` without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return float(psutil.cpu_percent(interval=seconds))
-
-
-class _Steps:
-    """Runs the measurements one by one and prints a line for each.
-
-    Other processes on the machine skew timings. Before each measurement, while others use
-    more than :data:`BUSY_PCT` of the CPUs, it waits up to ``wait_idle_s``; a measurement
-    during which they took more than :data:`FOREIGN_PCT` (``foreign_cpu_pct``) is redone up
-    to ``retries`` times, and the least disturbed attempt is kept. The report flags figures
-    that stayed disturbed.
-    """
-
-    def __init__(self, total: int, timeout_s: float, wait_idle_s: float, retries: int) -> None:
-        self.total = total
-        self.done = 0
-        self.timeout_s = timeout_s
-        self.wait_idle_s = wait_idle_s
-        self.retries = retries
-        self.failed: list[str] = []
-
-    def _idle(self) -> float | None:
-        if self.wait_idle_s <= 0:
-            return None
-        deadline = time.monotonic() + self.wait_idle_s
-        busy = machine_busy_pct()
-        while busy is not None and busy > BUSY_PCT and time.monotonic() < deadline:
-            print(f"      waiting: the machine is {busy:.0f}% busy with other processes",
-                  flush=True)
-            time.sleep(2)
-            busy = machine_busy_pct(1.0)
-        return busy
-
-    def run(self, label: str, task: str, kwargs: dict[str, Any],
-            show: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-        self.done += 1
-        print(f"[{self.done}/{self.total}] {label}", flush=True)
-        record: dict[str, Any] = {}
-        for attempt in range(1 + self.retries):
-            busy = self._idle()
-            candidate = run_task(task, kwargs, timeout_s=self.timeout_s)
-            candidate.update(machine_busy_pct=busy, attempts=attempt + 1)
-            if not record or _better(candidate, record):
-                record = candidate
-            if not candidate.get("ok") or _foreign(candidate) <= FOREIGN_PCT:
-                break
-            if attempt < self.retries:
-                print(f"      redoing: other processes took {_foreign(candidate):.0f}% of the "
-                      "CPUs meanwhile", flush=True)
-        if record.get("ok"):
-            memory = record.get("memory") or {}
-            print(f"      {show(record['result'])}; peak RSS {memory.get('peak_rss_mb')} MiB "
-                  f"({record.get('wall_s', 0):.1f} s)", flush=True)
-        else:
-            self.failed.append(f"{label}: {record.get('error')}")
-            print(f"      FAILED: {record.get('error')}", flush=True)
-        return record
-
-
-def _foreign(record: dict[str, Any]) -> float:
-    return record.get("foreign_cpu_pct") or 0.0
-
-
-def _better(candidate: dict[str, Any], record: dict[str, Any]) -> bool:
-    """A measurement that worked beats one that failed; then the less disturbed one wins."""
-    if bool(candidate.get("ok")) != bool(record.get("ok")):
-        return bool(candidate.get("ok"))
-    return _foreign(candidate) < _foreign(record)
-
-
-def _rate(r: dict[str, Any]) -> str:
-    return f"{r['samples_per_s']:,.0f} samples/s"
-
-
-def _first(r: dict[str, Any]) -> str:
-    exact = "" if r.get("exact") is None else f", exact: {r['exact']}"
-    return f"first batch after {r['first_batch_s']:.2f} s{exact}"
-
-
-def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool) -> int:
+def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool,
+               sections: Sequence[str]) -> int:
     positions = len(settings.resume_positions)
-    torch_steps = len(settings.workers) + 1 + len(windows) * (2 + positions) + 1
-    tf_steps = 3 + 2 * positions + len(settings.checkpoint_buffers)
-    return torch_steps + (tf_steps if with_tf else 0)
+    sizes = {
+        "throughput": len(settings.workers) + 1 + with_tf,
+        "resume": len(windows) * (2 + positions) + with_tf * (2 + 2 * positions),
+        "checkpoint": 1 + with_tf * len(settings.checkpoint_buffers),
+    }
+    return sum(sizes[name] for name in sections)
 
 
 def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
-        skip_tf: bool = False, timeout_s: float = 1800, wait_idle_s: float = 0,
-        retries: int = 0) -> dict[str, Any]:
-    """Run every measurement and write ``results.json``, ``results.md`` and ``chart.png`` into
-    ``out_dir``; returns the results."""
+        skip_tf: bool = False, sections: Sequence[str] = SECTIONS, timeout_s: float = 1800,
+        wait_idle_s: float = 0, retries: int = 0) -> dict[str, Any]:
+    """Run the measurements of ``sections`` (all by default) and write ``results.json``,
+    ``results.md`` and ``chart.png`` into ``out_dir``; returns the results."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown sections {unknown} (sections: {list(SECTIONS)})")
     os.makedirs(out_dir, exist_ok=True)
     notes: list[str] = []
     with_tf = not skip_tf
@@ -195,41 +121,31 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
         notes.append("tf.data not measured (--skip-tf)")
 
     dataset_record = _prepare_dataset(settings, cache_dir)
-    dataset = dataset_record["path"]
     # the configured window first (its ratio is the headline), then the one that mixes as
     # many steps as tf.data's buffer, so that resume costs compare at equal shuffling
     windows = list(dict.fromkeys([settings.shuffle_window,
                                   settings.window_for_buffer(settings.tf_shuffle_buffer)]))
-    steps = _Steps(_plan_size(settings, windows, with_tf), timeout_s, wait_idle_s, retries)
-    s = settings.to_dict()
-    positions = dict(zip(settings.resume_positions, settings.resume_batches()))
+    chosen = [name for name in SECTIONS if name in sections]
+    steps = Steps(_plan_size(settings, windows, with_tf, chosen), timeout_s, wait_idle_s,
+                   retries)
     results: dict[str, Any] = {
-        "settings": s,
+        "settings": settings.to_dict(),
         "machine": _machine(),
         "dataset": dataset_record,
+        "sections": chosen,
         "throughput": {"torch_rlds": {}},
         "resume": {"torch_rlds": {}},
         "checkpoint": {},
     }
     work = tempfile.mkdtemp(prefix="torch_rlds_bench_work_")
+    bench = Bench(steps, settings, dataset_record["path"], work, windows)
     try:
-        for w in settings.workers:
-            results["throughput"]["torch_rlds"][str(w)] = steps.run(
-                f"torch_rlds throughput, num_workers={w}", "torch_throughput",
-                {"settings": s, "dataset": dataset, "workers": w}, _rate)
-        results["throughput"]["limit"] = _limit(steps, settings, dataset, work)
-        for window in windows:
-            results["resume"]["torch_rlds"][f"window {window}"] = _torch_resume(
-                steps, settings, dataset, window, positions, work)
-        results["checkpoint"]["torch_rlds"] = steps.run(
-            f"torch_rlds state size and save time, num_workers={settings.resume_workers}",
-            "torch_state_cost",
-            {"settings": s, "dataset": dataset, "workers": settings.resume_workers,
-             "buffers": list(settings.checkpoint_buffers), "out_dir": work},
-            lambda rows: ", ".join(f"{r['bytes']} B in {1e3 * r['save_s']:.2f} ms"
-                                   for r in rows))
-        if with_tf:
-            _tf_measurements(steps, settings, dataset, positions, work, results)
+        if "throughput" in chosen:
+            bench.throughput(results["throughput"], with_tf)
+        if "resume" in chosen:
+            bench.resume(results["resume"], with_tf)
+        if "checkpoint" in chosen:
+            bench.checkpoint(results["checkpoint"], with_tf)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -278,8 +194,9 @@ def _machine() -> dict[str, Any]:
 
 
 def _source_revision(folder: str) -> str | None:
-    """``<commit>`` or ``<commit>+changes`` of the git checkout torch_rlds runs from, so that
-    figures can be told apart while the loader is being optimised; ``None`` outside git."""
+    """``<commit>`` of the git checkout torch_rlds runs from, or ``<commit>+<digest>`` when
+    its files differ from the commit (the digest covers every ``.py`` file of the package),
+    so that figures taken while the loader changes can be told apart; ``None`` outside git."""
     try:
         head = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True)
@@ -287,98 +204,12 @@ def _source_revision(folder: str) -> str | None:
                                capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
-def _limit(steps: _Steps, settings: BenchSettings, dataset: str, work: str) -> dict[str, Any]:
-    from torch_rlds.bench._limit import export_frames
-
-    frames = os.path.join(work, "limit")
-    os.makedirs(frames, exist_ok=True)
-    export_frames(dataset, settings.limit_episodes, CAMERAS, frames)
-    return steps.run(f"decode limit: simplejpeg alone in {settings.limit_processes} processes",
-                     "limit", {"settings": settings.to_dict(), "frames_dir": frames,
-                               "cameras": len(CAMERAS)},
-                     lambda r: f"{r['samples_per_s']:,.0f} samples/s, "
-                               f"{r['us_per_image']:.0f} us per image")
-
-
-def _torch_resume(steps: _Steps, settings: BenchSettings, dataset: str, window: int,
-                  positions: dict[float, int], work: str) -> dict[str, Any]:
-    s = settings.to_dict()
-    workers = settings.resume_workers
-    common = {"settings": s, "dataset": dataset, "workers": workers, "shuffle_window": window}
-    saved = steps.run(
-        f"torch_rlds: save states at {sorted(positions.values())} batches (window {window})",
-        "torch_save_states", {**common, "batches": sorted(positions.values()), "out_dir": work},
-        lambda r: ", ".join(f"{x['bytes']} B in {1e3 * x['save_s']:.2f} ms" for x in r["saves"]))
-    by_position: dict[str, Any] = {"fresh": steps.run(
-        f"torch_rlds fresh start (window {window})", "torch_resume",
-        {**common, "state_path": None, "expected_digest": None}, _first)}
-    saves = {x["batch"]: x for x in (saved.get("result") or {}).get("saves", [])}
-    for position, batch in positions.items():
-        save = saves.get(batch)
-        if save is None:
-            by_position[str(position)] = {"ok": False, "error": "no state was saved"}
-            steps.done += 1
-            continue
-        record = steps.run(f"torch_rlds resume at {position:.0%} (batch {batch}, window {window})",
-                           "torch_resume", {**common, "state_path": save["path"],
-                                            "expected_digest": save["next_digest"]}, _first)
-        if record.get("ok"):
-            record["result"].update(batch=batch, state_bytes=save["bytes"],
-                                    save_s=save["save_s"])
-        by_position[str(position)] = record
-    return by_position
-
-
-def _tf_measurements(steps: _Steps, settings: BenchSettings, dataset: str,
-                     positions: dict[float, int], work: str, results: dict[str, Any]) -> None:
-    s = settings.to_dict()
-    common = {"settings": s, "dataset": dataset}
-    results["throughput"]["tf_data"] = steps.run(
-        f"tf.data throughput (shuffle buffer {settings.tf_shuffle_buffer:,} steps)",
-        "tf_throughput", common, _rate)
-    saved = steps.run(f"tf.data: save iterator checkpoints at {sorted(positions.values())} "
-                      "batches", "tf_save_checkpoints",
-                      {**common, "batches": sorted(positions.values()), "out_dir": work},
-                      lambda r: ", ".join(f"{x['bytes']:,} B in {x['save_s']:.2f} s"
-                                          for x in r["saves"]))
-    saves = {x["batch"]: x for x in (saved.get("result") or {}).get("saves", [])}
-    checkpoint: dict[str, Any] = {"fresh": steps.run(
-        "tf.data fresh start", "tf_resume_checkpoint",
-        {**common, "prefix": None, "expected_digest": None}, _first)}
-    skip: dict[str, Any] = {}
-    for position, batch in positions.items():
-        save = saves.get(batch)
-        if save is None:
-            checkpoint[str(position)] = {"ok": False, "error": "no checkpoint was saved"}
-            steps.done += 1
-        else:
-            record = steps.run(f"tf.data resume from its iterator checkpoint at {position:.0%}",
-                               "tf_resume_checkpoint",
-                               {**common, "prefix": save["prefix"],
-                                "expected_digest": save["next_digest"]}, _first)
-            if record.get("ok"):
-                record["result"].update(batch=batch, state_bytes=save["bytes"],
-                                        save_s=save["save_s"])
-            checkpoint[str(position)] = record
-        record = steps.run(f"tf.data resume with skip({batch} batches) at {position:.0%}",
-                           "tf_resume_skip",
-                           {**common, "skip_batches": batch,
-                            "expected_digest": save["next_digest"] if save else None}, _first)
-        if record.get("ok"):
-            record["result"]["batch"] = batch
-        skip[str(position)] = record
-    results["resume"]["tf_data"] = {"checkpoint": checkpoint, "skip(n)": skip}
-    results["checkpoint"]["tf_data"] = {
-        str(buffer): steps.run(
-            f"tf.data iterator checkpoint at a {buffer:,}-step shuffle buffer",
-            "tf_checkpoint_cost", {**common, "buffer": buffer, "out_dir": work},
-            lambda r: f"{r['bytes']:,} B in {r['save_s']:.2f} s (buffer filled in "
-                      f"{r['fill_s']:.1f} s)")
-        for buffer in settings.checkpoint_buffers
-    }
+    if not dirty.stdout.strip():
+        return head.stdout.strip()
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(folder).rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{head.stdout.strip()}+{digest.hexdigest()[:8]}"
 
 
 def _comparison_notes(results: dict[str, Any], settings: BenchSettings,
@@ -400,8 +231,8 @@ def _comparison_notes(results: dict[str, Any], settings: BenchSettings,
         notes.append("Same sample in both pipelines: "
                      + (f"yes ({len(common)} arrays compared)" if not differ
                         else f"NO, shapes differ for {differ}"))
-    busy = [f"{label} ({_foreign(record):.0f}%)" for label, record in _records(results)
-            if _foreign(record) > FOREIGN_PCT]
+    busy = [f"{label} ({foreign(record):.0f}%)" for label, record in _records(results)
+            if foreign(record) > FOREIGN_PCT]
     if busy:
         notes.append("Other processes took a share of the CPUs during these measurements, so "
                      "their figures are suspect: " + "; ".join(busy))
@@ -449,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"torch_rlds bench: {dataclasses.asdict(settings)}", flush=True)
     wait_idle = args.wait_idle if args.wait_idle is not None else (0 if args.quick else 300)
     retries = args.retries if args.retries is not None else (0 if args.quick else 2)
+    sections = [name.strip() for name in args.only.split(",") if name.strip()]
     results = run(settings, args.out, cache_dir=args.cache_dir, skip_tf=args.skip_tf,
-                  timeout_s=args.timeout, wait_idle_s=wait_idle, retries=retries)
+                  sections=sections, timeout_s=args.timeout, wait_idle_s=wait_idle,
+                  retries=retries)
     _print_summary(results, args.out)
     fatal = [f for f in results["failed"] if not f.startswith("tf.data")]
     return 1 if fatal else 0

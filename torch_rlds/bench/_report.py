@@ -79,7 +79,7 @@ def target_status(name: str, value: float | None) -> str:
 def write_json(results: dict[str, Any], out_dir: str) -> str:
     path = os.path.join(out_dir, "results.json")
     with open(path, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+        json.dump(results, f, indent=2)
     return path
 
 
@@ -105,25 +105,49 @@ def _error(record: dict[str, Any] | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The tables of ``results.md``."""
-    s = results["settings"]
-    lines = [
+    """The tables of ``results.md``: one per section that ran, then ratios and notes."""
+    sections = results.get("sections", ("throughput", "resume", "checkpoint"))
+    lines = _header(results)
+    if "throughput" in sections:
+        lines += _throughput_table(results)
+    if "resume" in sections:
+        lines += _resume_table(results)
+    if "checkpoint" in sections:
+        lines += _checkpoint_table(results)
+    lines += ["", "## Ratios and targets", "", "| figure | value | target | |",
+              "|---|---:|---:|---|"]
+    for name, value in results["ratios"].items():
+        target = TARGETS.get(name)
+        bound = "-" if target is None else f"{'>=' if target[1] else '<='} {target[0]:g}"
+        lines.append(f"| {name} | {_fmt(value)} | {bound} | {target_status(name, value)} |")
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"* {note}" for note in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    s, machine, dataset = results["settings"], results["machine"], results["dataset"]
+    source = machine.get("torch_rlds_source") or "not a git checkout"
+    return [
         "# torch_rlds benchmark",
         "",
-        f"{results['dataset']['episodes']} episodes, {results['dataset']['steps']:,} steps, "
-        f"two {s['image_size']}x{s['image_size']} JPEG cameras; sample: obs_window "
+        f"{dataset['episodes']} episodes, {dataset['steps']:,} steps, two "
+        f"{s['image_size']}x{s['image_size']} JPEG cameras; sample: obs_window "
         f"{s['obs_window']}, action chunk {s['action_horizon']}, batch {s['batch_size']}; "
-        f"JPEG {'fast' if s['fast_jpeg'] else 'accurate'} DCT; {results['machine']['cpus']} "
-        f"CPUs; torch_rlds {results['machine']['torch_rlds']} (source "
-        f"{results['machine'].get('torch_rlds_source') or 'not a git checkout'}). Memory: peak RSS summed over the process tree (shared pages counted once per "
-        "process) and peak PSS (shared pages split), MiB.",
+        f"JPEG {'fast' if s['fast_jpeg'] else 'accurate'} DCT; {machine['cpus']} CPUs; "
+        f"torch_rlds {machine['torch_rlds']} (source {source}).",
         "",
-        "## Throughput",
-        "",
-        "| pipeline | samples/s | / tf.data | / limit | first batch s | peak RSS | peak PSS | |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "Every figure comes from its own process. Memory: peak RSS summed over the process "
+        "tree (shared pages counted once per process) and peak PSS (shared pages split), MiB.",
     ]
-    through = results["throughput"]
+
+
+def _throughput_table(results: dict[str, Any]) -> list[str]:
+    s, through = results["settings"], results["throughput"]
+    lines = ["", "## Throughput", "",
+             "| pipeline | samples/s | / tf.data | / limit | first batch s | stats() | "
+             "peak RSS | peak PSS | |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
     limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
@@ -134,11 +158,25 @@ def markdown(results: dict[str, Any]) -> str:
         rate = r.get("samples_per_s")
         lines.append(f"| {name} | {_fmt(rate, 0)} | {_fmt(_div(rate, tf_rate))} | "
                      f"{_fmt(_div(rate, limit))} | {_fmt(r.get('first_batch_s'))} | "
-                     f"{' | '.join(_memory(record))} | {_error(record)} |")
-    lines += ["", "## Resume: time to the first batch in a fresh process", "",
-              "| pipeline | position | batch | restore s | first batch s | exact | peak RSS | "
-              "peak PSS | |",
-              "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+                     f"{_stats(r.get('stats'))} | {' | '.join(_memory(record))} | "
+                     f"{_error(record)} |")
+    return lines
+
+
+def _stats(stats: dict[str, Any] | None) -> str:
+    """What ``DataLoader.stats()`` said at the end of a run (warm-up included)."""
+    if not stats or "samples_per_s" not in stats:
+        return "-"
+    wait = stats.get("wait_fraction")
+    return (f"{stats['samples_per_s']:,.0f}/s"
+            + ("" if wait is None else f", waited {100 * wait:.0f}%"))
+
+
+def _resume_table(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## Resume: time to the first batch in a fresh process", "",
+             "| pipeline | position | batch | restore s | first batch s | exact | peak RSS | "
+             "peak PSS | |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
     resume = results["resume"]
     runs = [(f"torch_rlds {name}", r) for name, r in resume["torch_rlds"].items()]
     runs += [(f"tf.data {method}", r) for method, r in resume.get("tf_data", {}).items()]
@@ -150,32 +188,30 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_fmt(r.get('restore_s'))} | {_fmt(r.get('first_batch_s'))} | "
                          f"{_fmt(r.get('exact'))} | {' | '.join(_memory(record))} | "
                          f"{_error(record)} |")
-    lines += ["", "## Checkpoint size and save time", "",
-              "| pipeline | shuffle (steps) | bytes | bytes per worker | save ms | peak RSS | "
-              "peak PSS | |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    return lines
+
+
+def _checkpoint_table(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## Checkpoint size and save time", "",
+             "| pipeline | shuffle (steps) | bytes | bytes per worker | save ms | peak RSS | "
+             "peak PSS | |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     checkpoint = results["checkpoint"]
     record = checkpoint.get("torch_rlds")
     for r in _ok(record) or [{}]:
+        save = r.get("save_s")
         lines.append(f"| torch_rlds (window {_fmt(r.get('shuffle_window'))} episodes) | "
                      f"{_fmt(r.get('buffer_steps'))} | {_fmt(r.get('bytes'))} | "
                      f"{_fmt(r.get('bytes_per_worker'), 0)} | "
-                     f"{_fmt(1e3 * r['save_s'] if 'save_s' in r else None, 3)} | "
+                     f"{_fmt(None if save is None else 1e3 * save, 3)} | "
                      f"{' | '.join(_memory(record))} | {_error(record)} |")
     for buffer, record in checkpoint.get("tf_data", {}).items():
         r = _ok(record) or {}
+        save = r.get("save_s")
         lines.append(f"| tf.data iterator | {_fmt(int(buffer))} | {_fmt(r.get('bytes'))} | "
-                     f"{_fmt(r.get('bytes'))} | "
-                     f"{_fmt(1e3 * r['save_s'] if 'save_s' in r else None, 1)} | "
-                     f"{' | '.join(_memory(record))} | {_error(record)} |")
-    lines += ["", "## Ratios", "", "| ratio | value | target | |", "|---|---:|---:|---|"]
-    for name, value in results["ratios"].items():
-        target = TARGETS.get(name)
-        bound = "-" if target is None else f"{'>=' if target[1] else '<='} {target[0]:g}"
-        lines.append(f"| {name} | {_fmt(value)} | {bound} | {target_status(name, value)} |")
-    if results.get("notes"):
-        lines += ["", "## Notes", ""] + [f"* {note}" for note in results["notes"]]
-    return "\n".join(lines) + "\n"
+                     f"{_fmt(r.get('bytes'))} | {_fmt(None if save is None else 1e3 * save, 1)}"
+                     f" | {' | '.join(_memory(record))} | {_error(record)} |")
+    return lines
 
 
 def write_markdown(results: dict[str, Any], out_dir: str) -> str:

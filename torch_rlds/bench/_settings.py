@@ -86,6 +86,9 @@ class BenchSettings:
         if any(not 0 < p < 1 for p in self.resume_positions):
             raise ValueError(f"resume_positions must lie in (0, 1) (got "
                              f"{self.resume_positions!r})")
+        if self.epoch_batches() < 2:
+            raise ValueError(f"an epoch of {self.epoch_steps()} steps holds fewer than 2 "
+                             f"batches of batch_size {self.batch_size}; use more episodes")
         if self.resume_workers > self.episodes:
             raise ValueError(f"resume_workers must be <= episodes ({self.episodes}) (got "
                              f"{self.resume_workers})")

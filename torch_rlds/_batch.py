@@ -1,0 +1,202 @@
+"""Whole batches of step samples, built straight into one buffer, frames decoded by threads.
+
+A batch built here equals, bit for bit, :func:`torch_rlds.collate` of the same samples as
+:meth:`EpisodeSampler.sample` makes them; it only skips the work in between: every image is
+decoded straight into its row of the batch (in shared memory inside a DataLoader worker), a
+frame that several samples of the batch show is decoded once, and index arithmetic, masks and
+metadata are computed for the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
+from torch_rlds._windows import EpisodeSampler
+from torch_rlds.collate import allocate, collate
+
+# One step sample to make: (sampler, step, epoch).
+Item = tuple[EpisodeSampler, int, int]
+
+
+class BatchBuilder:
+    """Makes batches from lists of :data:`Item`.
+
+    ``start(items)`` lays the batch out, fills everything but the images and hands the frames to
+    ``pool`` (decoded in the calling thread when ``pool`` is ``None``); ``result()`` of what it
+    returns waits for them and gives the batch. Several batches may be in flight at once.
+
+    Args:
+      obs_window, action_horizon: the sample's windows.
+      fast_jpeg: JPEG with the fast DCT (see :mod:`torch_rlds._images`).
+      pool: the threads that decode frames, or ``None``.
+      threads: how many threads ``pool`` has (the batch's frames are cut into a few chunks per
+        thread, which keeps them busy without a task per frame).
+      sample_transform: applied to every sample in the calling thread; with one, batches are
+        made sample by sample and stacked with :func:`collate`.
+    """
+
+    def __init__(self, obs_window: int, action_horizon: int, *, fast_jpeg: bool,
+                 pool: concurrent.futures.Executor | None, threads: int,
+                 sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+        self.obs_window = obs_window
+        self.action_horizon = action_horizon
+        self.fast_jpeg = fast_jpeg
+        self.pool = pool
+        self.chunks = 4 * threads if pool is not None else 1
+        self.sample_transform = sample_transform
+        self._obs_offsets = np.arange(1 - obs_window, 1, dtype=np.int64)
+        self._act_offsets = np.arange(action_horizon, dtype=np.int64)
+
+    def start(self, items: Sequence[Item]) -> _Pending:
+        """Begin the batch of ``items`` (at least one)."""
+        layout = items[0][0].layout()
+        if (self.sample_transform is not None or layout is None
+                or any(s.layout() is not layout and s.layout() != layout for s, _, _ in items)):
+            return _SampleBySample(self, items)
+        return self._direct(items, layout)
+
+    def _direct(self, items: Sequence[Item], layout: tuple) -> _Pending:
+        size = len(items)
+        w, h = self.obs_window, self.action_horizon
+        observations, action_shape = layout
+        specs = [((size, w, *shape), _torch_dtype(dtype)) for _, shape, dtype, _ in observations]
+        specs += [((size, w), torch.bool), ((size, h, *action_shape), torch.float32),
+                  ((size, h), torch.bool), ((size,), torch.int64), ((size,), torch.int64),
+                  ((size,), torch.int64)]
+        tensors = allocate(specs)
+        observation = dict(zip([key for key, _, _, _ in observations], tensors))
+        obs_pad, action, act_pad, episode, step, epoch = tensors[len(observations):]
+
+        steps = np.fromiter((t for _, t, _ in items), np.int64, size)
+        lengths = np.fromiter((s.num_steps for s, _, _ in items), np.int64, size)
+        obs_raw = steps[:, None] + self._obs_offsets
+        obs_idx = np.maximum(obs_raw, 0)  # a window ends at its own step: never past the end
+        act_raw = steps[:, None] + self._act_offsets
+        act_idx = np.minimum(act_raw, lengths[:, None] - 1)
+        np.less(obs_raw, 0, out=obs_pad.numpy())
+        np.greater_equal(act_raw, lengths[:, None], out=act_pad.numpy())
+        step.numpy()[:] = steps
+        episode.numpy()[:] = [s.episode_index for s, _, _ in items]
+        epoch.numpy()[:] = [e for _, _, e in items]
+        action_out = action.numpy()
+        for i, (sampler, _, _) in enumerate(items):
+            np.take(sampler.action, act_idx[i], axis=0, out=action_out[i], mode="clip")
+
+        frames: list[tuple[EncodedImages, int, np.ndarray, str]] = []
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
+        for key, _, _, is_image in observations:
+            out = observation[key].numpy()
+            if not is_image:
+                for i, (sampler, _, _) in enumerate(items):
+                    np.take(sampler.observation[key], obs_idx[i], axis=0, out=out[i],
+                            mode="clip")
+                continue
+            decoded: dict[tuple[int, int], np.ndarray] = {}
+            for i, (sampler, _, _) in enumerate(items):
+                images = sampler.observation[key]
+                for j, t in enumerate(obs_idx[i].tolist()):
+                    row = out[i, j]
+                    seen = decoded.get((id(sampler), t))
+                    if seen is not None:
+                        copies.append((row, seen))
+                    else:
+                        decoded[id(sampler), t] = row
+                        frames.append((images, t, row, sampler.name))
+        batch = {
+            "observation": observation,
+            "observation_is_pad": obs_pad,
+            "action": action,
+            "action_is_pad": act_pad,
+            "language_instruction": [s.text(t) for s, t, _ in items],
+            "meta": {"episode_index": episode, "step_index": step, "epoch": epoch},
+        }
+        return _Direct(batch, self._decode(frames), copies, self.fast_jpeg)
+
+    def _decode(self, frames: list) -> list[concurrent.futures.Future] | list:
+        """Decode ``frames`` in chunks on the pool; without one, hand back the chunk itself
+        (decoded by ``result()``)."""
+        if self.pool is None:
+            return [frames]
+        n = min(self.chunks, len(frames))
+        bounds = [len(frames) * k // n for k in range(n + 1)]
+        return [self.pool.submit(_decode_frames, frames[a:b], self.fast_jpeg)
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class _Pending:
+    def result(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _Direct(_Pending):
+    def __init__(self, batch: dict[str, Any], jobs: list, copies: list, fast_jpeg: bool) -> None:
+        self.batch = batch
+        self.jobs = jobs
+        self.copies = copies
+        self.fast_jpeg = fast_jpeg
+
+    def result(self) -> dict[str, Any]:
+        # Every chunk is waited for before the first error is raised, so no thread still writes
+        # into the batch, and the error is that of the first frame in batch order, whatever
+        # thread finished first.
+        error = None
+        for job in self.jobs:
+            try:
+                if isinstance(job, concurrent.futures.Future):
+                    job.result()
+                else:
+                    _decode_frames(job, self.fast_jpeg)
+            except ImageDecodeError as e:
+                error = error or e
+        if error is not None:
+            raise error
+        for row, seen in self.copies:
+            row[...] = seen
+        return self.batch
+
+
+class _SampleBySample(_Pending):
+    """Samples made one by one (frames on the pool), transformed and stacked with collate."""
+
+    def __init__(self, builder: BatchBuilder, items: Sequence[Item]) -> None:
+        self.builder = builder
+        args = (builder.obs_window, builder.action_horizon)
+        make = [(s.sample, (t, *args, e)) for s, t, e in items]
+        if builder.pool is None:
+            self.jobs = make
+        else:
+            self.jobs = [builder.pool.submit(_make, fn, a, builder.fast_jpeg) for fn, a in make]
+
+    def result(self) -> dict[str, Any]:
+        samples = []
+        for job in self.jobs:
+            if isinstance(job, concurrent.futures.Future):
+                samples.append(job.result())
+            else:
+                samples.append(_make(*job, self.builder.fast_jpeg))
+        if self.builder.sample_transform is not None:
+            samples = [self.builder.sample_transform(s) for s in samples]
+        return collate(samples)
+
+
+def _make(fn: Callable[..., dict[str, Any]], args: tuple, fast_jpeg: bool) -> dict[str, Any]:
+    return fn(*args, fast_jpeg=fast_jpeg)
+
+
+def _decode_frames(frames: list, fast_jpeg: bool) -> None:
+    for images, t, row, name in frames:
+        try:
+            decode_image(images.encoded[t], images.shape, images.dtype, fast=fast_jpeg,
+                         out=row, name=f"{images.name}[{t}]")
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{name}: {e}") from e
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype

@@ -1,0 +1,145 @@
+"""The measurements of a run, section by section: throughput, resume, checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch_rlds.bench._settings import CAMERAS, BenchSettings
+from torch_rlds.bench._steps import Steps
+
+
+class Bench:
+    """The measurements of one run, section by section; each fills its part of the results."""
+
+    def __init__(self, steps: Steps, settings: BenchSettings, dataset: str, work: str,
+                 windows: Sequence[int]) -> None:
+        self.steps = steps
+        self.settings = settings
+        self.dataset = dataset
+        self.work = work
+        self.windows = windows
+        self.common = {"settings": settings.to_dict(), "dataset": dataset}
+        self.positions = dict(zip(settings.resume_positions, settings.resume_batches()))
+
+    def throughput(self, out: dict[str, Any], with_tf: bool) -> None:
+        s = self.settings
+        for w in s.workers:
+            out["torch_rlds"][str(w)] = self.steps.run(
+                f"torch_rlds throughput, num_workers={w}", "torch_throughput",
+                {**self.common, "workers": w}, _rate)
+        if with_tf:
+            out["tf_data"] = self.steps.run(
+                f"tf.data throughput (shuffle buffer {s.tf_shuffle_buffer:,} steps)",
+                "tf_throughput", self.common, _rate)
+        from torch_rlds.bench._limit import export_frames
+
+        frames = os.path.join(self.work, "limit")
+        os.makedirs(frames, exist_ok=True)
+        export_frames(self.dataset, s.limit_episodes, CAMERAS, frames)
+        out["limit"] = self.steps.run(
+            f"decode limit: simplejpeg alone in {s.limit_processes} processes", "limit",
+            {"settings": s.to_dict(), "frames_dir": frames, "cameras": len(CAMERAS)},
+            lambda r: f"{r['samples_per_s']:,.0f} samples/s, {r['us_per_image']:.0f} us per "
+                      "image")
+
+    def resume(self, out: dict[str, Any], with_tf: bool) -> None:
+        for window in self.windows:
+            out["torch_rlds"][f"window {window}"] = self._torch_resume(window)
+        if with_tf:
+            out["tf_data"] = self._tf_resume()
+
+    def checkpoint(self, out: dict[str, Any], with_tf: bool) -> None:
+        s = self.settings
+        out["torch_rlds"] = self.steps.run(
+            f"torch_rlds state size and save time, num_workers={s.resume_workers}",
+            "torch_state_cost",
+            {**self.common, "workers": s.resume_workers,
+             "buffers": list(s.checkpoint_buffers), "out_dir": self.work},
+            lambda rows: ", ".join(f"{r['bytes']} B in {1e3 * r['save_s']:.2f} ms"
+                                   for r in rows))
+        if with_tf:
+            out["tf_data"] = {
+                str(buffer): self.steps.run(
+                    f"tf.data iterator checkpoint at a {buffer:,}-step shuffle buffer",
+                    "tf_checkpoint_cost",
+                    {**self.common, "buffer": buffer, "out_dir": self.work},
+                    lambda r: f"{r['bytes']:,} B in {r['save_s']:.2f} s (buffer filled in "
+                              f"{r['fill_s']:.1f} s)")
+                for buffer in s.checkpoint_buffers
+            }
+
+    def _torch_resume(self, window: int) -> dict[str, Any]:
+        common = {**self.common, "workers": self.settings.resume_workers,
+                  "shuffle_window": window}
+        batches = sorted(self.positions.values())
+        saved = self.steps.run(
+            f"torch_rlds: save states at {batches} batches (window {window})",
+            "torch_save_states", {**common, "batches": batches, "out_dir": self.work},
+            lambda r: ", ".join(f"{x['bytes']} B in {1e3 * x['save_s']:.2f} ms"
+                                for x in r["saves"]))
+        runs: dict[str, Any] = {"fresh": self.steps.run(
+            f"torch_rlds fresh start (window {window})", "torch_resume",
+            {**common, "state_path": None, "expected_digest": None}, _first)}
+        saves = _saves(saved)
+        for position, batch in self.positions.items():
+            save = saves.get(batch) or {}
+            runs[str(position)] = self._restore(
+                save, f"torch_rlds resume at {position:.0%} (batch {batch}, window {window})",
+                "torch_resume", {**common, "state_path": save.get("path"),
+                                 "expected_digest": save.get("next_digest")}, batch)
+        return runs
+
+    def _tf_resume(self) -> dict[str, Any]:
+        batches = sorted(self.positions.values())
+        saved = self.steps.run(
+            f"tf.data: save iterator checkpoints at {batches} batches", "tf_save_checkpoints",
+            {**self.common, "batches": batches, "out_dir": self.work},
+            lambda r: ", ".join(f"{x['bytes']:,} B in {x['save_s']:.2f} s"
+                                for x in r["saves"]))
+        checkpoint: dict[str, Any] = {"fresh": self.steps.run(
+            "tf.data fresh start", "tf_resume_checkpoint",
+            {**self.common, "prefix": None, "expected_digest": None}, _first)}
+        skip: dict[str, Any] = {}
+        saves = _saves(saved)
+        for position, batch in self.positions.items():
+            save = saves.get(batch) or {}
+            checkpoint[str(position)] = self._restore(
+                save, f"tf.data resume from its iterator checkpoint at {position:.0%}",
+                "tf_resume_checkpoint", {**self.common, "prefix": save.get("prefix"),
+                                         "expected_digest": save.get("next_digest")}, batch)
+            record = self.steps.run(
+                f"tf.data resume with skip({batch} batches) at {position:.0%}",
+                "tf_resume_skip", {**self.common, "skip_batches": batch,
+                                   "expected_digest": save.get("next_digest")}, _first)
+            if record.get("ok"):
+                record["result"]["batch"] = batch
+            skip[str(position)] = record
+        return {"checkpoint": checkpoint, "skip(n)": skip}
+
+    def _restore(self, save: dict[str, Any], label: str, task: str, kwargs: dict[str, Any],
+                 batch: int) -> dict[str, Any]:
+        """Resume from ``save`` (a record of the uninterrupted run; empty when it failed)."""
+        if not save:
+            self.steps.done += 1
+            self.steps.failed.append(f"{label}: nothing was saved to resume from")
+            return {"ok": False, "error": "nothing was saved to resume from"}
+        record = self.steps.run(label, task, kwargs, _first)
+        if record.get("ok"):
+            record["result"].update(batch=batch, state_bytes=save["bytes"],
+                                    save_s=save["save_s"])
+        return record
+
+
+def _saves(record: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {x["batch"]: x for x in (record.get("result") or {}).get("saves", [])}
+
+
+def _rate(r: dict[str, Any]) -> str:
+    return f"{r['samples_per_s']:,.0f} samples/s"
+
+
+def _first(r: dict[str, Any]) -> str:
+    exact = "" if r.get("exact") is None else f", exact: {r['exact']}"
+    return f"first batch after {r['first_batch_s']:.2f} s{exact}"
