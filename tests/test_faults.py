@@ -232,6 +232,40 @@ def test_damage_after_opening_surfaces_through_the_loader(dataset_path, tmp_path
     assert shard.name in str(raised.value)
 
 
+def test_cached_record_indexes_load_without_parsing_python(dataset_path, tmp_path,
+                                                          monkeypatch):
+    """Threads load cached indexes without ast: CPython's AST constructor fails at random
+    when threads compile at once (gh-106905), which np.load's header parsing does."""
+    import ast
+
+    import numpy as np
+
+    from torch_rlds import _tfrecord
+
+    shards = sorted(dataset_path.glob("*train.tfrecord-*"))
+    built = _tfrecord.build_indexes(shards, cache_dir=tmp_path)
+    real_build = _tfrecord.build_index
+
+    def refused(*args, **kwargs):
+        raise AssertionError("called while loading cached indexes")
+
+    monkeypatch.setattr(ast, "literal_eval", refused)
+    monkeypatch.setattr(_tfrecord, "build_index", refused)  # so: from the cache, or fail
+    again = _tfrecord.build_indexes(shards * 4, cache_dir=tmp_path, num_threads=8)
+    assert [i.offsets.tolist() for i in again] == [i.offsets.tolist() for i in built] * 4
+    # A cache file of any other layout is rebuilt, never misread.
+    monkeypatch.setattr(_tfrecord, "build_index", real_build)
+    (cached,) = [p for p in tmp_path.glob("*.npy") if p.name.startswith(shards[0].name)]
+    for other in (built[0].offsets.astype(">i8"), built[0].offsets.astype(np.float64),
+                  built[0].offsets[:-1], np.asfortranarray(built[0].offsets[None, :])):
+        np.save(cached, other)
+        rebuilt = _tfrecord.RecordIndex.load(shards[0], cache_dir=tmp_path)
+        assert rebuilt.offsets.tolist() == built[0].offsets.tolist()
+    cached.write_bytes(cached.read_bytes()[:-3])  # torn
+    assert _tfrecord.RecordIndex.load(shards[0], cache_dir=tmp_path).offsets.tolist() == (
+        built[0].offsets.tolist())
+
+
 # -- the training process killed or stopped ------------------------------------------------
 class Zygote:
     """Drives ``tests/preempt_worker.py zygote``: forks training runs and reaps them."""
@@ -258,9 +292,8 @@ class Zygote:
         return answer["status"]
 
     def close(self) -> None:
-        with_pipe = self.process.stdin
-        with_pipe.write(json.dumps({"quit": True}) + "\n")
-        with_pipe.close()
+        self.process.stdin.write(json.dumps({"quit": True}) + "\n")
+        self.process.stdin.close()
         self.process.wait(timeout=30)
 
 
@@ -306,7 +339,7 @@ def test_sigterm_or_sigkill_without_a_handler_leaves_no_orphans(dataset_path, tm
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids_file = tmp_path / f"pids-{sig.name}"
         pid = zygote.run("train", "--dataset", dataset_path, "--state",
-                         tmp_path / f"state-{sig.name}.json", "--log", tmp_path / f"log-{sig}",
+                         tmp_path / f"state-{sig.name}.json", "--log", tmp_path / f"log-{sig.name}",
                          "--pids", pids_file, "--sleep", 0.01)
         runs[sig] = pid, _pids(pids_file)["workers"]
     for sig, (pid, _) in runs.items():

@@ -482,6 +482,7 @@ def test_counters_past_2_40_round_trip(path, workers):
         assert_batches_equal(expected[i], batch, f"batch {i}")
     saved = _json(loader.state_dict())
     assert saved["torch_rlds"]["batches_seen"] == big + 3
+    assert {s["skipped"] for s in dataset_states(saved)} == {big}
     if workers:
         assert saved["_snapshot"]["_snapshot_step"] == big + 3
         assert saved["_snapshot"]["_main_snapshot"]["_sampler_iter_yielded"] >= big + 3

@@ -8,7 +8,7 @@ from torch_rlds.collate import collate
 from torch_rlds.config import Config, ConfigError, load_config
 from torch_rlds.dataset import RLDSDataset
 from torch_rlds.keymap import KeyMap, KeyMapError
-from torch_rlds.loader import DataLoader
+from torch_rlds.loader import DataLoader, WorkerError
 from torch_rlds.mixture import MixtureDataset
 from torch_rlds.source import RLDSSource
 from torch_rlds.transforms import TransformedDataset
@@ -34,6 +34,7 @@ __all__ = [
     "TFRecordError",
     "TransformedDataset",
     "TruncatedShardError",
+    "WorkerError",
     "collate",
     "load_config",
 ]

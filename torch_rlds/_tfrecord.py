@@ -197,14 +197,45 @@ def _check_offsets(offsets: np.ndarray, file_size: int, name: str) -> None:
         raise ValueError(f"{name}: record offsets must grow by at least {_OVERHEAD} bytes each")
 
 
+# The header np.save writes for a 1-D little-endian int64 array, the only layout cached here.
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(r"\{'descr': '<i8', 'fortran_order': False, 'shape': \((\d+),\), \} *\n")
+
+
+def _read_npy_offsets(data: bytes) -> np.ndarray | None:
+    """The int64 array in ``data`` as ``np.save`` writes one, or None for anything else.
+
+    Parsed here rather than by ``np.load``, which reads the header with ``ast.literal_eval``:
+    CPython's AST constructor keeps one recursion count per interpreter, and threads compiling
+    at once (``build_indexes`` loads shards in threads) make it fail at random with
+    ``SystemError: AST constructor recursion depth mismatch`` (CPython gh-106905, still seen
+    on 3.11.7)."""
+    if len(data) < 10 or not data.startswith(_NPY_MAGIC):
+        return None
+    if data[6] == 1:
+        (header_size,), start = struct.unpack_from("<H", data, 8), 10
+    elif data[6] in (2, 3) and len(data) >= 12:
+        (header_size,), start = struct.unpack_from("<I", data, 8), 12
+    else:
+        return None
+    match = _NPY_HEADER.fullmatch(data[start:start + header_size].decode("latin-1"))
+    body = memoryview(data)[start + header_size:]
+    if match is None or body.nbytes != 8 * int(match.group(1)):
+        return None
+    return np.frombuffer(body, dtype="<i8").astype(np.int64)
+
+
 def _load_cached(cache_file: Path, file_size: int, name: str) -> np.ndarray | None:
     """The cached offsets, or None when there are none or they do not fit the shard."""
     try:
-        offsets = np.load(cache_file, allow_pickle=False)
+        with open(cache_file, "rb") as f:
+            offsets = _read_npy_offsets(f.read())
+        if offsets is None:
+            return None
         _check_offsets(offsets, file_size, name)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError):
         return None  # an unreadable or stale cache file is rebuilt, never trusted
     return offsets
 
