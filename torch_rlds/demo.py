@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,23 +28,7 @@ DEMO_SPEC = synthetic.SyntheticSpec(
 
 def demo_dataset() -> epath.Path:
     """The demo dataset's version directory, written into the cache on first use."""
-    root = cache_root() / "demo"
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / DEMO_SPEC.name / DEMO_SPEC.version
-    if not (path / "dataset_info.json").exists():
-        # Written aside and renamed into place, so concurrent first uses never see half of it.
-        staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-        try:
-            written = synthetic.write_dataset(staging, DEMO_SPEC, progress=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(written, path)
-            except OSError:
-                if not (path / "dataset_info.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return epath.Path(path)
+    return synthetic.write_dataset_once(cache_root() / "demo", DEMO_SPEC, progress=True)
 
 
 def batch_digest(batch: Any) -> str:

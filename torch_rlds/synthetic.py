@@ -21,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pathlib
+import shutil
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -319,6 +322,33 @@ def write_dataset(root: str | os.PathLike, spec: SyntheticSpec | None = None, *,
     return out
 
 
+def write_dataset_once(root: str | os.PathLike, spec: SyntheticSpec, *,
+                       progress: bool = False) -> epath.Path:
+    """``root/name/version`` of ``spec``, written there first unless it is already complete.
+
+    The dataset is written into a staging folder beside it and renamed into place, so
+    concurrent first uses, or a run killed while writing, never leave a half-written dataset
+    that a later run would take for complete.
+    """
+    root = pathlib.Path(root)
+    path = root / spec.name / spec.version
+    if (path / "dataset_info.json").exists():
+        return epath.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        written = pathlib.Path(write_dataset(staging, spec, progress=progress))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(written, path)
+        except OSError:  # another process renamed its copy first
+            if not (path / "dataset_info.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return epath.Path(path)
+
+
 def _write_shard(path: epath.Path, records: list[bytes], file_format: str) -> None:
     if file_format == "tfrecord":
         write_tfrecord(path, records)
@@ -343,5 +373,6 @@ __all__ = [
     "instruction",
     "state_value",
     "write_dataset",
+    "write_dataset_once",
 ]
 

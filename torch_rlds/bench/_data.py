@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 from torch_rlds import synthetic
 from torch_rlds._cache import cache_root
@@ -30,19 +28,4 @@ def bench_dataset(spec: synthetic.SyntheticSpec, cache_dir: str | os.PathLike | 
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     home = root / key.hexdigest()[:16]
-    path = home / spec.name / spec.version
-    if (path / "dataset_info.json").exists():
-        return path
-    home.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=home))
-    try:
-        written = pathlib.Path(synthetic.write_dataset(staging, spec, progress=progress))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(written, path)
-        except OSError:
-            if not (path / "dataset_info.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return pathlib.Path(synthetic.write_dataset_once(home, spec, progress=progress))
