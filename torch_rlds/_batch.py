@@ -28,8 +28,9 @@ class BatchBuilder:
     """Makes batches from lists of :data:`Item`.
 
     ``start(items)`` lays the batch out, fills everything but the images and hands the frames to
-    ``pool`` (decoded in the calling thread when ``pool`` is ``None``); ``result()`` of what it
-    returns waits for them and gives the batch. Several batches may be in flight at once.
+    ``pool`` in chunks; ``result()`` of what it returns decodes the chunks no thread has started
+    yet (all of them without a pool), waits for the others and gives the batch. Several batches
+    may be in flight at once.
 
     Args:
       obs_window, action_horizon: the sample's windows.
@@ -118,15 +119,16 @@ class BatchBuilder:
         }
         return _Direct(batch, self._decode(frames), copies, self.fast_jpeg)
 
-    def _decode(self, frames: list) -> list[concurrent.futures.Future] | list:
-        """Decode ``frames`` in chunks on the pool; without one, hand back the chunk itself
-        (decoded by ``result()``)."""
-        if self.pool is None:
-            return [frames]
+    def _decode(self, frames: list) -> list[tuple[list, concurrent.futures.Future | None]]:
+        """``frames`` cut into chunks, each with its task on the pool (``None`` without one:
+        ``result()`` decodes it)."""
+        if self.pool is None or not frames:
+            return [(frames, None)]
         n = min(self.chunks, len(frames))
         bounds = [len(frames) * k // n for k in range(n + 1)]
-        return [self.pool.submit(_decode_frames, frames[a:b], self.fast_jpeg)
-                for a, b in zip(bounds[:-1], bounds[1:])]
+        chunks = [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [(chunk, self.pool.submit(_decode_frames, chunk, self.fast_jpeg))
+                for chunk in chunks]
 
 
 class _Pending:
@@ -142,20 +144,26 @@ class _Direct(_Pending):
         self.fast_jpeg = fast_jpeg
 
     def result(self) -> dict[str, Any]:
-        # Every chunk is waited for before the first error is raised, so no thread still writes
-        # into the batch, and the error is that of the first frame in batch order, whatever
-        # thread finished first.
-        error = None
-        for job in self.jobs:
-            try:
-                if isinstance(job, concurrent.futures.Future):
-                    job.result()
-                else:
-                    _decode_frames(job, self.fast_jpeg)
-            except ImageDecodeError as e:
-                error = error or e
-        if error is not None:
-            raise error
+        errors: dict[int, ImageDecodeError] = {}
+        # Chunks no thread has started are decoded here, from the back of the batch while the
+        # threads work from its front: the thread that waits for the batch helps instead.
+        for k in reversed(range(len(self.jobs))):
+            chunk, future = self.jobs[k]
+            if future is None or future.cancel():
+                try:
+                    _decode_frames(chunk, self.fast_jpeg)
+                except ImageDecodeError as e:
+                    errors[k] = e
+        for k, (_, future) in enumerate(self.jobs):
+            if future is not None and not future.cancelled():
+                try:
+                    future.result()
+                except ImageDecodeError as e:
+                    errors[k] = e
+        # Every chunk is done before an error is raised, so no thread still writes into the
+        # batch, and the error is that of the first frame in batch order, whoever finished first.
+        if errors:
+            raise errors[min(errors)]
         for row, seen in self.copies:
             row[...] = seen
         return self.batch

@@ -389,11 +389,13 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 samplers, corrupt = reads.get((epoch, window), _order.window_episodes(
                     episodes, window, self.shuffle_window))
                 if window + 1 < windows:
-                    reads.prefetch((epoch, window + 1), _order.window_episodes(
-                        episodes, window + 1, self.shuffle_window))
+                    following = (epoch, window + 1), _order.window_episodes(
+                        episodes, window + 1, self.shuffle_window)
                 elif self.repeat:
-                    reads.prefetch((epoch + 1, 0), _order.window_episodes(
-                        self._episodes(epoch + 1, reader, num_readers), 0, self.shuffle_window))
+                    following = (epoch + 1, 0), _order.window_episodes(
+                        self._episodes(epoch + 1, reader, num_readers), 0, self.shuffle_window)
+                else:
+                    following = None
                 start = first_position if window == first_window else 0
                 # A window's skipped episodes count once it is opened: a cursor inside it (a
                 # position past 0) already holds them.
@@ -409,8 +411,14 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 # window, so a state never makes a resume read a consumed window.
                 after = self._after_window(epoch, window, windows, skipped)
                 last = len(which) - 1
+                # The next window is read once half of this one is out: early enough to be
+                # ready, late enough that a short-lived iterator (a restore that is checked
+                # and dropped) does not read it for nothing.
+                halfway = start + (len(which) - start) // 2
                 for position, (k, t) in enumerate(zip(which[start:].tolist(),
                                                       steps[start:].tolist()), start):
+                    if position == halfway and following is not None:
+                        reads.prefetch(*following)
                     yield (samplers[k], t, epoch,
                            Cursor(epoch, window, position + 1, skipped=skipped)
                            if position < last else after)
@@ -474,7 +482,9 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self._cursor = cursor
             yield sample
             reads.start()
-            depth = _LOOKAHEAD * threads if pool is not None else 1
+            # Lookahead grows with what was consumed, so that an iterator dropped early did
+            # at most as much work ahead as it handed out.
+            depth = min(depth + 1, _LOOKAHEAD * threads) if pool is not None else 1
 
     def _batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
                  reads: _WindowReads) -> Iterator[dict[str, Any]]:
