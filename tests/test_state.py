@@ -4,8 +4,9 @@ state files of this version load; long runs (epoch 10**6, counters past 2**40) r
 
 The golden files under ``tests/golden/`` are what this version saves for :data:`GOLDEN` after
 :data:`GOLDEN_BATCHES` batches: a dataset state, and a whole DataLoader state at 0 and at 2
-workers. A later version must load them or refuse them clearly. Regenerate them (only when the
-format changes on purpose, with a new version) with::
+workers; ``sample_batching/`` holds the loader states of the same version saved before the
+dataset made the loader's batches. A later version must load them or refuse them clearly.
+Regenerate them (only when the format changes on purpose, with a new version) with::
 
     TORCH_RLDS_WRITE_GOLDEN=1 python -m pytest tests/test_state.py -k golden
 """
@@ -202,8 +203,12 @@ LOADER_EDITS_0 = [
     (("_iterator_finished",), 0, "'_iterator_finished' must be a bool"),
     (("_index_sampler_state",), {"a": 1}, "'_index_sampler_state' must be None"),
     (("_sampler_iter_state",), "x", "'_sampler_iter_state' must be a dict"),
-    (("_sampler_iter_state", "samples_yielded"), 1.5, "'_sampler_iter_state.samples_yielded'"),
-    (("_sampler_iter_state", "sampler_state"), {}, r"unknown fields \['sampler_state'\]"),
+    # The layout of a loader that batches samples itself (this one leaves batching to the
+    # dataset and saves None there).
+    (("_sampler_iter_state",), {"samples_yielded": 1.5},
+     "'_sampler_iter_state.samples_yielded'"),
+    (("_sampler_iter_state",), {"samples_yielded": 3, "sampler_state": {}},
+     r"unknown fields \['sampler_state'\]"),
     (("fetcher_state",), [], "'fetcher_state' must be a dict"),
     (("fetcher_state", "fetcher_ended"), "no", "'fetcher_state.fetcher_ended' must be a bool"),
     (("fetcher_state", "dataset_iter_state"), {"x": 1}, "'fetcher_state.dataset_iter_state'"),
@@ -400,6 +405,18 @@ def test_golden_loader_states_load_and_resume(path, workers):
         assert_batches_equal(reference[GOLDEN_BATCHES + i], batch, f"batch {i}")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_states_of_loaders_that_batched_samples_load_and_resume(path, workers):
+    # Saved by loaders that left the dataset emitting samples and collated them (torchdata's
+    # batch sampler then saves a sample count): the same stream resumes.
+    reference = list(itertools.islice(_loader(path, workers), GOLDEN_BATCHES + 2))
+    loader = _loader(path, workers)
+    loader.load_state(GOLDEN_DIR / "sample_batching" / f"loader_state_{workers}_workers.json")
+    assert loader.batches_seen == GOLDEN_BATCHES
+    for i, batch in enumerate(itertools.islice(loader, 2)):
+        assert_batches_equal(reference[GOLDEN_BATCHES + i], batch, f"batch {i}")
+
+
 def test_golden_dataset_state_loads_and_resumes(path):
     state = json.loads((GOLDEN_DIR / "dataset_state.json").read_text())
     assert state["version"] == 1 and state["skipped"] == 0
@@ -472,7 +489,7 @@ def test_counters_past_2_40_round_trip(path, workers):
         state["_num_yielded"] = big
         main = state
     main["_sampler_iter_yielded"] = big
-    main["_sampler_iter_state"]["samples_yielded"] = 3 * big
+    main["_sampler_iter_state"] = {"samples_yielded": 3 * big}  # a sample-batching loader's
     for dataset_state in dataset_states(state):
         dataset_state["skipped"] = big
     loader = _loader(path, workers)
@@ -489,7 +506,7 @@ def test_counters_past_2_40_round_trip(path, workers):
     else:
         assert saved["_num_yielded"] == big + 3
         assert saved["_sampler_iter_yielded"] == big + 3
-        assert saved["_sampler_iter_state"]["samples_yielded"] == 3 * big + 9
+        assert saved["_sampler_iter_state"] is None  # the dataset makes the batches
     restored = _loader(path, workers)
     restored.load_state_dict(saved)
     assert restored.batches_seen == big + 3

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from torch_rlds import _buffers
+
 _ALIGN = 64  # byte alignment of each tensor inside a batch's buffer
 
 
@@ -43,15 +45,21 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
     """Empty tensors of the given ``(shape, dtype)``, all views of one new buffer.
 
     Each starts on a 64-byte boundary. Inside a DataLoader worker the buffer is shared memory,
-    so a batch made of these tensors crosses to the main process as one handle.
+    so a batch made of these tensors crosses to the main process as one handle; in a worker of
+    a :class:`torch_rlds.DataLoader` it is one the worker reuses once the main process holds no
+    tensor of its previous batch (see :mod:`torch_rlds._buffers`). The tensors' contents are
+    whatever the buffer held: fill every element.
     """
+    pool = _buffers.pool() if torch.utils.data.get_worker_info() is not None else None
     offsets = []
-    offset = 0
+    offset = _buffers.HEADER if pool is not None else 0
     for shape, dtype in specs:
         offset = -(-offset // _ALIGN) * _ALIGN
         offsets.append(offset)
         offset += math.prod(shape) * dtype.itemsize
-    if torch.utils.data.get_worker_info() is not None:
+    if pool is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
+        storage = pool.take(offset - _buffers.HEADER)
+    elif torch.utils.data.get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(max(offset, 1))  # as default_collate does
     else:
         storage = torch.UntypedStorage(max(offset, 1))

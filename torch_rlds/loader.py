@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import glob
 import json
 import multiprocessing
@@ -24,6 +25,7 @@ import torch.utils.data
 from etils import epath
 from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
 
+from torch_rlds import _buffers
 from torch_rlds._loader_stats import LoaderStats, StatsTracker
 from torch_rlds._state import (
     DATASET_STATE,
@@ -77,9 +79,23 @@ class DataLoader(StatefulDataLoader):
 
     Differences from ``StatefulDataLoader``:
 
-    * ``collate_fn`` defaults to :func:`torch_rlds.collate` (a batch is one buffer of shared
-      memory that crosses from a worker as one handle; strings as lists); with
+    * over an :class:`~torch_rlds.RLDSDataset` that emits samples, with ``batch_size`` and no
+      ``collate_fn``, the dataset makes the batches (:meth:`RLDSDataset.batched`, "Batches"
+      there): each frame is decoded straight into its row of the batch, with no per-sample
+      Python in between. The batches are those :func:`torch_rlds.collate` makes of the same
+      samples, bit for bit; :attr:`dataset` is that batching copy of the dataset, and
+      ``batch_size`` and ``drop_last`` read as given. Pass ``collate_fn=torch_rlds.collate``
+      to have samples collated one by one instead;
+    * otherwise ``collate_fn`` defaults to :func:`torch_rlds.collate` (a batch is one buffer
+      of shared memory that crosses from a worker as one handle; strings as lists); with
       ``batch_size=None`` to torch's, which turns each sample's arrays into tensors;
+    * with ``reuse_buffers`` (the default) each worker writes its batches into a few buffers
+      of shared memory that it reuses once the main process holds no tensor, view or numpy
+      array of the batch in them (see :mod:`torch_rlds._buffers`): a fresh buffer costs a
+      page fault per 4 KiB, which on a virtual machine can take as long as decoding the
+      batch. A batch the caller keeps is never written over. One handed on to another process
+      is not tracked there: clone it first, or pass ``reuse_buffers=False``. Off with
+      ``pin_memory`` (pinned batches are copies);
     * ``as_numpy=True`` hands out numpy views of the batch tensors, without a copy;
     * workers start with ``forkserver`` when jax is imported in the parent
       (:func:`default_start_method`, decided again at every ``iter()``), unless
@@ -117,14 +133,28 @@ class DataLoader(StatefulDataLoader):
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int | None = 1, *,
                  as_numpy: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 multiprocessing_context: Any = None, **kwargs: Any) -> None:
+                 multiprocessing_context: Any = None, reuse_buffers: bool = True,
+                 **kwargs: Any) -> None:
         self._choose_start_method = multiprocessing_context is None
         if multiprocessing_context is None and kwargs.get("num_workers", 0) > 0:
             multiprocessing_context = default_start_method()
-        if collate_fn is None and batch_size is not None:
+        asked = None
+        if (isinstance(dataset, RLDSDataset) and dataset.batch_size is None
+                and batch_size is not None and collate_fn is None
+                and kwargs.get("batch_sampler") is None):
+            # Whole batches built by the dataset, in its workers: see "Batches".
+            asked = (batch_size, bool(kwargs.pop("drop_last", False)))
+            dataset = dataset.batched(*asked[:1], drop_last=asked[1])
+            batch_size, collate_fn = None, _whole_batch
+        elif collate_fn is None and batch_size is not None:
             collate_fn = collate  # without batching torch's default converts each sample
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
+        if asked is not None:
+            # What was asked for, as torch reports it; the dataset makes the batches.
+            object.__setattr__(self, "batch_size", asked[0])
+            object.__setattr__(self, "drop_last", asked[1])
+        self.reuse_buffers = reuse_buffers
         self.as_numpy = as_numpy
         self.batches_seen = 0
         # (torchdata iterator, its state after the last batch handed out) for a pass that
@@ -141,7 +171,19 @@ class DataLoader(StatefulDataLoader):
         return _CountingIterator(self, super().__iter__())
 
     def _get_iterator(self) -> Any:
-        iterator = super()._get_iterator()
+        leases = None
+        if (self.num_workers > 0 and self.reuse_buffers and not self.pin_memory
+                and _buffers.supported()):
+            leases = _buffers.Leases(self.num_workers, (self.prefetch_factor or 0)
+                                     + _SPARE_BUFFERS)
+        init = self.worker_init_fn
+        if leases is not None:
+            self.worker_init_fn = functools.partial(_init_worker, *leases.worker_args(), init)
+        try:
+            iterator = super()._get_iterator()
+        finally:
+            self.worker_init_fn = init
+        iterator._torch_rlds_leases = leases
         if getattr(iterator, "_worker_pids_set", False):
             _report_deaths_from_next(iterator)
         queues = getattr(iterator, "_index_queues", None)
@@ -315,6 +357,7 @@ class _CountingIterator:
         # The message later next() calls repeat (not the error: its traceback would keep the
         # frames of the failed call alive, with whatever they held).
         self._ended: WorkerError | str | None = None
+        self._leases: _buffers.Leases | None = getattr(inner, "_torch_rlds_leases", None)
         dataset = getattr(inner, "_dataset", None)
         self._dataset_state = (dataset.state_dict if loader.num_workers == 0
                                and isinstance(dataset, Stateful) else None)
@@ -328,6 +371,8 @@ class _CountingIterator:
         tracker = self._loader._stats
         started = tracker.started()
         before = self._dataset_state() if self._dataset_state is not None else None
+        if self._leases is not None:
+            self._leases.release()
         try:
             batch = next(self._inner)
         except StopIteration:
@@ -342,6 +387,8 @@ class _CountingIterator:
                 raise failure from e
             raise
         self._loader.batches_seen += 1
+        if self._leases is not None:
+            self._leases.received(batch)
         tracker.served(batch, started)
         return to_numpy(batch) if self._loader.as_numpy else batch
 
@@ -503,6 +550,24 @@ def _report_deaths_from_next(iterator: Any) -> None:
                 return success, data
 
     iterator._try_get_data = try_get_data
+
+
+# Buffers a worker keeps beyond its prefetched batches: the batch the caller holds, the one
+# it held before (still referenced while the next is asked for), and one in reserve.
+_SPARE_BUFFERS = 3
+
+
+def _init_worker(flags: torch.Tensor, token: int, init: Callable[[int], None] | None,
+                 worker_id: int) -> None:
+    """Worker start: install the worker's buffer pool, then the caller's ``worker_init_fn``."""
+    _buffers.install(flags, token, worker_id)
+    if init is not None:
+        init(worker_id)
+
+
+def _whole_batch(batch: Any) -> Any:
+    """The collate_fn of a dataset that emits whole batches: each item is one already."""
+    return batch
 
 
 def _drop(*_: Any) -> None:

@@ -1,0 +1,211 @@
+"""The loader's batches: made by the dataset, equal to collated samples; worker buffers reused
+once the main process is done with them, and never while it holds any part of a batch."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import torch_rlds
+from torch_rlds import _buffers
+from torch_rlds.testing import assert_batches_equal
+
+pytestmark = pytest.mark.skipif(not _buffers.supported(),
+                                reason="this torch does not report storage use counts")
+
+
+def _dataset(path, **options):
+    return torch_rlds.RLDSDataset(path, **{"obs_window": 2, "action_horizon": 4,
+                                           "shuffle_window": 2, **options})
+
+
+def _header(batch) -> list[int]:
+    """The pool header at the front of the batch's buffer: magic, token, worker, slot, seq."""
+    storage = batch["action"].untyped_storage()
+    return torch.empty(0, dtype=torch.int64).set_(storage, 0, (5,)).tolist()
+
+
+def _clone(tree):
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, np.ndarray):
+        return tree.copy()
+    return list(tree) if isinstance(tree, list) else tree
+
+
+# -- the dataset makes the loader's batches -------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_loader_batches_are_the_collated_samples(small_dataset, workers, drop_last):
+    dataset = _dataset(small_dataset, repeat=False)
+    loader = torch_rlds.DataLoader(dataset, batch_size=4, num_workers=workers,
+                                   drop_last=drop_last)
+    by_samples = torch_rlds.DataLoader(_dataset(small_dataset, repeat=False), batch_size=4,
+                                       num_workers=workers, drop_last=drop_last,
+                                       collate_fn=torch_rlds.collate)
+    assert (loader.batch_size, loader.drop_last) == (4, drop_last)
+    assert loader.dataset.batch_size == 4 and dataset.batch_size is None
+    assert by_samples.dataset is not None and by_samples.dataset.batch_size is None
+    got, expected = list(loader), list(by_samples)
+    assert len(got) == len(expected) > 2
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_batches_equal(b, a, f"batch {i}")
+    sizes = [len(b["action"]) for b in got]
+    steps = sum(1 for _ in _dataset(small_dataset, repeat=False))
+    # Without drop_last every step is served, in full batches but for each worker's last.
+    assert min(sizes) == 4 if drop_last else sum(sizes) == steps
+    assert sum(size < 4 for size in sizes) <= (0 if drop_last else max(workers, 1))
+
+
+def test_a_loader_batched_state_resumes_a_sample_collating_loader(small_dataset):
+    by_samples = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                       collate_fn=torch_rlds.collate)
+    it = iter(by_samples)
+    for _ in range(3):
+        next(it)
+    state = by_samples.state_dict()
+    expected = [next(it) for _ in range(2)]
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2)
+    loader.load_state_dict(state)
+    for i, batch in enumerate(itertools.islice(loader, 2)):
+        assert_batches_equal(expected[i], batch, f"batch {i}")
+
+
+# -- buffers reused by workers -------------------------------------------------------------
+def test_workers_write_batches_into_the_same_few_buffers(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2)
+    headers = [_header(batch) for batch in itertools.islice(loader, 40)]
+    assert {h[0] for h in headers} == {_buffers.MAGIC}
+    slots = {(h[2], h[3]) for h in headers}
+    assert all(slot >= 0 for _, slot in slots)
+    assert len(slots) <= 2 * (loader.prefetch_factor + 3)
+    per_worker = {w: [h[4] for h in headers if h[2] == w] for w in (0, 1)}
+    assert all(len(seqs) == 20 and seqs == sorted(seqs) for seqs in per_worker.values())
+
+
+def test_without_reuse_each_batch_has_a_buffer_of_its_own(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                   reuse_buffers=False)
+    reference = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2)
+    for i, (a, b) in enumerate(zip(itertools.islice(loader, 12), reference)):
+        assert _header(a)[0] != _buffers.MAGIC
+        assert a["observation"]["image"].storage_offset() == 0  # the buffer's first tensor
+        assert b["observation"]["image"].storage_offset() == _buffers.HEADER
+        assert_batches_equal(b, a, f"batch {i}")
+
+
+@pytest.mark.parametrize("keep", ["batch", "numpy", "one_view"])
+def test_a_batch_the_caller_holds_is_never_written_over(small_dataset, keep):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                   as_numpy=keep == "numpy")
+    kept = []
+    for i, batch in enumerate(itertools.islice(loader, 36)):
+        if i % 3:
+            continue  # dropped: its buffer goes back to its worker
+        if keep == "one_view":
+            view = batch["observation"]["image"][1:, 0]  # a view keeps the whole buffer
+            kept.append((view, view.clone()))
+        else:
+            kept.append((batch, _clone(batch)))
+    assert len(kept) == 12
+    for i, (held, copy) in enumerate(kept):
+        if keep == "one_view":
+            assert torch.equal(held, copy), f"kept view {i} changed"
+        else:
+            assert_batches_equal(copy, held, f"kept batch {i}")
+
+
+def test_reuse_gives_the_same_stream_for_a_mixture(small_dataset, write_dataset):
+    from torch_rlds import synthetic
+
+    other = write_dataset(num_episodes=5, min_steps=2, max_steps=9, num_shards=1,
+                          cameras=(synthetic.Camera("image"), synthetic.Camera("wrist_image",
+                                                                               32, 48)),
+                          name="other_rlds")
+
+    def mixture():
+        return torch_rlds.MixtureDataset([_dataset(small_dataset), _dataset(other)],
+                                         weights=[0.5, 0.5], seed=3)
+
+    reused = torch_rlds.DataLoader(mixture(), batch_size=4, num_workers=2)
+    fresh = torch_rlds.DataLoader(mixture(), batch_size=4, num_workers=2, reuse_buffers=False)
+    headers = []
+    for i, (a, b) in enumerate(zip(itertools.islice(reused, 20), fresh)):
+        assert_batches_equal(b, a, f"batch {i}")
+        headers.append(_header(a))
+    assert {h[0] for h in headers} == {_buffers.MAGIC}
+    assert len({(h[2], h[3]) for h in headers}) < len(headers)  # slots came back
+
+
+def test_reuse_with_forkserver_workers(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                   multiprocessing_context="forkserver")
+    reference = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                      reuse_buffers=False)
+    headers = []
+    for i, (a, b) in enumerate(zip(itertools.islice(loader, 16), reference)):
+        assert_batches_equal(b, a, f"batch {i}")
+        headers.append(_header(a))
+    assert {h[0] for h in headers} == {_buffers.MAGIC}
+    assert len({(h[2], h[3]) for h in headers}) < len(headers)
+
+
+# -- the pool and the leases, in one process ----------------------------------------------
+def _as_main_sees_it(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+    """Another mapping of ``storage``'s shared memory, as the main process holds it."""
+    fd, size = storage._share_fd_cpu_()
+    return torch.UntypedStorage._new_shared_fd_cpu(os.dup(fd), size)
+
+
+def test_a_worker_with_no_free_slot_allocates_a_buffer_of_its_own():
+    leases = _buffers.Leases(1, 2)
+    pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
+    a, b, c = (pool.take(100) for _ in range(3))
+    flags = leases.flags[0].tolist()
+    assert flags == [1, 2]
+    assert len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3
+    header = torch.empty(0, dtype=torch.int64).set_(c, 0, (5,)).tolist()
+    assert header == [_buffers.MAGIC, leases.token, 0, -1, 3]
+    leases.flags[0, 0] = 0  # the main process freed slot 0
+    d = pool.take(100)
+    assert d.data_ptr() == a.data_ptr() and leases.flags[0].tolist() == [4, 2]
+    leases.flags[0, 1] = 0
+    e = pool.take(10_000)  # larger than slot 1's buffer: a new one in its place
+    assert e.nbytes() >= _buffers.HEADER + 10_000 and e.data_ptr() != b.data_ptr()
+    assert leases.flags[0].tolist() == [4, 5]
+
+
+def test_leases_free_a_buffer_only_when_nothing_holds_it():
+    leases = _buffers.Leases(1, 2)
+    pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
+    storage = _as_main_sees_it(pool.take(64))
+    batch = {"action": torch.empty(0, dtype=torch.float32).set_(storage, 16, (4, 4))}
+    del storage
+    leases.received(batch)
+    assert leases.release() == 0 and leases.flags[0, 0] == 1
+    array = batch["action"].numpy()
+    del batch
+    assert leases.release() == 0  # a numpy view still holds it
+    del array
+    assert leases.release() == 1 and leases.flags[0, 0] == 0
+    pool.take(64)  # the worker's next batch goes into slot 0, not yet received here
+    assert leases.release() == 0 and leases.flags[0, 0] == 2
+
+
+def test_leases_ignore_batches_of_other_buffers():
+    leases = _buffers.Leases(2, 2)
+    other = _buffers.Leases(2, 2)
+    pool = _buffers.WorkerPool(*other.worker_args(), worker=1)
+    foreign = _as_main_sees_it(pool.take(64))
+    leases.received({"action": torch.empty(0).set_(foreign, 16, (4,))})
+    leases.received({"action": torch.zeros(100)})
+    leases.received({"text": ["no tensor"]})
+    del foreign
+    assert leases.release() == 0
+    assert other.flags[1, 0] == 1
