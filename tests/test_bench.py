@@ -99,6 +99,28 @@ def test_settings_name_the_bad_field():
     assert BenchSettings.from_dict(json.loads(json.dumps(quick.to_dict()))) == quick
 
 
+def test_rounds_report_the_median_of_those_that_worked():
+    from torch_rlds.bench._main import build_parser, settings_from_args
+    from torch_rlds.bench._sections import median_record
+
+    def run(rate):
+        return {"ok": True, "result": {"samples_per_s": rate, "first_batch_s": rate / 100}}
+
+    failed = {"ok": False, "error": "killed"}
+    odd = median_record([run(300.0), failed, run(100.0), run(200.0)])
+    assert odd["result"]["samples_per_s"] == 200.0 and odd["result"]["first_batch_s"] == 2.0
+    assert odd["result"]["rounds_samples_per_s"] == [300.0, 100.0, 200.0]
+    even = median_record([run(400.0), run(100.0)])
+    assert even["result"]["samples_per_s"] == 100.0  # the lower middle: never flattering
+    assert median_record([failed, {"ok": False, "error": "again"}]) is failed
+    args = build_parser().parse_args(["--quick", "--rounds", "2"])
+    assert settings_from_args(args).throughput_rounds == settings_from_args(args).resume_rounds == 2
+    default = settings_from_args(build_parser().parse_args([]))
+    assert default.throughput_rounds == default.resume_rounds == 3
+    with pytest.raises(ValueError, match="throughput_rounds must be an int >= 1"):
+        BenchSettings(throughput_rounds=0)
+
+
 def test_resume_points_lie_inside_the_first_epoch():
     s = BenchSettings.quick()
     first, last = s.resume_batches()

@@ -144,7 +144,7 @@ class DataLoader(StatefulDataLoader):
                 and kwargs.get("batch_sampler") is None):
             # Whole batches built by the dataset, in its workers: see "Batches".
             asked = (batch_size, bool(kwargs.pop("drop_last", False)))
-            dataset = dataset.batched(*asked[:1], drop_last=asked[1])
+            dataset = dataset.batched(asked[0], drop_last=asked[1])
             batch_size, collate_fn = None, _whole_batch
         elif collate_fn is None and batch_size is not None:
             collate_fn = collate  # without batching torch's default converts each sample

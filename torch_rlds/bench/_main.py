@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="take obs_window, action_horizon, shuffle_window, seed and "
                              "fast_jpeg, and (without --quick) batch_size and num_workers (for "
                              "resume) from this config; the dataset stays the synthetic one")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times each throughput (the pipelines taking turns) and each "
+                             "time to a first batch is measured; the median is reported "
+                             "(default 3; 1 with --quick)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default: all of "
                              f"{','.join(SECTIONS)})")
@@ -73,6 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     overrides: dict[str, Any] = {}
     if args.episodes is not None:
         overrides["episodes"] = args.episodes
+    if args.rounds is not None:
+        overrides["throughput_rounds"] = overrides["resume_rounds"] = args.rounds
     if args.config_name is not None:
         from torch_rlds.config import load_config
 
@@ -95,8 +101,9 @@ def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool,
                sections: Sequence[str]) -> int:
     positions = len(settings.resume_positions)
     sizes = {
-        "throughput": len(settings.workers) + 1 + with_tf,
-        "resume": len(windows) * (2 + positions) + with_tf * (2 + 2 * positions),
+        "throughput": settings.throughput_rounds * (len(settings.workers) + 1 + with_tf),
+        "resume": (len(windows) * (1 + settings.resume_rounds * (1 + positions))
+                   + with_tf * (1 + settings.resume_rounds * (1 + 2 * positions))),
         "checkpoint": 1 + with_tf * len(settings.checkpoint_buffers),
     }
     return sum(sizes[name] for name in sections)
@@ -269,7 +276,9 @@ def _print_summary(results: dict[str, Any], out_dir: str) -> None:
         print(f"note: {note}")
     for failure in results["failed"]:
         print(f"FAILED: {failure}")
-    print(f"results in {os.path.abspath(out_dir)}/ (results.json, results.md, chart.png)")
+    files = [f for f in ("results.json", "results.md", "chart.png")
+             if os.path.exists(os.path.join(out_dir, f))]
+    print(f"results in {os.path.abspath(out_dir)}/ ({', '.join(files)})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,9 +145,9 @@ def _header(results: dict[str, Any]) -> list[str]:
 def _throughput_table(results: dict[str, Any]) -> list[str]:
     s, through = results["settings"], results["throughput"]
     lines = ["", "## Throughput", "",
-             "| pipeline | samples/s | / tf.data | / limit | first batch s | stats() | "
+             "| pipeline | samples/s | rounds | / tf.data | / limit | first batch s | stats() | "
              "peak RSS | peak PSS | |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
     limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
@@ -156,11 +156,24 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
     for name, record in rows:
         r = _ok(record) or {}
         rate = r.get("samples_per_s")
-        lines.append(f"| {name} | {_fmt(rate, 0)} | {_fmt(_div(rate, tf_rate))} | "
+        lines.append(f"| {name} | {_fmt(rate, 0)} | {_rounds(r)} | "
+                     f"{_fmt(_div(rate, tf_rate))} | "
                      f"{_fmt(_div(rate, limit))} | {_fmt(r.get('first_batch_s'))} | "
                      f"{_stats(r.get('stats'))} | {' | '.join(_memory(record))} | "
                      f"{_error(record)} |")
+    rounds = s.get("throughput_rounds", 1)
+    if rounds > 1:
+        lines += ["", f"samples/s: the median of {rounds} rounds in which the pipelines took "
+                      "turns (each round's figure under rounds); the ratios are of medians."]
     return lines
+
+
+def _rounds(result: dict[str, Any], key: str = "samples_per_s") -> str:
+    """Every round's figure, the range the median comes from."""
+    values = result.get(f"rounds_{key}") or []
+    if len(values) < 2:
+        return "-"
+    return " / ".join(f"{x:,.0f}" if key == "samples_per_s" else f"{x:.2f}" for x in values)
 
 
 def _stats(stats: dict[str, Any] | None) -> str:
@@ -174,9 +187,9 @@ def _stats(stats: dict[str, Any] | None) -> str:
 
 def _resume_table(results: dict[str, Any]) -> list[str]:
     lines = ["", "## Resume: time to the first batch in a fresh process", "",
-             "| pipeline | position | batch | restore s | first batch s | exact | peak RSS | "
-             "peak PSS | |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| pipeline | position | batch | restore s | first batch s | rounds | exact | "
+             "peak RSS | peak PSS | |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     resume = results["resume"]
     runs = [(f"torch_rlds {name}", r) for name, r in resume["torch_rlds"].items()]
     runs += [(f"tf.data {method}", r) for method, r in resume.get("tf_data", {}).items()]
@@ -186,7 +199,7 @@ def _resume_table(results: dict[str, Any]) -> list[str]:
             label = "fresh" if position == "fresh" else f"{float(position):.0%}"
             lines.append(f"| {name} | {label} | {_fmt(r.get('batch'))} | "
                          f"{_fmt(r.get('restore_s'))} | {_fmt(r.get('first_batch_s'))} | "
-                         f"{_fmt(r.get('exact'))} | {' | '.join(_memory(record))} | "
+                         f"{_rounds(r, 'first_batch_s')} | {_fmt(r.get('exact'))} | {' | '.join(_memory(record))} | "
                          f"{_error(record)} |")
     return lines
 

@@ -30,6 +30,11 @@ class BenchSettings:
       resume_positions: fractions of an epoch at which a state is saved and resumed.
       warmup_batches, measure_batches: throughput is timed over ``measure_batches`` batches
         after ``warmup_batches``.
+      throughput_rounds: every throughput figure is measured this many times, the pipelines
+        taking turns (torch_rlds, tf.data, the limit, then again), and the median is reported:
+        a machine whose speed drifts during the run then drifts for every pipeline alike.
+      resume_rounds: every time to a first batch (fresh start, resume) is measured this many
+        times in a row; the median is reported.
       limit_processes: processes that decode JPEGs for the decode limit.
       limit_episodes, limit_rounds: the limit decodes every frame of the first
         ``limit_episodes`` episodes ``limit_rounds`` times.
@@ -55,6 +60,8 @@ class BenchSettings:
     resume_positions: tuple[float, ...] = (0.05, 0.95)
     warmup_batches: int = 20
     measure_batches: int = 300
+    throughput_rounds: int = 3
+    resume_rounds: int = 3
     limit_processes: int = 2
     limit_episodes: int = 40
     limit_rounds: int = 3
@@ -65,7 +72,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         for name in ("episodes", "min_steps", "num_shards", "batch_size", "obs_window",
                      "action_horizon", "shuffle_window", "tf_shuffle_buffer", "measure_batches",
-                     "limit_processes", "limit_episodes", "limit_rounds", "save_repeats"):
+                     "throughput_rounds", "resume_rounds", "limit_processes", "limit_episodes",
+                     "limit_rounds", "save_repeats"):
             _at_least(name, getattr(self, name), 1)
         for name in ("warmup_batches", "resume_workers", "seed"):
             _at_least(name, getattr(self, name), 0)
@@ -99,8 +107,8 @@ class BenchSettings:
         # tf_shuffle_buffer mixes as many steps as shuffle_window: one resume window to measure
         sizes = dict(episodes=6, min_steps=8, max_steps=16, image_size=64, num_shards=2,
                      batch_size=8, tf_shuffle_buffer=192, checkpoint_buffers=(32, 128),
-                     warmup_batches=1, measure_batches=3, limit_episodes=6, limit_rounds=1,
-                     save_repeats=3)
+                     warmup_batches=1, measure_batches=3, throughput_rounds=1, resume_rounds=1,
+                     limit_episodes=6, limit_rounds=1, save_repeats=3)
         return cls(**{**sizes, **overrides})
 
     def spec(self) -> synthetic.SyntheticSpec:
