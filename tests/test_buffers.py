@@ -181,12 +181,24 @@ def test_a_worker_with_no_free_slot_allocates_a_buffer_of_its_own():
     assert leases.flags[0].tolist() == [4, 5]
 
 
+def _arrive(buffer: torch.UntypedStorage, views, skeleton):
+    """A batch as the main process unpickles it when it brings its buffer's handle."""
+    main = _as_main_sees_it(buffer)
+    whole = torch.empty(0, dtype=torch.uint8).set_(main, 0, (main.nbytes(),))
+    return _buffers._unpack(whole, views, skeleton)
+
+
+VIEWS = [(torch.float32, (4, 4), (4, 1), 16)]  # one float tensor after the 64-byte header
+SKELETON = {"action": _buffers._View(0), "text": ["a", "b"]}
+
+
 def test_leases_free_a_buffer_only_when_nothing_holds_it():
     leases = _buffers.Leases(1, 2)
     pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
-    storage = _as_main_sees_it(pool.take(64))
-    batch = {"action": torch.empty(0, dtype=torch.float32).set_(storage, 16, (4, 4))}
-    del storage
+    buffer = pool.take(64)
+    assert pool.mapped(buffer) is None  # the first batch in a slot brings the handle
+    batch = _arrive(buffer, VIEWS, SKELETON)
+    assert batch["text"] == ["a", "b"] and batch["action"].shape == (4, 4)
     leases.received(batch)
     assert leases.release() == 0 and leases.flags[0, 0] == 1
     array = batch["action"].numpy()
@@ -194,18 +206,65 @@ def test_leases_free_a_buffer_only_when_nothing_holds_it():
     assert leases.release() == 0  # a numpy view still holds it
     del array
     assert leases.release() == 1 and leases.flags[0, 0] == 0
-    pool.take(64)  # the worker's next batch goes into slot 0, not yet received here
-    assert leases.release() == 0 and leases.flags[0, 0] == 2
+    assert pool.take(64) is buffer  # the worker's next batch goes into slot 0...
+    assert leases.release() == 0 and leases.flags[0, 0] == 2  # ...not yet received here
+    assert pool.mapped(buffer) == 0  # and crosses by name
+    again = _buffers._unpack_mapped(leases.token, 0, 0, VIEWS, SKELETON)
+    torch.empty(0, dtype=torch.float32).set_(buffer, 16, (16,)).copy_(torch.arange(16.0))
+    assert again["action"].flatten().tolist() == list(range(16))  # the same memory
+    leases.received(again)
+    del again
+    assert leases.release() == 1 and leases.flags[0, 0] == 0
+
+
+def test_a_batch_by_name_needs_its_buffer_mapped():
+    leases = _buffers.Leases(1, 1)
+    with pytest.raises(RuntimeError, match="worker 0 came in buffer slot 0, which this "
+                                           "process never received"):
+        _buffers._unpack_mapped(leases.token, 0, 0, VIEWS, SKELETON)
+    token = leases.token
+    del leases
+    with pytest.raises(RuntimeError, match="never received"):
+        _buffers._unpack_mapped(token, 0, 0, VIEWS, SKELETON)
 
 
 def test_leases_ignore_batches_of_other_buffers():
     leases = _buffers.Leases(2, 2)
     other = _buffers.Leases(2, 2)
     pool = _buffers.WorkerPool(*other.worker_args(), worker=1)
-    foreign = _as_main_sees_it(pool.take(64))
-    leases.received({"action": torch.empty(0).set_(foreign, 16, (4,))})
+    foreign = _arrive(pool.take(64), VIEWS, SKELETON)
+    leases.received(foreign)
     leases.received({"action": torch.zeros(100)})
     leases.received({"text": ["no tensor"]})
     del foreign
     assert leases.release() == 0
     assert other.flags[1, 0] == 1
+
+
+_HANDLES: list[int] = []
+_REBUILD = torch.multiprocessing.reductions.rebuild_storage_fd
+
+
+def _counting_rebuild(*args):
+    """torch's rebuild of a storage from a handle, counted (a module-level function: workers
+    pickle it by name, the main process runs it)."""
+    _HANDLES.append(1)
+    return _REBUILD(*args)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_batch_crosses_as_one_handle_or_by_name(small_dataset, monkeypatch, reuse):
+    reference = list(itertools.islice(torch_rlds.DataLoader(
+        _dataset(small_dataset), batch_size=3, num_workers=2, collate_fn=torch_rlds.collate,
+        reuse_buffers=False), 30))
+    monkeypatch.setattr(torch.multiprocessing.reductions, "rebuild_storage_fd",
+                        _counting_rebuild)
+    _HANDLES.clear()
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                   reuse_buffers=reuse)
+    for i, batch in enumerate(itertools.islice(loader, 30)):
+        assert_batches_equal(reference[i], batch, f"batch {i}")
+    if reuse:  # a handle for each slot a worker filled, then the slot's name
+        assert 2 <= len(_HANDLES) <= 2 * (loader.prefetch_factor + 3)
+    else:  # one handle a batch (torch alone would send one per tensor)
+        assert len(_HANDLES) == 30

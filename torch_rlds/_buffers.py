@@ -1,19 +1,28 @@
-"""Batch buffers that a DataLoader worker reuses once the main process is done with them.
+"""How a batch crosses from a DataLoader worker to the main process, and the buffers a worker
+reuses once the main process is done with them.
 
-A batch crosses from a worker as one buffer of shared memory (see :func:`collate.allocate`).
-A new buffer costs a page fault per 4 KiB page the first time it is written, in the worker,
-and again the first time it is read in the main process: for two 256x256 cameras and 32
-samples that is about 3,000 faults a batch, as much time as decoding the batch's JPEGs on some
-virtual machines. So the workers of a :class:`torch_rlds.DataLoader` keep a few buffers each
-and write batch after batch into them; the main process keeps them mapped, and tells a worker
-when a buffer is free again through a small shared table of flags:
+**One handle per batch.** All tensors of a batch are views of one buffer of shared memory
+(:func:`torch_rlds.collate.allocate`). Torch would pickle each tensor with a handle of its own
+(a file descriptor the main process fetches from the worker over a socket, with an
+authentication handshake, then maps): nine for a batch of nine tensors. :func:`packed` wraps a
+batch so that it pickles as one handle and the tensors' views.
+
+**Reused buffers.** A new buffer costs a page fault per 4 KiB page the first time it is written
+in the worker, and again the first time it is read in the main process: for two 256x256
+cameras and 32 samples about 3,000 faults a batch, as long as decoding its JPEGs on some
+virtual machines. So the workers of a :class:`torch_rlds.DataLoader` keep a few buffers
+(slots) each and write batch after batch into them; the main process keeps them mapped, and
+tells a worker when a buffer is free again through a small shared table of flags:
 
 * a worker takes a free slot (flag 0), marks it with a new sequence number and writes a header
   (``MAGIC``, the table's token, worker, slot, sequence) into the first bytes of the buffer,
   before the batch's tensors;
-* the main process, for each batch handed out, reads that header and holds the buffer; at each
-  ``next()`` it frees (flag back to 0) every buffer whose batch nothing references any more
-  (no tensor, view or numpy array of it is alive in the main process);
+* the first batch in a slot carries the buffer's handle, which the main process maps and keeps
+  for as long as the loader's iterator lives; later batches in that slot carry only the slot's
+  name, so they cost neither a handle nor a page fault;
+* the main process, for each batch handed out, reads the header; at each ``next()`` it frees
+  (flag back to 0) every slot whose batch nothing references any more (no tensor, view or
+  numpy array of it is alive in the main process);
 * a worker with no free slot allocates a new buffer as before, so nothing ever waits, and a
   batch the caller keeps stays intact however long it is kept.
 
@@ -24,10 +33,12 @@ queue) is not seen there: clone it first, or build the loader with ``reuse_buffe
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.utils.data
 
 # Bytes before a pooled batch's first tensor: MAGIC, token, worker, slot, sequence (int64 each).
 HEADER = 64
@@ -36,6 +47,8 @@ _FIELDS = 5
 
 # The worker's pool, installed by :func:`install` at worker start.
 _pool: WorkerPool | None = None
+# Main process: the slot buffers mapped so far, per live Leases token: {(worker, slot): buffer}.
+_mapped: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int | None:
@@ -50,8 +63,16 @@ def supported() -> bool:
     return storage_use_count(torch.UntypedStorage(1)) is not None
 
 
+def _header(storage: torch.UntypedStorage) -> list[int] | None:
+    """MAGIC, token, worker, slot, sequence of a pooled buffer; ``None`` for another one."""
+    if storage.nbytes() < HEADER or storage.device.type != "cpu":
+        return None
+    header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,)).tolist()
+    return header if header[0] == MAGIC else None
+
+
 class Leases:
-    """The main process's side: the flag table, and the buffers it has received.
+    """The main process's side: the flag table, and the slots whose batches it handed out.
 
     Args:
       num_workers: the loader's workers.
@@ -62,38 +83,35 @@ class Leases:
         self.flags = torch.zeros((num_workers, slots), dtype=torch.int64).share_memory_()
         self.token = secrets.randbits(62) + 1
         self._flags = self.flags.numpy()
-        # (worker, slot) -> [storage, sequence of the batch in it or 0 once freed]
-        self._held: dict[tuple[int, int], list[Any]] = {}
+        # (worker, slot) -> sequence of the batch handed out from it, 0 once freed
+        self._handed: dict[tuple[int, int], int] = {}
+        self._buffers = _mapped[self.token] = {}
+        weakref.finalize(self, _mapped.pop, self.token, None)
 
     def worker_args(self) -> tuple[torch.Tensor, int]:
         """What :func:`install` needs in a worker."""
         return self.flags, self.token
 
     def received(self, batch: Any) -> None:
-        """Note the buffer of ``batch``, just handed out, if it is one of the pooled ones."""
+        """Note the slot of ``batch``, just handed out, if it is in one."""
         tensor = _first_tensor(batch)
-        if tensor is None:
+        header = None if tensor is None else _header(tensor.untyped_storage())
+        if header is None:
             return
-        storage = tensor.untyped_storage()
-        if storage.nbytes() < HEADER or storage.device.type != "cpu":
-            return
-        header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,)).tolist()
-        magic, token, worker, slot, seq = header
-        if magic != MAGIC or token != self.token or not 0 <= worker < self._flags.shape[0] \
-                or not 0 <= slot < self._flags.shape[1] or seq <= 0:
-            return
-        self._held[(worker, slot)] = [storage, seq]
+        _, token, worker, slot, seq = header
+        if token == self.token and (worker, slot) in self._buffers and seq > 0:
+            self._handed[(worker, slot)] = seq
 
     def release(self) -> int:
-        """Free every held buffer that nothing references any more; returns how many."""
+        """Free every slot whose batch nothing references any more; returns how many."""
         freed = 0
-        for (worker, slot), entry in self._held.items():
-            storage, seq = entry
-            if seq and self._flags[worker, slot] == seq and storage_use_count(storage) == 1:
-                entry[1] = 0
-                # Kept mapped: the worker's next batch in this slot arrives as the same memory,
-                # already mapped here, so reading it costs no page faults.
-                self._flags[worker, slot] = 0
+        for key, seq in self._handed.items():
+            if not seq or self._flags[key] != seq:
+                continue
+            buffer = self._buffers.get(key)
+            if buffer is not None and storage_use_count(buffer) == 1:  # held here alone
+                self._handed[key] = 0
+                self._flags[key] = 0
                 freed += 1
         return freed
 
@@ -106,9 +124,9 @@ class WorkerPool:
         self.token = token
         self.worker = worker
         self._storages: list[torch.UntypedStorage | None] = [None] * len(self._flags)
+        # whether the buffer now in each slot has crossed to the main process as a handle
+        self._sent = [False] * len(self._flags)
         self._seq = 0
-        self.reused = 0
-        self.allocated = 0
 
     def take(self, nbytes: int) -> torch.UntypedStorage:
         """A shared buffer of at least ``HEADER + nbytes`` bytes, header written; the tensors
@@ -121,20 +139,32 @@ class WorkerPool:
         if fits:
             slot = fits[0]
             storage = self._storages[slot]
-            self.reused += 1
         elif free:
             slot = free[0]
             storage = self._storages[slot] = torch.UntypedStorage._new_shared(need)
-            self.allocated += 1
+            self._sent[slot] = False
         else:  # every slot still in use by the main process: a buffer of its own
             slot = -1
             storage = torch.UntypedStorage._new_shared(need)
-            self.allocated += 1
         if slot >= 0:
             self._flags[slot] = self._seq
         header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,))
         header.copy_(torch.tensor([MAGIC, self.token, self.worker, slot, self._seq]))
         return storage
+
+    def mapped(self, storage: torch.UntypedStorage) -> int | None:
+        """The slot of ``storage`` if the main process has it mapped already, else ``None``
+        (and from now on it has: the caller sends its handle)."""
+        header = _header(storage)
+        if header is None or header[1] != self.token or header[2] != self.worker:
+            return None
+        slot = header[3]
+        if not 0 <= slot < len(self._storages) or self._storages[slot] is not storage:
+            return None
+        if self._sent[slot]:
+            return slot
+        self._sent[slot] = True
+        return None
 
 
 def install(flags: torch.Tensor, token: int, worker: int) -> None:
@@ -146,6 +176,108 @@ def install(flags: torch.Tensor, token: int, worker: int) -> None:
 def pool() -> WorkerPool | None:
     """This process's pool: set inside a worker of a loader that reuses buffers."""
     return _pool
+
+
+# -- the crossing ---------------------------------------------------------------------------
+def packed(batch: Any) -> Any:
+    """``batch`` wrapped so that pickling it (a DataLoader worker sending it to the main
+    process) sends the buffer its tensors share once (or, for a slot the main process has
+    mapped, only the slot's name) and the tensors as views of it; what unpickles is the plain
+    batch. Outside a DataLoader worker, ``batch`` itself."""
+    if torch.utils.data.get_worker_info() is None:
+        return batch
+    return _Packed(batch)
+
+
+class _Packed:
+    """A batch on its way out of a worker (see :func:`packed`)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        views: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]] = []
+        base: list[torch.UntypedStorage] = []
+        skeleton = _strip(self.batch, base, views)
+        if not base:
+            return _plain, (self.batch,)
+        storage = base[0]
+        slot = _pool.mapped(storage) if _pool is not None else None
+        if slot is not None:
+            return _unpack_mapped, (_pool.token, _pool.worker, slot, views, skeleton)
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        return _unpack, (whole, views, skeleton)
+
+
+class _View:
+    """Where view ``index`` of the shared buffer goes in a packed batch."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _View, (self.index,)
+
+
+def _strip(tree: Any, base: list[torch.UntypedStorage], views: list) -> Any:
+    """``tree`` with each CPU tensor on the buffer of the first one replaced by a
+    :class:`_View`, its (dtype, shape, stride, offset) appended to ``views``."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type != "cpu" or tree.requires_grad or type(tree) is not torch.Tensor:
+            return tree
+        storage = tree.untyped_storage()
+        if not base:
+            base.append(storage)
+        elif storage.data_ptr() != base[0].data_ptr() or storage.nbytes() != base[0].nbytes():
+            return tree  # another buffer: pickled as torch does
+        views.append((tree.dtype, tuple(tree.shape), tuple(tree.stride()),
+                      tree.storage_offset()))
+        return _View(len(views) - 1)
+    if type(tree) is dict:
+        return {k: _strip(v, base, views) for k, v in tree.items()}
+    if type(tree) in (list, tuple):
+        return type(tree)(_strip(v, base, views) for v in tree)
+    return tree
+
+
+def _unpack(whole: torch.Tensor, views: list, skeleton: Any) -> Any:
+    """Main process: a batch that brought its buffer's handle. A slot buffer is kept mapped
+    for the batches that later come in the same slot."""
+    storage = whole.untyped_storage()
+    header = _header(storage)
+    if header is not None and header[3] >= 0 and header[1] in _mapped:
+        _mapped[header[1]][(header[2], header[3])] = storage
+    return _fill(skeleton, storage, views)
+
+
+def _unpack_mapped(token: int, worker: int, slot: int, views: list, skeleton: Any) -> Any:
+    """Main process: a batch in a slot whose buffer is mapped here already."""
+    storage = _mapped.get(token, {}).get((worker, slot))
+    if storage is None:
+        raise RuntimeError(f"torch_rlds: a batch of worker {worker} came in buffer slot {slot}, "
+                           "which this process never received (the loader's iterator that "
+                           "mapped it is gone)")
+    return _fill(skeleton, storage, views)
+
+
+def _fill(tree: Any, storage: torch.UntypedStorage, views: list) -> Any:
+    tensors = [torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+               for dtype, shape, stride, offset in views]
+    return _put(tree, tensors)
+
+
+def _put(tree: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(tree, _View):
+        return tensors[tree.index]
+    if type(tree) is dict:
+        return {k: _put(v, tensors) for k, v in tree.items()}
+    if type(tree) in (list, tuple):
+        return type(tree)(_put(v, tensors) for v in tree)
+    return tree
+
+
+def _plain(batch: Any) -> Any:
+    return batch
 
 
 def _first_tensor(tree: Any) -> torch.Tensor | None:

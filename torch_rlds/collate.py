@@ -152,3 +152,4 @@ def _build(tree: Any) -> Any:
     if isinstance(tree, list):
         return [_build(value) for value in tree]
     return tree
+

@@ -147,7 +147,7 @@ class DataLoader(StatefulDataLoader):
             dataset = dataset.batched(asked[0], drop_last=asked[1])
             batch_size, collate_fn = None, _whole_batch
         elif collate_fn is None and batch_size is not None:
-            collate_fn = collate  # without batching torch's default converts each sample
+            collate_fn = _collate  # without batching torch's default converts each sample
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
         if asked is not None:
@@ -566,8 +566,14 @@ def _init_worker(flags: torch.Tensor, token: int, init: Callable[[int], None] | 
 
 
 def _whole_batch(batch: Any) -> Any:
-    """The collate_fn of a dataset that emits whole batches: each item is one already."""
-    return batch
+    """The collate_fn of a dataset that emits whole batches: each item is one already (packed
+    for its trip out of a worker: :func:`torch_rlds._buffers.packed`)."""
+    return _buffers.packed(batch)
+
+
+def _collate(samples: list[Any]) -> Any:
+    """:func:`torch_rlds.collate`, packed for the trip out of a worker."""
+    return _buffers.packed(collate(samples))
 
 
 def _drop(*_: Any) -> None:
