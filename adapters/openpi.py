@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds.adapters._common import loader_processes, state_filename, state_path
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
-from torch_rlds.loader import read_json, to_numpy, write_json_atomic
+from torch_rlds.loader import to_numpy
 
 __all__ = ["Observation", "OpenpiDataLoader", "create_data_loader"]
 

@@ -29,8 +29,8 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds.adapters._common import loader_processes, state_filename, state_path
-from torch_rlds.loader import read_json, write_json_atomic
 
 __all__ = [
     "DATA_LOADER_ITEM",

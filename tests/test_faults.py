@@ -35,6 +35,7 @@ import torch.utils.data
 
 import torch_rlds
 from torch_rlds import synthetic
+from torch_rlds._state_file import MAX_STATE_BYTES
 from torch_rlds.loader import WorkerError, dataset_states
 
 HELPER = Path(__file__).with_name("preempt_worker.py")
@@ -496,7 +497,7 @@ def test_partial_or_garbage_state_files_are_refused(dataset_path, tmp_path):
         "nan": whole.replace(b'"batches_seen": 0', b'"batches_seen": NaN'),
         "duplicate": b'{"_iterator_finished": true, ' + whole[1:],
         "deep": b"[" * 100_000 + b"]" * 100_000,
-        "huge": b" " * (torch_rlds.loader.MAX_STATE_BYTES + 1),
+        "huge": b" " * (MAX_STATE_BYTES + 1),
         "a list": b"[]",
         "null": b"null",
         "empty object": b"{}",

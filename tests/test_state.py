@@ -27,7 +27,8 @@ from etils import epath
 
 import torch_rlds
 from torch_rlds import synthetic
-from torch_rlds.loader import dataset_states, write_json_atomic
+from torch_rlds._state_file import write_json_atomic
+from torch_rlds.loader import dataset_states
 from torch_rlds.testing import assert_batches_equal
 
 GOLDEN_DIR = Path(__file__).with_name("golden")

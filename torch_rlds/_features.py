@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -201,3 +201,14 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The ``a/b/c`` paths of the leaves of a nested dict (what error messages list)."""
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            keys.extend(flat_keys(v, f"{prefix}{k}/"))
+        else:
+            keys.append(prefix + k)
+    return keys

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._features import flat_keys
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 
 
@@ -61,7 +62,7 @@ class EpisodeSampler:
             value = _lookup(observation, key)
             if value is None:
                 raise KeyError(f"{name}: observation key {key!r} not in this episode (it has "
-                               f"{sorted(_flat_keys(observation))})")
+                               f"{sorted(flat_keys(observation))})")
             if check_images and isinstance(value, EncodedImages):
                 try:
                     value.check_headers()
@@ -173,13 +174,3 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
             return None
         tree = tree[part]
     return tree
-
-
-def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            keys.extend(_flat_keys(v, f"{prefix}{k}/"))
-        else:
-            keys.append(prefix + k)
-    return keys

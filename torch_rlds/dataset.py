@@ -98,8 +98,9 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     state after a batch is the state after its last sample. It is built straight into one
     buffer (shared memory inside a DataLoader worker) with each frame decoded into its row and
     a frame that several of its samples show decoded once: no copy, little Python per sample.
-    Give it (or :meth:`batched`) to a DataLoader with ``batch_size=None``. A state saved by
-    either form loads into the other: the cursor counts samples, not batches.
+    :class:`torch_rlds.DataLoader` with a ``batch_size`` batches this way by itself; give
+    torch's own loaders the dataset (or :meth:`batched`) with ``batch_size=None``. A state
+    saved by either form loads into the other: the cursor counts samples, not batches.
 
     **Threads.** Frames are decoded by ``decode_threads`` threads (simplejpeg releases the GIL)
     ahead of what the caller asked for: a few samples, or the next batch. While a window is

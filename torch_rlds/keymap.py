@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._features import flat_keys
+
 STATE = "state"
 ACTION = "action"
 LANGUAGE = "language_instruction"
@@ -295,22 +297,12 @@ def _get(steps: Mapping[str, Any], key: str, field: str, name: str) -> Any:
     for part in key.split("/"):
         if not isinstance(node, Mapping) or part not in node:
             raise KeyMapError(f"{name}: {field}: {key!r} is not in this episode's steps; they "
-                              f"hold {sorted(_flat(steps))}")
+                              f"hold {sorted(flat_keys(steps))}")
         node = node[part]
     if isinstance(node, Mapping):
         raise KeyMapError(f"{name}: {field}: {key!r} is a group of features "
-                          f"{sorted(key + '/' + k for k in _flat(node))}; name the ones to use")
+                          f"{sorted(key + '/' + k for k in flat_keys(node))}; name the ones to use")
     return node
-
-
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            keys.extend(_flat(v, f"{prefix}{k}/"))
-        else:
-            keys.append(prefix + k)
-    return keys
 
 
 def key_map_from_config(data: Any) -> KeyMap:

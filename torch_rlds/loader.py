@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import glob
-import json
 import multiprocessing
 import os
-import re
-import signal
 import sys
-import time
 import traceback
-import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -39,12 +32,16 @@ from torch_rlds._state import (
     check_loader_state,
     saved_num_workers,
 )
+from torch_rlds._state_file import read_json, write_json_atomic
+from torch_rlds._workers import (
+    WorkerError,
+    diagnose,
+    report_deaths_from_next,
+    stop_workers,
+    summary,
+)
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
-
-_TMP_MARK = ".tmp-"
-# A state is a few hundred bytes per worker; a file far larger is not one, and is not read.
-MAX_STATE_BYTES = 16 << 20
 
 # torchdata 0.11 calls a torch API that newer torch deprecates, once per iterator.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
@@ -185,7 +182,7 @@ class DataLoader(StatefulDataLoader):
             self.worker_init_fn = init
         iterator._torch_rlds_leases = leases
         if getattr(iterator, "_worker_pids_set", False):
-            _report_deaths_from_next(iterator)
+            report_deaths_from_next(iterator)
         queues = getattr(iterator, "_index_queues", None)
         if queues:
             # torch stops workers by sending None down their index queues. When the iterator
@@ -320,24 +317,6 @@ def dataset_states(state: dict[str, Any]) -> list[Any]:
     return out
 
 
-class WorkerError(RuntimeError):
-    """A DataLoader worker died (killed by a signal, crashed, exited) or, under the loader's
-    ``timeout``, sent no batch in time.
-
-    ``worker`` is its index, ``pid`` its process id, ``exitcode`` its exit status (negative: the
-    signal that killed it; ``None``: still running when the loader gave up on it). The pass
-    ends with it: the loader shuts its other workers down, and ``iter()`` on the loader again
-    resumes right after the last batch handed out, with fresh workers.
-    """
-
-    def __init__(self, message: str, worker: int | None = None, pid: int | None = None,
-                 exitcode: int | None = None) -> None:
-        super().__init__(message)
-        self.worker = worker
-        self.pid = pid
-        self.exitcode = exitcode
-
-
 class _CountingIterator:
     """Counts the batches handed out, and ends the pass at the first error.
 
@@ -378,7 +357,7 @@ class _CountingIterator:
         except StopIteration:
             raise
         except BaseException as e:
-            failure = _diagnose(self._inner, e) if isinstance(e, Exception) else None
+            failure = diagnose(self._inner, e) if isinstance(e, Exception) else None
             self._end_pass(failure or e, before)
             if failure is not None:
                 # torch's frames may hold open temporary files (its check of the fd limit);
@@ -394,7 +373,7 @@ class _CountingIterator:
 
     def _end_pass(self, error: BaseException, dataset_state: Any) -> None:
         self._ended = (WorkerError(str(error), error.worker, error.pid, error.exitcode)
-                       if isinstance(error, WorkerError) else _summary(error))
+                       if isinstance(error, WorkerError) else summary(error))
         try:
             state = self._inner.state_dict()  # with workers: as of the last batch handed out
             if dataset_state is not None:
@@ -403,7 +382,7 @@ class _CountingIterator:
         finally:
             stuck = (error.worker if isinstance(error, WorkerError) and error.exitcode is None
                      else None)
-            _stop_workers(self._inner, stuck)
+            stop_workers(self._inner, stuck)
 
     def _ended_error(self) -> BaseException:
         ended = self._ended
@@ -418,138 +397,6 @@ class _CountingIterator:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
-
-
-# The messages torch's DataLoader iterator raises for a dead or silent worker, and for an
-# error a worker raised (torch 2.3 on).
-_TORCH_TIMEOUT = "DataLoader timed out after"
-_PIDS = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
-_RAISED_IN_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+")
-# A worker killed while it sends a batch can break the transfer (a reset connection, a
-# truncated pickle) a moment before it can be seen dead: how long to look for the death.
-_DEATH_GRACE_S = 2.0
-
-
-def _summary(error: BaseException) -> str:
-    """``Type: message`` of ``error`` in one line (torch puts a worker's traceback first)."""
-    lines = str(error).strip().splitlines()
-    last = lines[-1][:300] if lines else ""
-    kind = type(error).__name__
-    return last if last.startswith(f"{kind}:") else f"{kind}: {last}"
-
-
-def _diagnose(inner: Any, error: Exception) -> WorkerError | None:
-    """:func:`_worker_failure`, safe from torch's SIGCHLD handler, which raises its own
-    ``RuntimeError`` in the main thread at any moment once a worker has died."""
-    for _ in range(3):
-        try:
-            if getattr(inner, "_worker_pids_set", False):  # the pass ends: stop watching them
-                torch.utils.data._utils.signal_handling._remove_worker_pids(id(inner))
-                inner._worker_pids_set = False
-            return _worker_failure(inner, error)
-        except RuntimeError as late:  # the handler ran first; its message names the worker
-            error = late
-    return _worker_failure(inner, error)
-
-
-def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
-    """The :class:`WorkerError` that ``error``, raised by ``inner``'s ``__next__``, stands for;
-    ``None`` when it is no worker's death or silence (a dataset's own error passes as it is)."""
-    workers = list(getattr(inner, "_workers", None) or ())
-    if not workers:
-        return None
-    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
-    named = {int(p) for match in _PIDS.finditer(text) for p in match.group(1).split(",")
-             if p.strip()}
-    raised_by_dataset = bool(_RAISED_IN_WORKER.match(str(error)))
-    deadline = time.monotonic() + (0.0 if raised_by_dataset else _DEATH_GRACE_S)
-    while True:
-        for worker, process in enumerate(workers):
-            process.join(timeout=0)  # reaps it if it is dead, which sets its exitcode
-            if process.pid in named or process.exitcode not in (None, 0):
-                code = process.exitcode
-                if code is None:
-                    process.join(timeout=1.0)  # torch saw it die before its exit was collected
-                    code = process.exitcode
-                return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) "
-                                   f"{_describe_exit(code)}; the loader stopped its other "
-                                   "workers. Its state still ends at the last batch handed "
-                                   "out: iter() again resumes there with fresh workers", worker,
-                                   process.pid, code)
-        if time.monotonic() >= deadline or str(error).startswith(_TORCH_TIMEOUT):
-            break
-        time.sleep(0.01)
-    if str(error).startswith(_TORCH_TIMEOUT):
-        task = getattr(inner, "_task_info", {}).get(getattr(inner, "_rcvd_idx", None))
-        if task:
-            worker = task[0]
-            process = workers[worker]
-            return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) sent no batch "
-                               f"within the loader's timeout of {inner._timeout} s (stuck or too "
-                               "slow); the loader stopped it and its other workers. Its state "
-                               "still ends at the last batch handed out: iter() again resumes "
-                               "there with fresh workers", worker, process.pid, None)
-    return None
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited (exit code unknown)"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited unexpectedly with exit code {code}"
-
-
-def _stop_workers(inner: Any, stuck: int | None) -> None:
-    """Shut ``inner``'s workers down now, rather than when it is collected, and make sure none
-    outlives this call: worker ``stuck`` (one the loader timed out on) and any other that does
-    not exit when asked are killed."""
-    workers = list(getattr(inner, "_workers", None) or ())
-    if not workers:
-        return
-    if stuck is not None and workers[stuck].is_alive():
-        workers[stuck].kill()
-    # torch's SIGCHLD handler may raise for a worker that exits while it shuts the rest down.
-    with contextlib.suppress(RuntimeError):
-        inner._shutdown_workers()
-    for process in workers:
-        process.join(timeout=5.0)
-        if process.exitcode is None:
-            process.kill()
-            process.join(timeout=5.0)
-
-
-# How often a loader waiting for a batch checks that its workers live.
-_POLL_S = 0.1
-
-
-def _report_deaths_from_next(iterator: Any) -> None:
-    """Have a dead worker reported by ``next()``, and only there.
-
-    torch watches its workers with a SIGCHLD handler that raises ``RuntimeError`` in the main
-    thread wherever it happens to be (in the training step, in a ``finally``, in an import),
-    where no caller can catch it as a loader error. This takes the workers off that handler
-    and instead has ``next()``, while it waits for a batch, check them every ``_POLL_S``
-    seconds (torch's own check, which it otherwise makes every 5 s).
-    """
-    torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
-    iterator._worker_pids_set = False
-    ref = weakref.ref(iterator)  # no reference cycle: the iterator still dies with its owner
-    method = type(iterator)._try_get_data
-
-    def try_get_data(timeout: float = torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            step = min(_POLL_S, max(deadline - time.monotonic(), 0.0))
-            success, data = method(ref(), step)  # raises once a worker is dead
-            if success or time.monotonic() >= deadline:
-                return success, data
-
-    iterator._try_get_data = try_get_data
 
 
 # Buffers a worker keeps beyond its prefetched batches: the batch the caller holds, the one
@@ -598,83 +445,3 @@ def to_numpy(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], torch.Tensor):
         return type(tree)(to_numpy(v) for v in tree)
     return tree
-
-
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename.
-
-    Removes the temporary files that earlier writes to ``path`` left behind when they were
-    killed. On a local disk the file is flushed to disk before the rename and the folder after
-    it, so the new state survives a power cut once this returns; an object store (``gs://``)
-    makes the whole object visible at once.
-    """
-    data = json.dumps(obj, sort_keys=True, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}{_TMP_MARK}"
-    for stale in path.parent.glob(glob.escape(prefix) + "*"):
-        with contextlib.suppress(FileNotFoundError):  # another save removed it first
-            stale.unlink()
-    tmp = path.parent / f"{prefix}{uuid.uuid4().hex}"
-    if "://" in os.fspath(tmp):  # object stores have no fsync; the rename is a copy there
-        tmp.write_text(data)
-        tmp.replace(path)
-        return
-    try:
-        with open(os.fspath(tmp), "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.fspath(tmp), os.fspath(path))  # atomic on a local disk
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(os.fspath(tmp))
-        raise
-    _fsync_folder(os.fspath(path.parent))
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse to fsync a folder; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON state file.
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
-    anything that is not one whole JSON document: truncated, not UTF-8, NaN or Infinity,
-    duplicate keys, nesting too deep, or larger than :data:`MAX_STATE_BYTES`.
-    """
-    path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no state file")
-    with path.open("rb") as f:
-        data = f.read(MAX_STATE_BYTES + 1)
-    if len(data) > MAX_STATE_BYTES:
-        raise ValueError(f"{path}: not a JSON state (larger than {MAX_STATE_BYTES} bytes)")
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
-                          parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
-        raise ValueError(f"{path}: not a JSON state ({type(e).__name__}: {e})") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"duplicate key {duplicate!r}")
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number a state holds")

@@ -1,0 +1,164 @@
+"""DataLoader workers that die or go silent: found, named, stopped, and reported from
+``next()`` only."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import time
+import weakref
+from typing import Any
+
+import torch
+import torch.utils.data
+
+
+class WorkerError(RuntimeError):
+    """A DataLoader worker died (killed by a signal, crashed, exited) or, under the loader's
+    ``timeout``, sent no batch in time.
+
+    ``worker`` is its index, ``pid`` its process id, ``exitcode`` its exit status (negative: the
+    signal that killed it; ``None``: still running when the loader gave up on it). The pass
+    ends with it: the loader shuts its other workers down, and ``iter()`` on the loader again
+    resumes right after the last batch handed out, with fresh workers.
+    """
+
+    def __init__(self, message: str, worker: int | None = None, pid: int | None = None,
+                 exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+# The messages torch's DataLoader iterator raises for a dead or silent worker, and for an
+# error a worker raised (torch 2.3 on).
+_TORCH_TIMEOUT = "DataLoader timed out after"
+_PIDS = re.compile(r"DataLoader worker \(pids?(?:\(s\))? ([\d, ]+)\)")
+_RAISED_IN_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+")
+# A worker killed while it sends a batch can break the transfer (a reset connection, a
+# truncated pickle) a moment before it can be seen dead: how long to look for the death.
+_DEATH_GRACE_S = 2.0
+
+
+def summary(error: BaseException) -> str:
+    """``Type: message`` of ``error`` in one line (torch puts a worker's traceback first)."""
+    lines = str(error).strip().splitlines()
+    last = lines[-1][:300] if lines else ""
+    kind = type(error).__name__
+    return last if last.startswith(f"{kind}:") else f"{kind}: {last}"
+
+
+def diagnose(inner: Any, error: Exception) -> WorkerError | None:
+    """:func:`_worker_failure`, safe from torch's SIGCHLD handler, which raises its own
+    ``RuntimeError`` in the main thread at any moment once a worker has died."""
+    for _ in range(3):
+        try:
+            if getattr(inner, "_worker_pids_set", False):  # the pass ends: stop watching them
+                torch.utils.data._utils.signal_handling._remove_worker_pids(id(inner))
+                inner._worker_pids_set = False
+            return _worker_failure(inner, error)
+        except RuntimeError as late:  # the handler ran first; its message names the worker
+            error = late
+    return _worker_failure(inner, error)
+
+
+def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
+    """The :class:`WorkerError` that ``error``, raised by ``inner``'s ``__next__``, stands for;
+    ``None`` when it is no worker's death or silence (a dataset's own error passes as it is)."""
+    workers = list(getattr(inner, "_workers", None) or ())
+    if not workers:
+        return None
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    named = {int(p) for match in _PIDS.finditer(text) for p in match.group(1).split(",")
+             if p.strip()}
+    raised_by_dataset = bool(_RAISED_IN_WORKER.match(str(error)))
+    deadline = time.monotonic() + (0.0 if raised_by_dataset else _DEATH_GRACE_S)
+    while True:
+        for worker, process in enumerate(workers):
+            process.join(timeout=0)  # reaps it if it is dead, which sets its exitcode
+            if process.pid in named or process.exitcode not in (None, 0):
+                code = process.exitcode
+                if code is None:
+                    process.join(timeout=1.0)  # torch saw it die before its exit was collected
+                    code = process.exitcode
+                return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) "
+                                   f"{_describe_exit(code)}; the loader stopped its other "
+                                   "workers. Its state still ends at the last batch handed "
+                                   "out: iter() again resumes there with fresh workers", worker,
+                                   process.pid, code)
+        if time.monotonic() >= deadline or str(error).startswith(_TORCH_TIMEOUT):
+            break
+        time.sleep(0.01)
+    if str(error).startswith(_TORCH_TIMEOUT):
+        task = getattr(inner, "_task_info", {}).get(getattr(inner, "_rcvd_idx", None))
+        if task:
+            worker = task[0]
+            process = workers[worker]
+            return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) sent no batch "
+                               f"within the loader's timeout of {inner._timeout} s (stuck or too "
+                               "slow); the loader stopped it and its other workers. Its state "
+                               "still ends at the last batch handed out: iter() again resumes "
+                               "there with fresh workers", worker, process.pid, None)
+    return None
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (exit code unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited unexpectedly with exit code {code}"
+
+
+def stop_workers(inner: Any, stuck: int | None) -> None:
+    """Shut ``inner``'s workers down now, rather than when it is collected, and make sure none
+    outlives this call: worker ``stuck`` (one the loader timed out on) and any other that does
+    not exit when asked are killed."""
+    workers = list(getattr(inner, "_workers", None) or ())
+    if not workers:
+        return
+    if stuck is not None and workers[stuck].is_alive():
+        workers[stuck].kill()
+    # torch's SIGCHLD handler may raise for a worker that exits while it shuts the rest down.
+    with contextlib.suppress(RuntimeError):
+        inner._shutdown_workers()
+    for process in workers:
+        process.join(timeout=5.0)
+        if process.exitcode is None:
+            process.kill()
+            process.join(timeout=5.0)
+
+
+# How often a loader waiting for a batch checks that its workers live.
+_POLL_S = 0.1
+
+
+def report_deaths_from_next(iterator: Any) -> None:
+    """Have a dead worker reported by ``next()``, and only there.
+
+    torch watches its workers with a SIGCHLD handler that raises ``RuntimeError`` in the main
+    thread wherever it happens to be (in the training step, in a ``finally``, in an import),
+    where no caller can catch it as a loader error. This takes the workers off that handler
+    and instead has ``next()``, while it waits for a batch, check them every ``_POLL_S``
+    seconds (torch's own check, which it otherwise makes every 5 s).
+    """
+    torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+    iterator._worker_pids_set = False
+    ref = weakref.ref(iterator)  # no reference cycle: the iterator still dies with its owner
+    method = type(iterator)._try_get_data
+
+    def try_get_data(timeout: float = torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            step = min(_POLL_S, max(deadline - time.monotonic(), 0.0))
+            success, data = method(ref(), step)  # raises once a worker is dead
+            if success or time.monotonic() >= deadline:
+                return success, data
+
+    iterator._try_get_data = try_get_data
