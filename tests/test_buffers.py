@@ -192,6 +192,7 @@ VIEWS = [(torch.float32, (4, 4), (4, 1), 16)]  # one float tensor after the 64-b
 SKELETON = {"action": _buffers._View(0), "text": ["a", "b"]}
 
 
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_leases_free_a_buffer_only_when_nothing_holds_it():
     leases = _buffers.Leases(1, 2)
     pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
@@ -199,12 +200,17 @@ def test_leases_free_a_buffer_only_when_nothing_holds_it():
     assert pool.mapped(buffer) is None  # the first batch in a slot brings the handle
     batch = _arrive(buffer, VIEWS, SKELETON)
     assert batch["text"] == ["a", "b"] and batch["action"].shape == (4, 4)
-    leases.received(batch)
     assert leases.release() == 0 and leases.flags[0, 0] == 1
     array = batch["action"].numpy()
+    storage = batch["action"].untyped_storage()
     del batch
     assert leases.release() == 0  # a numpy view still holds it
     del array
+    assert leases.release() == 0  # so does the storage object alone
+    typed = torch.empty(0, dtype=torch.float32).set_(storage, 16, (4,)).storage()
+    del storage
+    assert leases.release() == 0  # and a TypedStorage of it
+    del typed
     assert leases.release() == 1 and leases.flags[0, 0] == 0
     assert pool.take(64) is buffer  # the worker's next batch goes into slot 0...
     assert leases.release() == 0 and leases.flags[0, 0] == 2  # ...not yet received here
@@ -212,7 +218,6 @@ def test_leases_free_a_buffer_only_when_nothing_holds_it():
     again = _buffers._unpack_mapped(leases.token, 0, 0, VIEWS, SKELETON)
     torch.empty(0, dtype=torch.float32).set_(buffer, 16, (16,)).copy_(torch.arange(16.0))
     assert again["action"].flatten().tolist() == list(range(16))  # the same memory
-    leases.received(again)
     del again
     assert leases.release() == 1 and leases.flags[0, 0] == 0
 
@@ -228,17 +233,14 @@ def test_a_batch_by_name_needs_its_buffer_mapped():
         _buffers._unpack_mapped(token, 0, 0, VIEWS, SKELETON)
 
 
-def test_leases_ignore_batches_of_other_buffers():
+def test_leases_free_only_their_own_slots():
     leases = _buffers.Leases(2, 2)
     other = _buffers.Leases(2, 2)
     pool = _buffers.WorkerPool(*other.worker_args(), worker=1)
     foreign = _arrive(pool.take(64), VIEWS, SKELETON)
-    leases.received(foreign)
-    leases.received({"action": torch.zeros(100)})
-    leases.received({"text": ["no tensor"]})
+    assert leases.release() == 0 and leases.flags.sum() == 0
     del foreign
-    assert leases.release() == 0
-    assert other.flags[1, 0] == 1
+    assert other.release() == 1 and other.flags[1, 0] == 0
 
 
 _HANDLES: list[int] = []
@@ -268,3 +270,76 @@ def test_a_batch_crosses_as_one_handle_or_by_name(small_dataset, monkeypatch, re
         assert 2 <= len(_HANDLES) <= 2 * (loader.prefetch_factor + 3)
     else:  # one handle a batch (torch alone would send one per tensor)
         assert len(_HANDLES) == 30
+
+
+@pytest.mark.parametrize("collate", [None, torch_rlds.collate])
+def test_slots_come_back_after_a_restore_between_snapshots(small_dataset, collate):
+    # torchdata replays the batches since the last snapshot without handing them out: their
+    # slots must come back all the same, or every later batch needs a fresh buffer.
+    def make():
+        return torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2,
+                                     snapshot_every_n_steps=20, collate_fn=collate)
+
+    first = make()
+    reference = list(itertools.islice(first, 53))
+    state = first.state_dict()
+    assert state["_steps_since_snapshot"] > 5
+    del first
+    loader = make()
+    loader.load_state_dict(state)
+    headers = []
+    for i, batch in enumerate(itertools.islice(loader, 40)):
+        if i < 3:
+            assert batch["meta"]["step_index"].tolist() != []
+        headers.append(_header(batch))
+    assert {h[0] for h in headers} == {_buffers.MAGIC}
+    assert all(h[3] >= 0 for h in headers[10:]), "batches in fresh buffers: slots leaked"
+    del reference
+
+
+def _raise_in_mapped(worker_id):
+    def broken(storage):
+        raise OSError("no more file descriptors")
+    _buffers.pool().mapped = broken
+
+
+def test_an_error_laying_a_batch_out_is_raised_not_a_hang(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=1,
+                                   worker_init_fn=_raise_in_mapped, timeout=60)
+    with pytest.raises(OSError, match="no more file descriptors"):
+        next(iter(loader))
+
+
+class _Nested(torch.utils.data.IterableDataset):
+    """Batches of a loader without workers, iterated inside another loader's worker."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __iter__(self):
+        inner = torch_rlds.DataLoader(_dataset(self.path), batch_size=3)
+        for batch in itertools.islice(inner, 2):
+            yield {"kind": type(batch).__name__, "action": batch["action"]}
+
+
+def test_a_loader_without_workers_inside_a_worker_hands_out_plain_batches(small_dataset):
+    outer = torch_rlds.DataLoader(_Nested(small_dataset), batch_size=None, num_workers=1,
+                                  collate_fn=lambda item: item)
+    kinds = [item["kind"] for item in outer]
+    assert kinds == ["dict", "dict"]
+
+
+def test_the_loader_dataset_is_a_view_of_the_dataset_given(small_dataset):
+    dataset = _dataset(small_dataset, repeat=False)
+    loader = torch_rlds.DataLoader(dataset, batch_size=3)
+    dataset.set_epoch(3)
+    assert next(iter(loader))["meta"]["epoch"].tolist() == [3, 3, 3]
+    state = dataset.state_dict()
+    assert state["epoch"] == 3 and state["position"] > 0  # the loader moved the one cursor
+    again = torch_rlds.DataLoader(loader.dataset, batch_size=loader.batch_size)
+    assert next(iter(again))["action"].shape == (3, 4, 7)
+    with pytest.raises(ValueError, match=r"emits batches already \(batch_size=3, drop_last="
+                                         r"False\).*got batch_size=4"):
+        torch_rlds.DataLoader(loader.dataset, batch_size=4)
+    plain = torch_rlds.DataLoader(dataset.batched(3), batch_size=None)
+    assert next(iter(plain))["action"].shape == (3, 4, 7)

@@ -20,9 +20,10 @@ tells a worker when a buffer is free again through a small shared table of flags
 * the first batch in a slot carries the buffer's handle, which the main process maps and keeps
   for as long as the loader's iterator lives; later batches in that slot carry only the slot's
   name, so they cost neither a handle nor a page fault;
-* the main process, for each batch handed out, reads the header; at each ``next()`` it frees
-  (flag back to 0) every slot whose batch nothing references any more (no tensor, view or
-  numpy array of it is alive in the main process);
+* the main process notes each batch's slot and sequence as it unpickles it; at each ``next()``
+  it frees (flag back to 0) every slot whose batch nothing references any more: no tensor,
+  view, numpy array or storage object of it is alive in the main process (batches torchdata
+  drops unseen, as when it skips ahead to a restored position, free their slots too);
 * a worker with no free slot allocates a new buffer as before, so nothing ever waits, and a
   batch the caller keeps stays intact however long it is kept.
 
@@ -33,8 +34,8 @@ queue) is not seen there: clone it first, or build the loader with ``reuse_buffe
 from __future__ import annotations
 
 import secrets
+import sys
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,8 +48,9 @@ _FIELDS = 5
 
 # The worker's pool, installed by :func:`install` at worker start.
 _pool: WorkerPool | None = None
-# Main process: the slot buffers mapped so far, per live Leases token: {(worker, slot): buffer}.
-_mapped: dict[int, dict[tuple[int, int], torch.UntypedStorage]] = {}
+# Main process: per live Leases token, the slot buffers mapped so far and the sequence of the
+# batch last unpickled in each: {(worker, slot): [buffer, sequence]}.
+_mapped: dict[int, dict[tuple[int, int], list[Any]]] = {}
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int | None:
@@ -72,7 +74,7 @@ def _header(storage: torch.UntypedStorage) -> list[int] | None:
 
 
 class Leases:
-    """The main process's side: the flag table, and the slots whose batches it handed out.
+    """The main process's side: the flag table, and the slot buffers it has mapped.
 
     Args:
       num_workers: the loader's workers.
@@ -83,37 +85,35 @@ class Leases:
         self.flags = torch.zeros((num_workers, slots), dtype=torch.int64).share_memory_()
         self.token = secrets.randbits(62) + 1
         self._flags = self.flags.numpy()
-        # (worker, slot) -> sequence of the batch handed out from it, 0 once freed
-        self._handed: dict[tuple[int, int], int] = {}
         self._buffers = _mapped[self.token] = {}
         weakref.finalize(self, _mapped.pop, self.token, None)
+        # The Python references a buffer has when nothing but this table holds it, counted the
+        # way release() counts them (what sys.getrefcount reports differs between versions).
+        self._alone = _python_refs([object(), 0])
 
     def worker_args(self) -> tuple[torch.Tensor, int]:
         """What :func:`install` needs in a worker."""
         return self.flags, self.token
 
-    def received(self, batch: Any) -> None:
-        """Note the slot of ``batch``, just handed out, if it is in one."""
-        tensor = _first_tensor(batch)
-        header = None if tensor is None else _header(tensor.untyped_storage())
-        if header is None:
-            return
-        _, token, worker, slot, seq = header
-        if token == self.token and (worker, slot) in self._buffers and seq > 0:
-            self._handed[(worker, slot)] = seq
-
     def release(self) -> int:
-        """Free every slot whose batch nothing references any more; returns how many."""
+        """Free every slot whose batch, unpickled here, nothing references any more; returns
+        how many."""
         freed = 0
-        for key, seq in self._handed.items():
+        for key, entry in self._buffers.items():
+            seq = entry[1]
             if not seq or self._flags[key] != seq:
-                continue
-            buffer = self._buffers.get(key)
-            if buffer is not None and storage_use_count(buffer) == 1:  # held here alone
-                self._handed[key] = 0
+                continue  # freed already, or a newer batch is on its way
+            # Tensors, views and numpy arrays count in the storage's use count; its own Python
+            # object (``tensor.untyped_storage()``, which is this table's) only in refcounts.
+            if storage_use_count(entry[0]) == 1 and _python_refs(entry) == self._alone:
+                entry[1] = 0
                 self._flags[key] = 0
                 freed += 1
         return freed
+
+
+def _python_refs(entry: list[Any]) -> int:
+    return sys.getrefcount(entry[0])
 
 
 class WorkerPool:
@@ -190,23 +190,29 @@ def packed(batch: Any) -> Any:
 
 
 class _Packed:
-    """A batch on its way out of a worker (see :func:`packed`)."""
+    """A batch on its way out of a worker (see :func:`packed`).
+
+    Laid out here, in the worker's main thread: pickling happens in the queue's feeder thread,
+    where an error would be printed and the batch dropped, leaving the main process waiting.
+    """
 
     def __init__(self, batch: Any) -> None:
-        self.batch = batch
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         views: list[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int]] = []
         base: list[torch.UntypedStorage] = []
-        skeleton = _strip(self.batch, base, views)
+        skeleton = _strip(batch, base, views)
         if not base:
-            return _plain, (self.batch,)
+            self._reduced: tuple[Any, tuple[Any, ...]] = (_plain, (batch,))
+            return
         storage = base[0]
         slot = _pool.mapped(storage) if _pool is not None else None
         if slot is not None:
-            return _unpack_mapped, (_pool.token, _pool.worker, slot, views, skeleton)
+            self._reduced = (_unpack_mapped, (_pool.token, _pool.worker, slot, views, skeleton))
+            return
         whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
-        return _unpack, (whole, views, skeleton)
+        self._reduced = (_unpack, (whole, views, skeleton))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self._reduced
 
 
 class _View:
@@ -246,17 +252,21 @@ def _unpack(whole: torch.Tensor, views: list, skeleton: Any) -> Any:
     storage = whole.untyped_storage()
     header = _header(storage)
     if header is not None and header[3] >= 0 and header[1] in _mapped:
-        _mapped[header[1]][(header[2], header[3])] = storage
+        _, token, worker, slot, seq = header
+        _mapped[token][(worker, slot)] = [storage, seq]
     return _fill(skeleton, storage, views)
 
 
 def _unpack_mapped(token: int, worker: int, slot: int, views: list, skeleton: Any) -> Any:
     """Main process: a batch in a slot whose buffer is mapped here already."""
-    storage = _mapped.get(token, {}).get((worker, slot))
-    if storage is None:
+    entry = _mapped.get(token, {}).get((worker, slot))
+    if entry is None:
         raise RuntimeError(f"torch_rlds: a batch of worker {worker} came in buffer slot {slot}, "
                            "which this process never received (the loader's iterator that "
                            "mapped it is gone)")
+    storage = entry[0]
+    header = _header(storage)
+    entry[1] = header[4] if header is not None else 0
     return _fill(skeleton, storage, views)
 
 
@@ -278,21 +288,3 @@ def _put(tree: Any, tensors: list[torch.Tensor]) -> Any:
 
 def _plain(batch: Any) -> Any:
     return batch
-
-
-def _first_tensor(tree: Any) -> torch.Tensor | None:
-    for value in _leaves(tree):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
-def _leaves(tree: Any) -> Iterator[Any]:
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree

@@ -213,8 +213,24 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
                 self._default_observation_keys())
             self._check_keys(language_explicit=language_key != "language_instruction")
-        self._cursor = Cursor()
-        self._resume = False
+        self._progress = _Progress()
+
+    # Where the next pass starts, in a holder that a batching view shares (see batching_view).
+    @property
+    def _cursor(self) -> Cursor:
+        return self._progress.cursor
+
+    @_cursor.setter
+    def _cursor(self, cursor: Cursor) -> None:
+        self._progress.cursor = cursor
+
+    @property
+    def _resume(self) -> bool:
+        return self._progress.resume
+
+    @_resume.setter
+    def _resume(self, resume: bool) -> None:
+        self._progress.resume = resume
 
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")
@@ -307,6 +323,15 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         The copy shares the source and starts where this dataset would (a loaded state
         included); from then on each keeps its own state.
         """
+        out = self.batching_view(batch_size, drop_last=drop_last)
+        out._progress = _Progress(self._cursor, self._resume)
+        return out
+
+    def batching_view(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
+        """This dataset emitting batches of ``batch_size`` samples (see "Batches"), with one
+        cursor for both: iterating, :meth:`set_epoch` and :meth:`load_state_dict` on either
+        move the other. What :class:`torch_rlds.DataLoader` iterates when given this dataset
+        and a ``batch_size``."""
         _check_positive("batch_size", batch_size)
         out = copy.copy(self)
         out.batch_size = batch_size
@@ -564,6 +589,15 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 f"action_horizon={self.action_horizon}, shuffle={self.shuffle}, "
                 f"seed={self.seed}, shuffle_window={self.shuffle_window}, repeat={self.repeat}, "
                 f"process {self.process_index}/{self.process_count})")
+
+
+class _Progress:
+    """Where a dataset's next pass starts: the cursor, and whether it was loaded (resumed)
+    rather than reached."""
+
+    def __init__(self, cursor: Cursor | None = None, resume: bool = False) -> None:
+        self.cursor = cursor if cursor is not None else Cursor()
+        self.resume = resume
 
 
 class _WindowReads:

@@ -76,23 +76,28 @@ class DataLoader(StatefulDataLoader):
 
     Differences from ``StatefulDataLoader``:
 
-    * over an :class:`~torch_rlds.RLDSDataset` that emits samples, with ``batch_size`` and no
-      ``collate_fn``, the dataset makes the batches (:meth:`RLDSDataset.batched`, "Batches"
-      there): each frame is decoded straight into its row of the batch, with no per-sample
-      Python in between. The batches are those :func:`torch_rlds.collate` makes of the same
-      samples, bit for bit; :attr:`dataset` is that batching copy of the dataset, and
-      ``batch_size`` and ``drop_last`` read as given. Pass ``collate_fn=torch_rlds.collate``
-      to have samples collated one by one instead;
+    * over an :class:`~torch_rlds.RLDSDataset`, with ``batch_size`` and no ``collate_fn``, the
+      dataset makes the batches ("Batches" there): each frame is decoded straight into its row
+      of the batch, with no per-sample Python in between. The batches are those
+      :func:`torch_rlds.collate` makes of the same samples, bit for bit. :attr:`dataset` is
+      a batching view of the dataset given (:meth:`RLDSDataset.batching_view`: one cursor for
+      both, so ``set_epoch`` or ``load_state_dict`` on either applies), and ``batch_size``
+      and ``drop_last`` read as given. A dataset that emits batches already is taken as it is
+      with ``batch_size=None`` or its own batch size (another raises ``ValueError``). Pass
+      ``collate_fn=torch_rlds.collate`` to have samples collated one by one instead;
     * otherwise ``collate_fn`` defaults to :func:`torch_rlds.collate` (a batch is one buffer
-      of shared memory that crosses from a worker as one handle; strings as lists); with
-      ``batch_size=None`` to torch's, which turns each sample's arrays into tensors;
-    * with ``reuse_buffers`` (the default) each worker writes its batches into a few buffers
-      of shared memory that it reuses once the main process holds no tensor, view or numpy
-      array of the batch in them (see :mod:`torch_rlds._buffers`): a fresh buffer costs a
-      page fault per 4 KiB, which on a virtual machine can take as long as decoding the
-      batch. A batch the caller keeps is never written over. One handed on to another process
-      is not tracked there: clone it first, or pass ``reuse_buffers=False``. Off with
-      ``pin_memory`` (pinned batches are copies);
+      of shared memory; strings as lists); with ``batch_size=None`` to torch's, which turns
+      each sample's arrays into tensors;
+    * a batch built by torch_rlds crosses from a worker as one handle for its whole buffer
+      (torch would send one per tensor). With ``reuse_buffers`` (the default) each worker
+      writes its batches into a few buffers of shared memory that it reuses once the main
+      process holds no tensor, view, numpy array or storage object of the batch in them, and a
+      batch in a buffer the main process has mapped crosses by the buffer's name (see
+      :mod:`torch_rlds._buffers`): a fresh buffer costs a page fault per 4 KiB, which on a
+      virtual machine can take as long as decoding the batch. A batch the caller keeps is
+      never written over. One handed on to another process is not tracked there: clone it
+      first, or pass ``reuse_buffers=False``. Off with ``pin_memory`` (pinned batches are
+      copies) and with a ``collate_fn`` of the caller's own;
     * ``as_numpy=True`` hands out numpy views of the batch tensors, without a copy;
     * workers start with ``forkserver`` when jax is imported in the parent
       (:func:`default_start_method`, decided again at every ``iter()``), unless
@@ -135,16 +140,19 @@ class DataLoader(StatefulDataLoader):
         self._choose_start_method = multiprocessing_context is None
         if multiprocessing_context is None and kwargs.get("num_workers", 0) > 0:
             multiprocessing_context = default_start_method()
+        workers = kwargs.get("num_workers", 0) > 0
         asked = None
-        if (isinstance(dataset, RLDSDataset) and dataset.batch_size is None
-                and batch_size is not None and collate_fn is None
-                and kwargs.get("batch_sampler") is None):
+        if (isinstance(dataset, RLDSDataset) and collate_fn is None
+                and kwargs.get("batch_sampler") is None
+                and (batch_size is not None or dataset.batch_size is not None)):
             # Whole batches built by the dataset, in its workers: see "Batches".
-            asked = (batch_size, bool(kwargs.pop("drop_last", False)))
-            dataset = dataset.batched(asked[0], drop_last=asked[1])
-            batch_size, collate_fn = None, _whole_batch
-        elif collate_fn is None and batch_size is not None:
-            collate_fn = _collate  # without batching torch's default converts each sample
+            if batch_size is not None:
+                asked = (batch_size, bool(kwargs.pop("drop_last", False)))
+                dataset = _batching(dataset, *asked)
+            batch_size, collate_fn = None, _whole_batch if workers else _itself
+        elif batch_size is not None and collate_fn in (None, collate):
+            # (without batching torch's default converts each sample)
+            collate_fn = _collate if workers else collate
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn,
                          multiprocessing_context=multiprocessing_context, **kwargs)
         if asked is not None:
@@ -170,7 +178,7 @@ class DataLoader(StatefulDataLoader):
     def _get_iterator(self) -> Any:
         leases = None
         if (self.num_workers > 0 and self.reuse_buffers and not self.pin_memory
-                and _buffers.supported()):
+                and self.collate_fn in (_whole_batch, _collate) and _buffers.supported()):
             leases = _buffers.Leases(self.num_workers, (self.prefetch_factor or 0)
                                      + _SPARE_BUFFERS)
         init = self.worker_init_fn
@@ -180,7 +188,7 @@ class DataLoader(StatefulDataLoader):
             iterator = super()._get_iterator()
         finally:
             self.worker_init_fn = init
-        iterator._torch_rlds_leases = leases
+        iterator._torch_rlds_leases = leases  # freed slots: see _CountingIterator
         if getattr(iterator, "_worker_pids_set", False):
             report_deaths_from_next(iterator)
         queues = getattr(iterator, "_index_queues", None)
@@ -366,8 +374,6 @@ class _CountingIterator:
                 raise failure from e
             raise
         self._loader.batches_seen += 1
-        if self._leases is not None:
-            self._leases.received(batch)
         tracker.served(batch, started)
         return to_numpy(batch) if self._loader.as_numpy else batch
 
@@ -410,6 +416,24 @@ def _init_worker(flags: torch.Tensor, token: int, init: Callable[[int], None] | 
     _buffers.install(flags, token, worker_id)
     if init is not None:
         init(worker_id)
+
+
+def _batching(dataset: RLDSDataset, batch_size: int, drop_last: bool) -> RLDSDataset:
+    """``dataset`` emitting the loader's batches: a batching view of it (one cursor for both),
+    or itself when it already emits those batches."""
+    if dataset.batch_size is None:
+        return dataset.batching_view(batch_size, drop_last=drop_last)
+    if (dataset.batch_size, dataset.drop_last) != (batch_size, drop_last):
+        raise ValueError(
+            f"the dataset emits batches already (batch_size={dataset.batch_size}, drop_last="
+            f"{dataset.drop_last}); a DataLoader over it takes batch_size=None or the same "
+            f"batch_size and drop_last (got batch_size={batch_size}, drop_last={drop_last})")
+    return dataset
+
+
+def _itself(batch: Any) -> Any:
+    """The collate_fn of a dataset that emits whole batches, without workers."""
+    return batch
 
 
 def _whole_batch(batch: Any) -> Any:
