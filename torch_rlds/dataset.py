@@ -213,24 +213,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
                 self._default_observation_keys())
             self._check_keys(language_explicit=language_key != "language_instruction")
+        # Where the next pass starts; a batching view shares it (see batching_view).
         self._progress = _Progress()
-
-    # Where the next pass starts, in a holder that a batching view shares (see batching_view).
-    @property
-    def _cursor(self) -> Cursor:
-        return self._progress.cursor
-
-    @_cursor.setter
-    def _cursor(self, cursor: Cursor) -> None:
-        self._progress.cursor = cursor
-
-    @property
-    def _resume(self) -> bool:
-        return self._progress.resume
-
-    @_resume.setter
-    def _resume(self, resume: bool) -> None:
-        self._progress.resume = resume
 
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")
@@ -292,7 +276,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     # -- Stateful protocol -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The reader's position (see the class docstring); JSON-serialisable."""
-        return make_state(self.fingerprint(), self._cursor)
+        return make_state(self.fingerprint(), self._progress.cursor)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch.
@@ -300,8 +284,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         The next ``iter()`` continues the pass the state was saved in: with ``repeat=False`` it
         emits the rest of the state's epoch, nothing if this reader had finished it.
         """
-        self._cursor = self._check_state(state_dict, *self._reader()[2:])
-        self._resume = True
+        self._progress.cursor = self._check_state(state_dict, *self._reader()[2:])
+        self._progress.resume = True
 
     def _check_state(self, state_dict: Any, num_workers: int, worker_index: int) -> Cursor:
         """The cursor of ``state_dict`` if it belongs to worker ``worker_index`` of
@@ -324,7 +308,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         included); from then on each keeps its own state.
         """
         out = self.batching_view(batch_size, drop_last=drop_last)
-        out._progress = _Progress(self._cursor, self._resume)
+        out._progress = _Progress(self._progress.cursor, self._progress.resume)
         return out
 
     def batching_view(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
@@ -343,8 +327,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         the count of skipped episodes)."""
         if type(epoch) is not int or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
-        self._cursor = Cursor(epoch=epoch, skipped=self._cursor.skipped)
-        self._resume = False
+        self._progress.cursor = Cursor(epoch=epoch, skipped=self._progress.cursor.skipped)
+        self._progress.resume = False
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -359,11 +343,11 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             )
         windows = _order.num_windows(_order.share_size(num_episodes, reader, num_readers),
                                      self.shuffle_window)
-        cursor, resume = self._cursor, self._resume
-        self._resume = False
+        cursor, resume = self._progress.cursor, self._progress.resume
+        self._progress.resume = False
         if not self.repeat and not resume and 0 < windows <= cursor.window:
             # The previous pass finished this epoch: a new pass is the next epoch.
-            cursor = self._cursor = Cursor(cursor.epoch + 1, skipped=cursor.skipped)
+            cursor = self._progress.cursor = Cursor(cursor.epoch + 1, skipped=cursor.skipped)
         return self._steps(reader, num_readers, windows, cursor)
 
     def _steps(self, reader: int, num_readers: int, windows: int,
@@ -403,7 +387,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         """The stream from ``cursor`` on: every step to emit, with the cursor after it.
 
         It runs ahead of what was emitted (the caller decodes ahead), so it never touches
-        ``self._cursor``; the caller sets that as it hands items out.
+        ``self._progress.cursor``; the caller sets that as it hands items out.
         """
         epoch, first_window, first_position = cursor.epoch, cursor.window, cursor.position
         skipped = cursor.skipped
@@ -496,7 +480,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             if cursor is None:
                 raise job
             if job is None:
-                self._cursor = cursor
+                self._progress.cursor = cursor
                 continue
             if isinstance(job, concurrent.futures.Future):
                 sample = job.result()
@@ -505,7 +489,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 sample = sampler.sample(t, *args, epoch, fast_jpeg=self.fast_jpeg)
             if self.sample_transform is not None:
                 sample = self.sample_transform(sample)
-            self._cursor = cursor
+            self._progress.cursor = cursor
             yield sample
             reads.start()
             # Lookahead grows with what was consumed, so that an iterator dropped early did
@@ -548,7 +532,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             if cursor is None:
                 raise job
             batch = job.result() if job is not None else None
-            self._cursor = cursor
+            self._progress.cursor = cursor
             if batch is not None:
                 yield batch
                 reads.start()
