@@ -109,7 +109,7 @@ def test_rounds_report_the_median_of_those_that_worked():
     failed = {"ok": False, "error": "killed"}
     odd = median_record([run(300.0), failed, run(100.0), run(200.0)])
     assert odd["result"]["samples_per_s"] == 200.0 and odd["result"]["first_batch_s"] == 2.0
-    assert odd["result"]["rounds_samples_per_s"] == [300.0, 100.0, 200.0]
+    assert odd["result"]["rounds_samples_per_s"] == [300.0, None, 100.0, 200.0]
     even = median_record([run(400.0), run(100.0)])
     assert even["result"]["samples_per_s"] == 100.0  # the lower middle: never flattering
     assert median_record([failed, {"ok": False, "error": "again"}]) is failed
@@ -119,6 +119,33 @@ def test_rounds_report_the_median_of_those_that_worked():
     assert default.throughput_rounds == default.resume_rounds == 3
     with pytest.raises(ValueError, match="throughput_rounds must be an int >= 1"):
         BenchSettings(throughput_rounds=0)
+
+
+def test_ratios_pair_the_rounds():
+    from torch_rlds.bench._report import paired_ratio, ratios
+
+    # Round 2 ran on a slower machine for both: paired, it skews nothing.
+    assert paired_ratio([200.0, 100.0, 210.0], [100.0, 50.0, 100.0]) == 2.0
+    assert paired_ratio([200.0, None, 300.0], [100.0, 50.0, 100.0]) == 2.5
+    assert paired_ratio([300.0, 100.0], [100.0]) == 2.0  # unpaired: medians
+    assert paired_ratio([None], [100.0]) is None
+
+    def record(*rates):
+        return {"ok": True, "result": {"samples_per_s": sorted(rates)[len(rates) // 2],
+                                       "rounds_samples_per_s": list(rates)}}
+
+    results = {
+        "throughput": {"torch_rlds": {"0": record(150.0, 60.0, 160.0),
+                                      "2": record(140.0, 80.0, 150.0)},
+                       "tf_data": record(100.0, 50.0, 100.0),
+                       "limit": record(200.0, 100.0, 200.0)},
+        "resume": {"torch_rlds": {}}, "checkpoint": {},
+    }
+    out = ratios(results)
+    assert out["torch_rlds / tf.data (samples/s, equal cores)"] == 1.5  # 1.4, 1.6, 1.5
+    assert out["torch_rlds best / tf.data"] == 1.6  # best per round: 150, 80, 160
+    assert out["torch_rlds / decode limit"] == 0.8
+    assert out["tf.data / decode limit"] == 0.5
 
 
 def test_resume_points_lie_inside_the_first_epoch():

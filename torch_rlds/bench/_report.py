@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from typing import Any
 
 # (ratio name, target, True when higher is better): the targets of issue 6.
@@ -21,28 +22,50 @@ def _ok(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return record["result"] if record and record.get("ok") else None
 
 
-def _best_torch(results: dict[str, Any]) -> tuple[str | None, float | None]:
-    best, rate = None, None
-    for workers, record in results["throughput"]["torch_rlds"].items():
-        r = _ok(record)
-        if r and (rate is None or r["samples_per_s"] > rate):
-            best, rate = workers, r["samples_per_s"]
-    return best, rate
+def _rates(record: dict[str, Any] | None) -> list[float | None]:
+    """A throughput record's samples/s, round by round (one round when it has no rounds)."""
+    r = _ok(record) or {}
+    rounds = r.get("rounds_samples_per_s")
+    return list(rounds) if rounds else [r.get("samples_per_s")]
+
+
+def _best_rates(results: dict[str, Any]) -> list[float | None]:
+    """Round by round, the best torch_rlds samples/s over its worker counts."""
+    per_workers = [_rates(r) for r in results["throughput"]["torch_rlds"].values()]
+    if not per_workers:
+        return [None]
+    rounds = max(len(rates) for rates in per_workers)
+    return [max((rates[i] for rates in per_workers if i < len(rates) and rates[i]),
+                default=None) for i in range(rounds)]
+
+
+def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
+    """The median over rounds of ``a / b`` in the same round: the pipelines of a round ran
+    minutes apart at most, so a machine whose speed drifts during the run skews no ratio.
+    Rounds where either failed are left out; lists of other lengths compare their medians."""
+    if len(a) != len(b):
+        a, b = [_median([x for x in a if x])], [_median([x for x in b if x])]
+    pairs = [x / y for x, y in zip(a, b) if x and y]
+    return _median(pairs)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     """The figures the targets are about, from a results dict (``None`` where unmeasured)."""
     out: dict[str, float | None] = {}
     through = results["throughput"]
-    _, best = _best_torch(results)
-    tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
-    limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
+    best = _best_rates(results)
+    tf_rates = _rates(through.get("tf_data"))
+    limit = _rates(through.get("limit"))
     equal = max(through["torch_rlds"], key=int, default=None)
-    equal_rate = (_ok(through["torch_rlds"].get(equal)) or {}).get("samples_per_s")
-    out["torch_rlds / tf.data (samples/s, equal cores)"] = _div(equal_rate, tf_rate)
-    out["torch_rlds best / tf.data"] = _div(best, tf_rate)
-    out["torch_rlds / decode limit"] = _div(best, limit)
-    out["tf.data / decode limit"] = _div(tf_rate, limit)
+    equal_rates = _rates(through["torch_rlds"].get(equal))
+    out["torch_rlds / tf.data (samples/s, equal cores)"] = paired_ratio(equal_rates, tf_rates)
+    out["torch_rlds best / tf.data"] = paired_ratio(best, tf_rates)
+    out["torch_rlds / decode limit"] = paired_ratio(best, limit)
+    out["tf.data / decode limit"] = paired_ratio(tf_rates, limit)
     first_window = next(iter(results["resume"]["torch_rlds"]), None)
     for name, runs in results["resume"]["torch_rlds"].items():
         key = ("torch_rlds resume 95% / 5%" if name == first_window
@@ -148,23 +171,24 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
              "| pipeline | samples/s | rounds | / tf.data | / limit | first batch s | stats() | "
              "peak RSS | peak PSS | |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
-    tf_rate = (_ok(through.get("tf_data")) or {}).get("samples_per_s")
-    limit = (_ok(through.get("limit")) or {}).get("samples_per_s")
+    tf_rates = _rates(through.get("tf_data"))
+    limit = _rates(through.get("limit"))
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
     rows += [("tf.data (Octo/openpi)", through.get("tf_data")),
              (f"decode limit ({s['limit_processes']} processes)", through.get("limit"))]
     for name, record in rows:
         r = _ok(record) or {}
-        rate = r.get("samples_per_s")
-        lines.append(f"| {name} | {_fmt(rate, 0)} | {_rounds(r)} | "
-                     f"{_fmt(_div(rate, tf_rate))} | "
-                     f"{_fmt(_div(rate, limit))} | {_fmt(r.get('first_batch_s'))} | "
+        rates = _rates(record)
+        lines.append(f"| {name} | {_fmt(r.get('samples_per_s'), 0)} | {_rounds(r)} | "
+                     f"{_fmt(paired_ratio(rates, tf_rates))} | "
+                     f"{_fmt(paired_ratio(rates, limit))} | {_fmt(r.get('first_batch_s'))} | "
                      f"{_stats(r.get('stats'))} | {' | '.join(_memory(record))} | "
                      f"{_error(record)} |")
     rounds = s.get("throughput_rounds", 1)
     if rounds > 1:
         lines += ["", f"samples/s: the median of {rounds} rounds in which the pipelines took "
-                      "turns (each round's figure under rounds); the ratios are of medians."]
+                      "turns (each round's figure under rounds). A ratio is the median of the "
+                      "rounds' ratios: each compares pipelines measured side by side."]
     return lines
 
 
@@ -173,7 +197,8 @@ def _rounds(result: dict[str, Any], key: str = "samples_per_s") -> str:
     values = result.get(f"rounds_{key}") or []
     if len(values) < 2:
         return "-"
-    return " / ".join(f"{x:,.0f}" if key == "samples_per_s" else f"{x:.2f}" for x in values)
+    return " / ".join("-" if x is None else f"{x:,.0f}" if key == "samples_per_s"
+                      else f"{x:.2f}" for x in values)
 
 
 def _stats(stats: dict[str, Any] | None) -> str:

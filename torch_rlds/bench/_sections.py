@@ -153,14 +153,15 @@ class Bench:
 def median_record(records: list[dict[str, Any]], key: str = "samples_per_s",
                   higher_is_better: bool = True) -> dict[str, Any]:
     """The record of the median ``result[key]`` among the rounds that worked, with every
-    round's figure in ``result["rounds_" + key]`` in the order measured; the first record when
-    none worked. Of an even count, the middle figure that flatters less."""
+    round's figure in ``result["rounds_" + key]`` in round order (``None`` for a round that
+    failed, so that the rounds of two pipelines pair up); the first record when none worked.
+    Of an even count, the middle figure that flatters less."""
     ok = [r for r in records if r.get("ok")]
     if not ok:
         return records[0]
     ranked = sorted(ok, key=lambda r: r["result"][key], reverse=not higher_is_better)
     chosen = ranked[(len(ok) - 1) // 2]
-    values = [r["result"][key] for r in ok]
+    values = [r["result"][key] if r.get("ok") else None for r in records]
     return {**chosen, "result": {**chosen["result"], f"rounds_{key}": values}}
 
 
