@@ -84,11 +84,9 @@ def _position_ratio(runs: dict[str, Any]) -> float | None:
     positions = sorted((float(p), _ok(r)) for p, r in runs.items() if p != "fresh")
     if len(positions) < 2 or positions[0][1] is None or positions[-1][1] is None:
         return None
-    return _div(positions[-1][1]["first_batch_s"], positions[0][1]["first_batch_s"])
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
+    first, last = positions[0][1], positions[-1][1]
+    return paired_ratio(last.get("rounds_first_batch_s") or [last["first_batch_s"]],
+                        first.get("rounds_first_batch_s") or [first["first_batch_s"]])
 
 
 def target_status(name: str, value: float | None) -> str:

@@ -89,17 +89,19 @@ class Bench:
             "torch_save_states", {**common, "batches": batches, "out_dir": self.work},
             lambda r: ", ".join(f"{x['bytes']} B in {1e3 * x['save_s']:.2f} ms"
                                 for x in r["saves"]))
-        runs: dict[str, Any] = {"fresh": self._first_batch(
+        jobs: dict[Any, tuple[str, str, dict[str, Any]]] = {"fresh": (
             f"torch_rlds fresh start (window {window})", "torch_resume",
             {**common, "state_path": None, "expected_digest": None})}
         saves = _saves(saved)
+        restores = {}
         for position, batch in self.positions.items():
             save = saves.get(batch) or {}
-            runs[str(position)] = self._restore(
-                save, f"torch_rlds resume at {position:.0%} (batch {batch}, window {window})",
+            restores[str(position)] = (save, batch)
+            jobs[str(position)] = (
+                f"torch_rlds resume at {position:.0%} (batch {batch}, window {window})",
                 "torch_resume", {**common, "state_path": save.get("path"),
-                                 "expected_digest": save.get("next_digest")}, batch)
-        return runs
+                                 "expected_digest": save.get("next_digest")})
+        return self._first_batches(jobs, restores)
 
     def _tf_resume(self) -> dict[str, Any]:
         batches = sorted(self.positions.values())
@@ -108,46 +110,56 @@ class Bench:
             {**self.common, "batches": batches, "out_dir": self.work},
             lambda r: ", ".join(f"{x['bytes']:,} B in {x['save_s']:.2f} s"
                                 for x in r["saves"]))
-        checkpoint: dict[str, Any] = {"fresh": self._first_batch(
+        jobs: dict[Any, tuple[str, str, dict[str, Any]]] = {("checkpoint", "fresh"): (
             "tf.data fresh start", "tf_resume_checkpoint",
             {**self.common, "prefix": None, "expected_digest": None})}
-        skip: dict[str, Any] = {}
+        restores = {}
         saves = _saves(saved)
         for position, batch in self.positions.items():
             save = saves.get(batch) or {}
-            checkpoint[str(position)] = self._restore(
-                save, f"tf.data resume from its iterator checkpoint at {position:.0%}",
+            restores[("checkpoint", str(position))] = (save, batch)
+            jobs[("checkpoint", str(position))] = (
+                f"tf.data resume from its iterator checkpoint at {position:.0%}",
                 "tf_resume_checkpoint", {**self.common, "prefix": save.get("prefix"),
-                                         "expected_digest": save.get("next_digest")}, batch)
-            record = self._first_batch(
+                                         "expected_digest": save.get("next_digest")})
+            jobs[("skip(n)", str(position))] = (
                 f"tf.data resume with skip({batch} batches) at {position:.0%}",
                 "tf_resume_skip", {**self.common, "skip_batches": batch,
                                    "expected_digest": save.get("next_digest")})
-            if record.get("ok"):
-                record["result"]["batch"] = batch
-            skip[str(position)] = record
-        return {"checkpoint": checkpoint, "skip(n)": skip}
+        records = self._first_batches(jobs, restores)
+        for (method, position), record in records.items():
+            if method == "skip(n)" and record.get("ok"):
+                record["result"]["batch"] = self.positions[float(position)]
+        out: dict[str, Any] = {"checkpoint": {}, "skip(n)": {}}
+        for (method, position), record in records.items():
+            out[method][position] = record
+        return out
 
-    def _first_batch(self, label: str, task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Time to the first batch, measured ``resume_rounds`` times: the median record."""
+    def _first_batches(self, jobs: dict[Any, tuple[str, str, dict[str, Any]]],
+                       restores: dict[Any, tuple[dict[str, Any], int]]) -> dict[Any, Any]:
+        """Time to the first batch of each job, measured ``resume_rounds`` times with the jobs
+        taking turns (a drifting machine then drifts for every position alike): the median
+        record of each. ``restores`` names the jobs that resume from a save of the
+        uninterrupted run, with the save (empty when it failed) and its batch."""
         rounds = self.settings.resume_rounds
-        records = [self.steps.run(label + (f" (round {r + 1} of {rounds})" if rounds > 1
-                                           else ""), task, kwargs, _first)
-                   for r in range(rounds)]
-        return median_record(records, "first_batch_s", higher_is_better=False)
-
-    def _restore(self, save: dict[str, Any], label: str, task: str, kwargs: dict[str, Any],
-                 batch: int) -> dict[str, Any]:
-        """Resume from ``save`` (a record of the uninterrupted run; empty when it failed)."""
-        if not save:
-            self.steps.done += self.settings.resume_rounds
-            self.steps.failed.append(f"{label}: nothing was saved to resume from")
-            return {"ok": False, "error": "nothing was saved to resume from"}
-        record = self._first_batch(label, task, kwargs)
-        if record.get("ok"):
-            record["result"].update(batch=batch, state_bytes=save["bytes"],
-                                    save_s=save["save_s"])
-        return record
+        runs: dict[Any, list[dict[str, Any]]] = {key: [] for key in jobs}
+        for key, (save, _) in restores.items():
+            if not save:
+                label = jobs.pop(key)[0]
+                self.steps.done += rounds
+                self.steps.failed.append(f"{label}: nothing was saved to resume from")
+                runs[key] = [{"ok": False, "error": "nothing was saved to resume from"}]
+        for r in range(rounds):
+            turn = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
+            for key, (label, task, kwargs) in jobs.items():
+                runs[key].append(self.steps.run(label + turn, task, kwargs, _first))
+        out = {key: median_record(records, "first_batch_s", higher_is_better=False)
+               for key, records in runs.items()}
+        for key, (save, batch) in restores.items():
+            if out[key].get("ok"):
+                out[key]["result"].update(batch=batch, state_bytes=save["bytes"],
+                                          save_s=save["save_s"])
+        return out
 
 
 def median_record(records: list[dict[str, Any]], key: str = "samples_per_s",
