@@ -155,11 +155,8 @@ class WorkerPool:
     def mapped(self, storage: torch.UntypedStorage) -> int | None:
         """The slot of ``storage`` if the main process has it mapped already, else ``None``
         (and from now on it has: the caller sends its handle)."""
-        header = _header(storage)
-        if header is None or header[1] != self.token or header[2] != self.worker:
-            return None
-        slot = header[3]
-        if not 0 <= slot < len(self._storages) or self._storages[slot] is not storage:
+        slot = next((s for s, held in enumerate(self._storages) if held is storage), None)
+        if slot is None:
             return None
         if self._sent[slot]:
             return slot

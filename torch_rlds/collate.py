@@ -50,7 +50,8 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
     tensor of its previous batch (see :mod:`torch_rlds._buffers`). The tensors' contents are
     whatever the buffer held: fill every element.
     """
-    pool = _buffers.pool() if torch.utils.data.get_worker_info() is not None else None
+    in_worker = torch.utils.data.get_worker_info() is not None
+    pool = _buffers.pool() if in_worker else None
     offsets = []
     offset = _buffers.HEADER if pool is not None else 0
     for shape, dtype in specs:
@@ -59,7 +60,7 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
         offset += math.prod(shape) * dtype.itemsize
     if pool is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
         storage = pool.take(offset - _buffers.HEADER)
-    elif torch.utils.data.get_worker_info() is not None:
+    elif in_worker:
         storage = torch.UntypedStorage._new_shared(max(offset, 1))  # as default_collate does
     else:
         storage = torch.UntypedStorage(max(offset, 1))

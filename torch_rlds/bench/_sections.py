@@ -114,6 +114,7 @@ class Bench:
             "tf.data fresh start", "tf_resume_checkpoint",
             {**self.common, "prefix": None, "expected_digest": None})}
         restores = {}
+        skips = {}
         saves = _saves(saved)
         for position, batch in self.positions.items():
             save = saves.get(batch) or {}
@@ -122,16 +123,16 @@ class Bench:
                 f"tf.data resume from its iterator checkpoint at {position:.0%}",
                 "tf_resume_checkpoint", {**self.common, "prefix": save.get("prefix"),
                                          "expected_digest": save.get("next_digest")})
+            skips[("skip(n)", str(position))] = batch
             jobs[("skip(n)", str(position))] = (
                 f"tf.data resume with skip({batch} batches) at {position:.0%}",
                 "tf_resume_skip", {**self.common, "skip_batches": batch,
                                    "expected_digest": save.get("next_digest")})
         records = self._first_batches(jobs, restores)
-        for (method, position), record in records.items():
-            if method == "skip(n)" and record.get("ok"):
-                record["result"]["batch"] = self.positions[float(position)]
         out: dict[str, Any] = {"checkpoint": {}, "skip(n)": {}}
         for (method, position), record in records.items():
+            if (method, position) in skips and record.get("ok"):
+                record["result"]["batch"] = skips[(method, position)]
             out[method][position] = record
         return out
 
