@@ -268,8 +268,9 @@ def test_a_batch_crosses_as_one_handle_or_by_name(small_dataset, monkeypatch, re
         assert_batches_equal(reference[i], batch, f"batch {i}")
     if reuse:  # a handle for each slot a worker filled, then the slot's name
         assert 2 <= len(_HANDLES) <= 2 * (loader.prefetch_factor + 3)
-    else:  # one handle a batch (torch alone would send one per tensor)
-        assert len(_HANDLES) == 30
+    else:  # one handle a batch (torch alone would send one per tensor); a batch that
+        # arrived ahead of its turn is unpickled already, and brought its handle too
+        assert 30 <= len(_HANDLES) <= 30 + 2 * loader.prefetch_factor
 
 
 @pytest.mark.parametrize("collate", [None, torch_rlds.collate])
