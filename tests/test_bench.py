@@ -148,6 +148,40 @@ def test_ratios_pair_the_rounds():
     assert out["tf.data / decode limit"] == 0.5
 
 
+def test_pipelines_take_turns_in_alternating_order(tmp_path, monkeypatch):
+    from torch_rlds.bench import _limit
+    from torch_rlds.bench._sections import Bench, in_turn
+
+    assert in_turn(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert in_turn(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert in_turn(["a", "b", "c"], 2) == ["a", "b", "c"]
+
+    class Recording:
+        def __init__(self):
+            self.labels, self.jobs = [], []
+
+        def run(self, label, task, kwargs, show):
+            self.labels.append(label)
+            self.jobs.append(f"{task}:{kwargs['workers']}" if "workers" in kwargs else task)
+            return {"ok": True, "result": {"samples_per_s": float(len(self.jobs))}}
+
+    monkeypatch.setattr(_limit, "export_frames", lambda *args: 0)
+    settings = BenchSettings.quick(workers=(2, 0, 1), throughput_rounds=2)
+    steps = Recording()
+    out = {"torch_rlds": {}}
+    Bench(steps, settings, "unused", str(tmp_path), [16]).throughput(out, with_tf=True)
+    # fewer workers first, then tf.data, the most workers next to the limit; reversed after
+    first = ["torch_throughput:0", "torch_throughput:1", "tf_throughput", "torch_throughput:2",
+             "limit"]
+    assert steps.jobs == first + first[::-1]
+    assert all("(round 1 of 2)" in label for label in steps.labels[:5])
+    assert out["torch_rlds"]["2"]["result"]["rounds_samples_per_s"] == [4.0, 7.0]
+    assert out["limit"]["result"]["rounds_samples_per_s"] == [5.0, 6.0]
+    assert list(out["torch_rlds"]) == ["2", "0", "1"]  # the order the settings give
+    with pytest.raises(ValueError, match="workers must be distinct"):
+        BenchSettings(workers=(2, 2))
+
+
 def test_resume_points_lie_inside_the_first_epoch():
     s = BenchSettings.quick()
     first, last = s.resume_batches()

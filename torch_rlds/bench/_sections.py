@@ -30,24 +30,29 @@ class Bench:
         frames = os.path.join(self.work, "limit")
         os.makedirs(frames, exist_ok=True)
         export_frames(self.dataset, s.limit_episodes, CAMERAS, frames)
-        runs: dict[str, list[dict[str, Any]]] = {}
+        # The highest worker count (the equal-cores figure) runs between tf.data and the limit,
+        # the two figures it is compared with.
+        jobs: dict[str, tuple[str, str, dict[str, Any], Any]] = {
+            str(w): (f"torch_rlds throughput, num_workers={w}", "torch_throughput",
+                     {**self.common, "workers": w}, _rate)
+            for w in sorted(s.workers)[:-1]}
+        if with_tf:
+            jobs["tf_data"] = (f"tf.data throughput (shuffle buffer {s.tf_shuffle_buffer:,} steps)",
+                               "tf_throughput", self.common, _rate)
+        most = max(s.workers)
+        jobs[str(most)] = (f"torch_rlds throughput, num_workers={most}", "torch_throughput",
+                           {**self.common, "workers": most}, _rate)
+        jobs["limit"] = (
+            f"decode limit: simplejpeg alone in {s.limit_processes} processes", "limit",
+            {"settings": s.to_dict(), "frames_dir": frames, "cameras": len(CAMERAS)},
+            lambda r: f"{r['samples_per_s']:,.0f} samples/s, {r['us_per_image']:.0f} us per image")
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key in jobs}
         rounds = s.throughput_rounds
         for r in range(rounds):
             turn = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
-            for w in s.workers:
-                runs.setdefault(str(w), []).append(self.steps.run(
-                    f"torch_rlds throughput, num_workers={w}{turn}", "torch_throughput",
-                    {**self.common, "workers": w}, _rate))
-            if with_tf:
-                runs.setdefault("tf_data", []).append(self.steps.run(
-                    f"tf.data throughput (shuffle buffer {s.tf_shuffle_buffer:,} steps){turn}",
-                    "tf_throughput", self.common, _rate))
-            runs.setdefault("limit", []).append(self.steps.run(
-                f"decode limit: simplejpeg alone in {s.limit_processes} processes{turn}",
-                "limit",
-                {"settings": s.to_dict(), "frames_dir": frames, "cameras": len(CAMERAS)},
-                lambda r: f"{r['samples_per_s']:,.0f} samples/s, {r['us_per_image']:.0f} us "
-                          "per image"))
+            for key in in_turn(list(jobs), r):
+                label, task, kwargs, say = jobs[key]
+                runs[key].append(self.steps.run(label + turn, task, kwargs, say))
         for w in s.workers:
             out["torch_rlds"][str(w)] = median_record(runs[str(w)])
         for key in ("tf_data", "limit"):
@@ -139,8 +144,7 @@ class Bench:
     def _first_batches(self, jobs: dict[Any, tuple[str, str, dict[str, Any]]],
                        restores: dict[Any, tuple[dict[str, Any], int]]) -> dict[Any, Any]:
         """Time to the first batch of each job, measured ``resume_rounds`` times with the jobs
-        taking turns (a drifting machine then drifts for every position alike): the median
-        record of each. ``restores`` names the jobs that resume from a save of the
+        taking turns (see :func:`in_turn`): the median record of each. ``restores`` names the jobs that resume from a save of the
         uninterrupted run, with the save (empty when it failed) and its batch."""
         rounds = self.settings.resume_rounds
         runs: dict[Any, list[dict[str, Any]]] = {key: [] for key in jobs}
@@ -152,7 +156,8 @@ class Bench:
                 runs[key] = [{"ok": False, "error": "nothing was saved to resume from"}]
         for r in range(rounds):
             turn = f" (round {r + 1} of {rounds})" if rounds > 1 else ""
-            for key, (label, task, kwargs) in jobs.items():
+            for key in in_turn(list(jobs), r):
+                label, task, kwargs = jobs[key]
                 runs[key].append(self.steps.run(label + turn, task, kwargs, _first))
         out = {key: median_record(records, "first_batch_s", higher_is_better=False)
                for key, records in runs.items()}
@@ -161,6 +166,14 @@ class Bench:
                 out[key]["result"].update(batch=batch, state_bytes=save["bytes"],
                                           save_s=save["save_s"])
         return out
+
+
+def in_turn(keys: Sequence[Any], round_index: int) -> list[Any]:
+    """The order in which the jobs ``keys`` run in round ``round_index``: as given in even
+    rounds, reversed in odd ones. A machine whose speed drifts during a round then favours the
+    first jobs of one round and the last of the next; the paired ratios and medians over rounds
+    cancel that instead of carrying it."""
+    return list(keys) if round_index % 2 == 0 else list(reversed(keys))
 
 
 def median_record(records: list[dict[str, Any]], key: str = "samples_per_s",

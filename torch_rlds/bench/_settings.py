@@ -31,10 +31,11 @@ class BenchSettings:
       warmup_batches, measure_batches: throughput is timed over ``measure_batches`` batches
         after ``warmup_batches``.
       throughput_rounds: every throughput figure is measured this many times, the pipelines
-        taking turns (torch_rlds, tf.data, the limit, then again), and the median is reported:
-        a machine whose speed drifts during the run then drifts for every pipeline alike.
+        taking turns (torch_rlds with fewer workers, tf.data, torch_rlds with the most, the
+        limit; the reverse order in the next round), and the median is reported: a machine
+        whose speed drifts during the run then drifts for every pipeline alike.
       resume_rounds: every time to a first batch (fresh start, resume) is measured this many
-        times in a row; the median is reported.
+        times, the positions taking turns in the same way; the median is reported.
       limit_processes: processes that decode JPEGs for the decode limit.
       limit_episodes, limit_rounds: the limit decodes every frame of the first
         ``limit_episodes`` episodes ``limit_rounds`` times.
@@ -85,8 +86,9 @@ class BenchSettings:
         if self.num_shards > self.episodes:
             raise ValueError(f"num_shards must be <= episodes ({self.episodes}) (got "
                              f"{self.num_shards})")
-        if not self.workers or any(type(w) is not int or w < 0 for w in self.workers):
-            raise ValueError(f"workers must be ints >= 0 (got {self.workers!r})")
+        if (not self.workers or any(type(w) is not int or w < 0 for w in self.workers)
+                or len(set(self.workers)) != len(self.workers)):
+            raise ValueError(f"workers must be distinct ints >= 0 (got {self.workers!r})")
         if not self.checkpoint_buffers or any(
                 type(b) is not int or b < 1 for b in self.checkpoint_buffers):
             raise ValueError(f"checkpoint_buffers must be ints >= 1 (got "
