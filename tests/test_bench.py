@@ -4,9 +4,9 @@ reproduces the uninterrupted one, and no torch_rlds measurement imports TensorFl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -84,10 +84,17 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
         assert f"| torch_rlds num_workers={w} |" in table
     assert "| decode limit (2 processes) |" in table
     assert "error:" not in table
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
-    else:
-        assert any("matplotlib" in note for note in results["notes"])
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert not any("matplotlib" in note for note in results["notes"])
+
+
+def test_without_matplotlib_the_chart_is_left_out(quick_run, tmp_path, monkeypatch):
+    from torch_rlds.bench._report import write_chart
+
+    _, _, results = quick_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    assert write_chart(results, str(tmp_path)) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_settings_name_the_bad_field():

@@ -7,6 +7,8 @@ import collections
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -431,3 +433,24 @@ def test_on_corrupt_is_checked(varied):
     with pytest.raises(ValueError, match=r"on_corrupt must be one of \['raise', 'skip'\] "
                                          r"\(got 'ignore'\)"):
         torch_rlds.RLDSDataset(varied, on_corrupt="ignore")
+
+
+def test_an_iterator_left_open_at_exit_closes_quietly(small_dataset):
+    # Its generator closes while the interpreter tears the modules down.
+    script = (
+        "import sys, torch_rlds\n"
+        "data = torch_rlds.RLDSDataset(sys.argv[1], 'train', obs_window=2, action_horizon=4,\n"
+        "                              shuffle_window=2, decode_threads=2, repeat=True)\n"
+        "samples = iter(data)\n"
+        "for _ in range(5):\n"
+        "    next(samples)\n"
+        "batches = iter(data.batching_view(3))\n"
+        "next(batches)\n"
+        "print('served')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(small_dataset)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "served"
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

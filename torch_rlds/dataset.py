@@ -355,6 +355,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         threads = self._threads()
         pool = None
         reads = _WindowReads(self._read_window)
+        stop = _shutdown  # the module's globals may be gone when a generator left open closes
         try:
             if threads > 1:
                 pool = concurrent.futures.ThreadPoolExecutor(
@@ -369,7 +370,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         finally:
             reads.close()
             if pool is not None:
-                _shutdown(pool)
+                stop(pool)
 
     def _threads(self) -> int:
         if self.decode_threads is not None:
@@ -595,6 +596,7 @@ class _WindowReads:
 
     def __init__(self, read: Callable[[np.ndarray], Any]) -> None:
         self._read = read
+        self._stop = _shutdown
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._next: tuple[Any, np.ndarray] | None = None
         self._pending: tuple[Any, concurrent.futures.Future] | None = None
@@ -625,13 +627,14 @@ class _WindowReads:
     def close(self) -> None:
         self._next = self._pending = None
         if self._executor is not None:
-            _shutdown(self._executor)
+            self._stop(self._executor)
 
 
-def _shutdown(executor: concurrent.futures.Executor) -> None:
+def _shutdown(executor: concurrent.futures.Executor,
+              _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
     """Stop ``executor`` without waiting; at interpreter exit, when the modules it needs may
     be gone already, its threads are left to the interpreter."""
-    if not sys.is_finalizing():
+    if not _finalizing():
         executor.shutdown(wait=False, cancel_futures=True)
 
 
