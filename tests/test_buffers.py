@@ -189,7 +189,26 @@ def _arrive(buffer: torch.UntypedStorage, views, skeleton):
 
 
 VIEWS = [(torch.float32, (4, 4), (4, 1), 16)]  # one float tensor after the 64-byte header
-SKELETON = {"action": _buffers._View(0), "text": ["a", "b"]}
+SKELETON = _buffers._Tree(dict, [("action", _buffers._View(0)), ("text", ["a", "b"])])
+
+
+def test_only_containers_that_hold_buffer_views_are_rebuilt():
+    storage = torch.UntypedStorage(_buffers.HEADER + 64)
+    action = torch.empty(0).set_(storage, _buffers.HEADER // 4, (4, 4))
+    text, meta = ["a", "b"], {"names": ("x",), "ids": [1, 2]}
+    batch = {"action": action, "text": text, "meta": meta, "pair": (action[0], [action[1]])}
+    views, base = [], []
+    skeleton = _buffers._strip(batch, base, views)
+    assert len(base) == 1 and base[0].data_ptr() == storage.data_ptr()
+    assert len(views) == 3
+    items = dict(skeleton.items)
+    assert items["text"] is text and items["meta"] is meta  # sent as they are
+    assert type(items["pair"]) is _buffers._Tree and items["pair"].kind is tuple
+    rebuilt = _buffers._fill(skeleton, storage, views)
+    assert rebuilt["text"] == text and rebuilt["meta"] == meta
+    assert type(rebuilt["pair"]) is tuple and type(rebuilt["pair"][1]) is list
+    assert torch.equal(rebuilt["pair"][1][0], action[1])
+    assert rebuilt["action"].data_ptr() == action.data_ptr()
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")

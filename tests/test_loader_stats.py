@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import torch_rlds
 from torch_rlds._loader_stats import StatsTracker
@@ -51,6 +52,24 @@ def test_new_epoch_restarts_epoch_counts_and_mixtures_are_split():
     stats = tracker.snapshot()
     assert stats.epoch == 1 and stats.epoch_steps == 1 and stats.epoch_episodes == 1
     assert stats.per_dataset == {0: {"steps": 3, "episodes": 3}, 1: {"steps": 2, "episodes": 1}}
+
+
+def test_a_long_run_keeps_sets_of_two_epochs_only():
+    tracker = StatsTracker(episodes_per_epoch=5)
+    served = set()
+    for epoch in range(12):
+        for first in (0, 3):
+            # the previous epoch's last sample arrives late, after the new epoch began
+            late = [] if epoch == 0 or first else [(epoch - 1, 4)]
+            pairs = [(epoch, e) for e in range(first, first + 3) if e < 5] + late
+            served.update(pairs)
+            meta = {"episode_index": torch.tensor([e for _, e in pairs]),
+                    "epoch": torch.tensor([p for p, _ in pairs])}
+            tracker.served({"meta": meta}, tracker.started())
+    stats = tracker.snapshot()
+    assert stats.per_dataset == {0: {"steps": 5 * 12 + 11, "episodes": len(served)}}
+    assert stats.epoch == 11 and stats.epoch_episodes == 5 and stats.epoch_steps == 5
+    assert set(tracker._datasets[0]["recent"]) <= {10, 11}
 
 
 def test_start_method_follows_a_later_jax_import(small_dataset, monkeypatch):

@@ -222,9 +222,22 @@ class _View:
         return _View, (self.index,)
 
 
+class _Tree:
+    """A dict, list or tuple of a packed batch that holds views of the shared buffer (directly
+    or deeper down). Containers without any are sent as they are and not rebuilt."""
+
+    def __init__(self, kind: type, items: Any) -> None:
+        self.kind = kind  # dict (items: key-value pairs), list or tuple
+        self.items = items
+
+    def __reduce__(self) -> tuple[Any, tuple[type, Any]]:
+        return _Tree, (self.kind, self.items)
+
+
 def _strip(tree: Any, base: list[torch.UntypedStorage], views: list) -> Any:
     """``tree`` with each CPU tensor on the buffer of the first one replaced by a
-    :class:`_View`, its (dtype, shape, stride, offset) appended to ``views``."""
+    :class:`_View`, its (dtype, shape, stride, offset) appended to ``views``, and each
+    container above one by a :class:`_Tree`."""
     if isinstance(tree, torch.Tensor):
         if tree.device.type != "cpu" or tree.requires_grad or type(tree) is not torch.Tensor:
             return tree
@@ -237,9 +250,15 @@ def _strip(tree: Any, base: list[torch.UntypedStorage], views: list) -> Any:
                       tree.storage_offset()))
         return _View(len(views) - 1)
     if type(tree) is dict:
-        return {k: _strip(v, base, views) for k, v in tree.items()}
+        pairs = [(k, _strip(v, base, views)) for k, v in tree.items()]
+        if any(type(v) in (_View, _Tree) for _, v in pairs):
+            return _Tree(dict, pairs)
+        return tree
     if type(tree) in (list, tuple):
-        return type(tree)(_strip(v, base, views) for v in tree)
+        values = [_strip(v, base, views) for v in tree]
+        if any(type(v) in (_View, _Tree) for v in values):
+            return _Tree(type(tree), values)
+        return tree
     return tree
 
 
@@ -274,13 +293,14 @@ def _fill(tree: Any, storage: torch.UntypedStorage, views: list) -> Any:
 
 
 def _put(tree: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(tree, _View):
+    kind = type(tree)
+    if kind is _View:
         return tensors[tree.index]
-    if type(tree) is dict:
-        return {k: _put(v, tensors) for k, v in tree.items()}
-    if type(tree) in (list, tuple):
-        return type(tree)(_put(v, tensors) for v in tree)
-    return tree
+    if kind is not _Tree:
+        return tree
+    if tree.kind is dict:
+        return {k: _put(v, tensors) for k, v in tree.items}
+    return tree.kind(_put(v, tensors) for v in tree.items)
 
 
 def _plain(batch: Any) -> Any:

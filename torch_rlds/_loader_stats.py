@@ -82,21 +82,31 @@ class StatsTracker:
         if not isinstance(meta, dict) or "episode_index" not in meta:
             self.samples += _batch_len(batch)
             return
-        episodes = np.asarray(meta["episode_index"]).reshape(-1)
-        epochs = np.asarray(meta.get("epoch", np.zeros_like(episodes))).reshape(-1)
-        datasets = np.asarray(meta.get("dataset_index", np.zeros_like(episodes))).reshape(-1)
-        self.samples += len(episodes)
-        newest = int(epochs.max()) if len(epochs) else self.epoch
+        episodes = np.asarray(meta["episode_index"]).reshape(-1).tolist()
+        n = len(episodes)
+        epochs = _column(meta.get("epoch"), n)
+        datasets = _column(meta.get("dataset_index"), n)
+        self.samples += n
+        newest = max(epochs, default=self.epoch)
         if newest > self.epoch:
             self.epoch, self._epoch_steps, self._epoch_episodes = newest, 0, set()
-        current = epochs == self.epoch
-        self._epoch_steps += int(current.sum())
-        self._epoch_episodes.update(zip(datasets[current].tolist(), episodes[current].tolist()))
-        for d in np.unique(datasets).tolist():
-            entry = self._datasets.setdefault(int(d), {"steps": 0, "episodes": set()})
-            mask = datasets == d
-            entry["steps"] += int(mask.sum())
-            entry["episodes"].update(zip(epochs[mask].tolist(), episodes[mask].tolist()))
+            for entry in self._datasets.values():
+                _fold(entry, newest)
+        for d, epoch, episode in zip(datasets, epochs, episodes):
+            if epoch == self.epoch:
+                self._epoch_steps += 1
+                self._epoch_episodes.add((d, episode))
+            entry = self._datasets.get(d)
+            if entry is None:
+                entry = self._datasets[d] = {"steps": 0, "folded": 0, "recent": {}}
+                _fold(entry, self.epoch)
+            entry["steps"] += 1
+            if epoch < entry["floor"]:
+                continue  # an epoch already folded into a count
+            seen = entry["recent"].get(epoch)
+            if seen is None:
+                seen = entry["recent"][epoch] = set()
+            seen.add(episode)
 
     def snapshot(self) -> LoaderStats:
         """The figures so far."""
@@ -112,9 +122,25 @@ class StatsTracker:
             epoch_steps=self._epoch_steps,
             epoch_episodes=len(self._epoch_episodes),
             episodes_per_epoch=self.episodes_per_epoch,
-            per_dataset={d: {"steps": v["steps"], "episodes": len(v["episodes"])}
-                         for d, v in sorted(self._datasets.items())},
+            per_dataset={d: {"steps": v["steps"], "episodes": v["folded"] + sum(
+                map(len, v["recent"].values()))} for d, v in sorted(self._datasets.items())},
         )
+
+
+def _column(values: Any, n: int) -> list[int]:
+    """A meta column as ints (zeros where the batch has none)."""
+    if values is None:
+        return [0] * n
+    return np.asarray(values).reshape(-1).tolist()
+
+
+def _fold(entry: dict[str, Any], newest: int) -> None:
+    """Keep the distinct episodes of the newest epoch and the one before it (workers may still
+    hand out the end of the previous epoch); older epochs become a count, so that a long run
+    keeps no set of everything it served."""
+    entry["floor"] = newest - 1
+    for epoch in [e for e in entry["recent"] if e < newest - 1]:
+        entry["folded"] += len(entry["recent"].pop(epoch))
 
 
 def _batch_len(batch: Any) -> int:
