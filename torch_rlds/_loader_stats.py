@@ -25,7 +25,8 @@ class LoaderStats:
       epoch_steps: steps served from that epoch.
       epoch_episodes: distinct episodes served from that epoch.
       episodes_per_epoch: episodes in this process's share of an epoch (``None`` if unknown).
-      per_dataset: for mixtures, ``{dataset_index: {"steps": n, "episodes": n}}`` over all epochs.
+      per_dataset: for mixtures, ``{dataset_index: {"steps": n, "episodes": n}}`` over all
+        epochs: steps served, and the distinct episodes of each epoch summed over epochs.
     """
 
     batches: int
