@@ -251,15 +251,15 @@ def _strip(tree: Any, base: list[torch.UntypedStorage], views: list) -> Any:
         return _View(len(views) - 1)
     if type(tree) is dict:
         pairs = [(k, _strip(v, base, views)) for k, v in tree.items()]
-        if any(type(v) in (_View, _Tree) for _, v in pairs):
-            return _Tree(dict, pairs)
-        return tree
+        return _Tree(dict, pairs) if _holds_views(v for _, v in pairs) else tree
     if type(tree) in (list, tuple):
         values = [_strip(v, base, views) for v in tree]
-        if any(type(v) in (_View, _Tree) for v in values):
-            return _Tree(type(tree), values)
-        return tree
+        return _Tree(type(tree), values) if _holds_views(values) else tree
     return tree
+
+
+def _holds_views(stripped: Any) -> bool:
+    return any(type(v) in (_View, _Tree) for v in stripped)
 
 
 def _unpack(whole: torch.Tensor, views: list, skeleton: Any) -> Any:

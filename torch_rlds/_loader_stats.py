@@ -92,7 +92,7 @@ class StatsTracker:
         if newest > self.epoch:
             self.epoch, self._epoch_steps, self._epoch_episodes = newest, 0, set()
             for entry in self._datasets.values():
-                _fold(entry, newest)
+                _fold(entry, newest)  # keeps the newest epoch and the one before it
         for d, epoch, episode in zip(datasets, epochs, episodes):
             if epoch == self.epoch:
                 self._epoch_steps += 1
@@ -100,9 +100,8 @@ class StatsTracker:
             entry = self._datasets.get(d)
             if entry is None:
                 entry = self._datasets[d] = {"steps": 0, "folded": 0, "recent": {}}
-                _fold(entry, self.epoch)
             entry["steps"] += 1
-            if epoch < entry["floor"]:
+            if epoch < self.epoch - 1:
                 continue  # an epoch already folded into a count
             seen = entry["recent"].get(epoch)
             if seen is None:
@@ -129,7 +128,7 @@ class StatsTracker:
 
 
 def _column(values: Any, n: int) -> list[int]:
-    """A meta column as ints (zeros where the batch has none)."""
+    """A meta column as a list (zeros where the batch has none)."""
     if values is None:
         return [0] * n
     return np.asarray(values).reshape(-1).tolist()
@@ -139,7 +138,6 @@ def _fold(entry: dict[str, Any], newest: int) -> None:
     """Keep the distinct episodes of the newest epoch and the one before it (workers may still
     hand out the end of the previous epoch); older epochs become a count, so that a long run
     keeps no set of everything it served."""
-    entry["floor"] = newest - 1
     for epoch in [e for e in entry["recent"] if e < newest - 1]:
         entry["folded"] += len(entry["recent"].pop(epoch))
 

@@ -30,18 +30,20 @@ class Bench:
         frames = os.path.join(self.work, "limit")
         os.makedirs(frames, exist_ok=True)
         export_frames(self.dataset, s.limit_episodes, CAMERAS, frames)
+
+        def torch_job(w: int) -> tuple[str, str, dict[str, Any], Any]:
+            return (f"torch_rlds throughput, num_workers={w}", "torch_throughput",
+                    {**self.common, "workers": w}, _rate)
+
         # The highest worker count (the equal-cores figure) runs between tf.data and the limit,
         # the two figures it is compared with.
-        jobs: dict[str, tuple[str, str, dict[str, Any], Any]] = {
-            str(w): (f"torch_rlds throughput, num_workers={w}", "torch_throughput",
-                     {**self.common, "workers": w}, _rate)
-            for w in sorted(s.workers)[:-1]}
+        *fewer, most = sorted(s.workers)
+        jobs: dict[str, tuple[str, str, dict[str, Any], Any]] = {str(w): torch_job(w)
+                                                                 for w in fewer}
         if with_tf:
             jobs["tf_data"] = (f"tf.data throughput (shuffle buffer {s.tf_shuffle_buffer:,} steps)",
                                "tf_throughput", self.common, _rate)
-        most = max(s.workers)
-        jobs[str(most)] = (f"torch_rlds throughput, num_workers={most}", "torch_throughput",
-                           {**self.common, "workers": most}, _rate)
+        jobs[str(most)] = torch_job(most)
         jobs["limit"] = (
             f"decode limit: simplejpeg alone in {s.limit_processes} processes", "limit",
             {"settings": s.to_dict(), "frames_dir": frames, "cameras": len(CAMERAS)},
@@ -144,8 +146,9 @@ class Bench:
     def _first_batches(self, jobs: dict[Any, tuple[str, str, dict[str, Any]]],
                        restores: dict[Any, tuple[dict[str, Any], int]]) -> dict[Any, Any]:
         """Time to the first batch of each job, measured ``resume_rounds`` times with the jobs
-        taking turns (see :func:`in_turn`): the median record of each. ``restores`` names the jobs that resume from a save of the
-        uninterrupted run, with the save (empty when it failed) and its batch."""
+        taking turns (see :func:`in_turn`): the median record of each. ``restores`` names the
+        jobs that resume from a save of the uninterrupted run, with the save (empty when it
+        failed) and its batch."""
         rounds = self.settings.resume_rounds
         runs: dict[Any, list[dict[str, Any]]] = {key: [] for key in jobs}
         for key, (save, _) in restores.items():
