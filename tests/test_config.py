@@ -149,3 +149,34 @@ def test_shipped_mixture_config(tmp_path):
     assert [e.weight for e in config.mixture.datasets] == [3.0, 1.0]
     with pytest.raises(ConfigError, match=r"mixture weight of demo must be a number > 0"):
         load_config("demo_mixture", ["mixture.datasets=[{config: demo, weight: 0}]"])
+
+
+def test_num_workers_defaults_to_the_cpus_available_capped(monkeypatch):
+    from torch_rlds import config as config_module
+
+    for cpus, expected in ((1, 1), (2, 2), (6, 6), (64, config_module.MAX_DEFAULT_WORKERS)):
+        monkeypatch.setattr(config_module, "available_cpus", lambda cpus=cpus: cpus)
+        assert LoaderConfig().num_workers == expected
+        for name in config_names():  # no shipped config asks for workers of its own
+            assert load_config(name).loader.num_workers == expected, name
+    assert load_config("demo", ["loader.num_workers=3"]).loader.num_workers == 3
+
+
+def test_a_camera_role_the_key_map_lacks_is_refused_with_its_roles(bridge_like):
+    with pytest.raises(ConfigError, match=r"cameras: \['wrst'\] not among the camera roles of "
+                                          r"data.key_map.images \(\['primary'\]\)"):
+        load_config("bridge", [f"data.path={bridge_like}",
+                               "data.transform.cameras=[primary, wrst]"])
+
+
+def test_a_camera_mapped_to_null_is_zero_filled_and_masked(bridge_like):
+    config = load_config("bridge", [
+        f"data.path={bridge_like}", "loader.batch_size=2", "loader.num_workers=0",
+        "data.key_map.images={primary: observation/image, wrist: null}",
+        "data.transform.cameras=[primary, wrist]", "data.transform.image_size=[32, 32]"])
+    assert config.data.key_map.cameras() == ("primary",)
+    batch = next(iter(config.make_loader()))
+    assert batch["image_mask"]["primary"].all() and not batch["image_mask"]["wrist"].any()
+    assert batch["observation"]["image_wrist"].shape == (2, 1, 32, 32, 3)
+    assert int(batch["observation"]["image_wrist"].abs().sum()) == 0
+    assert int(batch["observation"]["image_primary"].sum()) > 0

@@ -15,16 +15,39 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from torch_rlds._rules import (
+    ANY_MAPPING,
+    BOOL,
+    STRINGS,
+    TEXT,
+    ConfigError,
+    check_fields,
+    check_value,
+    field,
+    int_rule,
+    nullable,
+)
+
 DEMO = "demo"
 
 
-class ConfigError(ValueError):
-    """A config field with a value outside what it allows, or an unknown field."""
+# At most this many DataLoader workers when a config does not say: beyond it a large machine
+# would hold many decoded batches in flight for little gain.
+MAX_DEFAULT_WORKERS = 8
 
 
-def _int(name: str, value: Any, low: int = 0) -> None:
-    if type(value) is not int or value < low:
-        raise ConfigError(f"{name} must be an int >= {low} (got {value!r})")
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """``loader.num_workers`` when a config leaves it out: the CPUs available, at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,39 +58,29 @@ class DataConfig:
     ``data_dir``, or ``demo`` for the embedded demo dataset (written to the cache on first use).
     """
 
-    path: str = DEMO
-    data_dir: str | None = None
-    split: str = "train"
-    obs_window: int = 1
-    action_horizon: int = 16
-    observation_keys: tuple[str, ...] | None = None
-    action_key: str = "action"
-    language_key: str | None = "language_instruction"
-    shuffle: bool = True
-    seed: int = 0
-    shuffle_window: int = 16
-    repeat: bool = True
-    fast_jpeg: bool = False
-    key_map: Any = None
-    transform: Any = None
+    path: str = field(DEMO, TEXT, "a dataset directory, a TFDS name with data_dir, or demo")
+    data_dir: str | None = field(None, nullable(TEXT), "the TFDS data directory of a name")
+    split: str = field("train", TEXT, "a TFDS split expression (train, train[:95%], ...)")
+    obs_window: int = field(1, int_rule(1), "observation steps per sample")
+    action_horizon: int = field(16, int_rule(1), "actions per sample")
+    observation_keys: tuple[str, ...] | None = field(
+        None, nullable(STRINGS), "keys under steps/observation (null: all but text)")
+    action_key: str = field("action", TEXT, "the action tensor under steps")
+    language_key: str | None = field("language_instruction", nullable(TEXT),
+                                     "the instruction under steps")
+    shuffle: bool = field(True, BOOL, "permute episodes and steps")
+    seed: int = field(0, int_rule(0), "the order's seed")
+    shuffle_window: int = field(16, int_rule(1), "episodes whose steps are mixed together")
+    repeat: bool = field(True, BOOL, "an endless stream over epochs, or one pass")
+    fast_jpeg: bool = field(False, BOOL, "decode JPEG with the fast DCT (tf.io.decode_jpeg's "
+                                         "pixels)")
+    key_map: Any = field(None, ANY_MAPPING, "state, images, action, language: see "
+                                            "torch_rlds.KeyMap")
+    transform: Any = field(None, ANY_MAPPING, "see torch_rlds.transforms.TransformConfig")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
-            raise ConfigError(f"data.path must be a non-empty string (got {self.path!r})")
+        check_fields(self, "data")
         self._build_sections()
-        for name in ("obs_window", "action_horizon", "shuffle_window"):
-            _int(f"data.{name}", getattr(self, name), 1)
-        _int("data.seed", self.seed, 0)
-        if self.observation_keys is not None:
-            if isinstance(self.observation_keys, str) or not all(
-                    isinstance(k, str) for k in self.observation_keys):
-                raise ConfigError("data.observation_keys must be a list of strings (got "
-                                  f"{self.observation_keys!r})")
-            object.__setattr__(self, "observation_keys", tuple(self.observation_keys))
-        for name in ("shuffle", "repeat", "fast_jpeg"):
-            if type(getattr(self, name)) is not bool:
-                raise ConfigError(f"data.{name} must be true or false (got "
-                                  f"{getattr(self, name)!r})")
 
     def _build_sections(self) -> None:
         """Turn the ``key_map`` and ``transform`` mappings into their typed objects."""
@@ -91,27 +104,31 @@ class DataConfig:
                                TransformConfig.from_dict(self.transform, "data.transform"))
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if self.key_map is not None and self.transform is not None:
+            try:
+                self.transform.check_cameras(self.key_map)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
 
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """How batches are made. ``batch_size`` is the global batch: each of P processes loads
-    ``batch_size / P`` samples per step."""
+    ``batch_size / P`` samples per step. ``num_workers`` left out (or null) is
+    :func:`default_num_workers`: the CPUs available, at most :data:`MAX_DEFAULT_WORKERS`."""
 
-    batch_size: int = 32
-    num_workers: int = 2
-    prefetch_factor: int = 2
-    persistent_workers: bool = True
-    snapshot_every_n_steps: int = 1
+    batch_size: int = field(32, int_rule(1), "the global batch (divided among processes)")
+    num_workers: int | None = field(
+        None, nullable(int_rule(0)),
+        f"DataLoader worker processes (null: the CPUs available, at most {MAX_DEFAULT_WORKERS})")
+    prefetch_factor: int = field(2, int_rule(1), "batches each worker prepares ahead")
+    persistent_workers: bool = field(True, BOOL, "keep workers alive between passes")
+    snapshot_every_n_steps: int = field(1, int_rule(1), "batches between worker snapshots")
 
     def __post_init__(self) -> None:
-        _int("loader.batch_size", self.batch_size, 1)
-        _int("loader.num_workers", self.num_workers, 0)
-        _int("loader.prefetch_factor", self.prefetch_factor, 1)
-        _int("loader.snapshot_every_n_steps", self.snapshot_every_n_steps, 1)
-        if type(self.persistent_workers) is not bool:
-            raise ConfigError("loader.persistent_workers must be true or false (got "
-                              f"{self.persistent_workers!r})")
+        check_fields(self, "loader")
+        if self.num_workers is None:
+            object.__setattr__(self, "num_workers", default_num_workers())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +182,8 @@ class MixtureConfig:
                 raise ConfigError(f"mixture.datasets[{i}] must be a mapping (got {entry!r})")
             entries.append(entry)
         object.__setattr__(self, "datasets", tuple(entries))
-        _int("mixture.seed", self.seed, 0)
-        if type(self.balance) is not bool:
-            raise ConfigError(f"mixture.balance must be true or false (got {self.balance!r})")
+        check_value("mixture.seed", self.seed, int_rule(0))
+        check_value("mixture.balance", self.balance, BOOL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +203,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.process_count is not None:
-            _int("process_count", self.process_count, 1)
+            check_value("process_count", self.process_count, int_rule(1))
         if self.process_index is not None:
-            _int("process_index", self.process_index, 0)
+            check_value("process_index", self.process_index, int_rule(0))
             if self.process_count is not None and self.process_index >= self.process_count:
                 raise ConfigError(f"process_index must be < process_count "
                                   f"({self.process_index} >= {self.process_count})")
@@ -275,6 +291,50 @@ class Config:
 
 
 _SECTIONS = {"data": DataConfig, "loader": LoaderConfig}
+
+
+def format_config(config: Config) -> str:
+    """``config`` as YAML that :func:`load_config` reads back, every field with a comment
+    saying what it allows (what ``torch-rlds config`` prints)."""
+    lines = [f"# config {config.name}, resolved: each field's value, and what it allows",
+             f"name: {_yaml(config.name)}"]
+    if config.process_index is not None or config.process_count is not None:
+        lines += [f"process_index: {_yaml(config.process_index)}",
+                  f"process_count: {_yaml(config.process_count)}"]
+    if config.mixture is not None:
+        lines += ["mixture:", f"  seed: {config.mixture.seed}",
+                  f"  balance: {_yaml(config.mixture.balance)}", "  datasets:"]
+        for entry in config.mixture.datasets:
+            lines += [f"    - config: {_yaml(entry.config)}", f"      weight: {entry.weight}",
+                      f"      overrides: {_yaml(list(entry.overrides))}"]
+    else:
+        lines += ["data:", *_section_lines(config.data, "  ")]
+    lines += ["loader:", *_section_lines(config.loader, "  ")]
+    return "\n".join(lines)
+
+
+def _section_lines(section: Any, indent: str) -> list[str]:
+    from torch_rlds._rules import describe
+
+    rows = []
+    for name, value, allowed, help in describe(section):
+        if hasattr(value, "to_dict"):  # a key map
+            rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
+            rows += [(f"{indent}  {k}: {_yaml(v)}", None) for k, v in value.to_dict().items()]
+        elif dataclasses.is_dataclass(value):  # a nested section (data.transform)
+            rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
+            rows += [(line, None) for line in _section_lines(value, indent + "  ")]
+        else:
+            rows.append((f"{indent}{name}: {_yaml(value)}", f"{allowed}: {help}"))
+    width = max((len(text) for text, note in rows if note is not None), default=0)
+    return [text if note is None else f"{text.ljust(width)}  # {note}" for text, note in rows]
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix(
+        "\n...").strip()
 
 
 def config_names() -> list[str]:

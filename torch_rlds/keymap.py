@@ -60,7 +60,10 @@ class KeyMap:
     Attributes:
       state_keys: tensors concatenated, in this order, into ``observation/state``; scalars count
         as one value and ``[a, b]`` tensors as ``a * b``. Empty: no state.
-      image_keys: camera role -> image feature; each becomes ``observation/image_<role>``.
+      image_keys: camera role -> image feature; each becomes ``observation/image_<role>``. A
+        role mapped to ``None`` is a camera this dataset lacks: nothing is emitted for it, and
+        a transform that selects it (:class:`~torch_rlds.transforms.SelectCameras`) fills it
+        with zeros and masks it, so that datasets with and without it batch together.
       action_keys: tensors concatenated, in this order, into ``action`` (at least one).
       language_key: the text feature that becomes ``language_instruction`` (``None``: none).
 
@@ -69,7 +72,7 @@ class KeyMap:
     """
 
     state_keys: tuple[str, ...] = ()
-    image_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    image_keys: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
     action_keys: tuple[str, ...] = (ACTION,)
     language_key: str | None = None
 
@@ -86,7 +89,7 @@ class KeyMap:
             if not isinstance(role, str) or not _ROLE.match(role):
                 raise KeyMapError(f"key_map.images: camera role {role!r} must be lower-case "
                                   "letters, digits and '_', starting with a letter (e.g. primary)")
-            images[role] = _keys(f"key_map.images.{role}", (key,))[0]
+            images[role] = None if key is None else _keys(f"key_map.images.{role}", (key,))[0]
         object.__setattr__(self, "image_keys", images)
         if self.language_key is not None:
             object.__setattr__(self, "language_key",
@@ -141,7 +144,11 @@ class KeyMap:
         """The standard observation keys this key map produces (``state`` first, then the
         cameras in role order)."""
         keys = (STATE,) if self.state_keys else ()
-        return keys + tuple(image_key(role) for role in self.image_keys)
+        return keys + tuple(image_key(role) for role in self.cameras())
+
+    def cameras(self) -> tuple[str, ...]:
+        """The camera roles the dataset has (those mapped to a feature), in role order."""
+        return tuple(role for role, key in self.image_keys.items() if key is not None)
 
     def validate(self, source_or_features: Any) -> dict[str, tuple[int | None, ...]]:
         """Check every key against a dataset's feature tree, reading no episode.
@@ -169,7 +176,8 @@ class KeyMap:
                 n = _size(leaf.shape)
                 size = None if size is None or n is None else size + n
             shapes[out] = (size,)
-        for role, key in self.image_keys.items():
+        for role in self.cameras():
+            key = self.image_keys[role]
             leaf = _find(leaves, key, f"key_map.images.{role}", dataset)
             if leaf.kind != "image":
                 raise KeyMapError(f"{dataset}: key_map.images.{role}: {key!r} is a "
@@ -196,8 +204,9 @@ class KeyMap:
         observation: dict[str, Any] = {}
         if self.state_keys:
             observation[STATE] = self._concat(steps, self.state_keys, "state", name)
-        for role, key in self.image_keys.items():
-            observation[image_key(role)] = _get(steps, key, f"key_map.images.{role}", name)
+        for role in self.cameras():
+            observation[image_key(role)] = _get(steps, self.image_keys[role],
+                                                f"key_map.images.{role}", name)
         out_steps: dict[str, Any] = {
             "observation": observation,
             ACTION: self._concat(steps, self.action_keys, "action", name),

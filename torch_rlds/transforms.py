@@ -27,12 +27,33 @@ import numpy as np
 import torch.utils.data
 
 from torch_rlds import _order
+from torch_rlds._rules import (
+    BOOL,
+    Rule,
+    check_fields,
+    check_value,
+    choice_rule,
+    field,
+    int_rule,
+    nullable,
+    number_rule,
+)
 from torch_rlds.keymap import IMAGE_PREFIX, STATE, image_key
 
 EPS = 1e-6
 NORMALIZE_MODES = ("zscore", "quantile")
 RESIZE_MODES = ("pad", "stretch")
 _AUGMENT_TAG = 0x41554731
+
+
+def _is_size(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
+            and all(type(d) is int and d >= 1 for d in value))
+
+
+def _is_roles(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+            and all(isinstance(c, str) for c in value))
 
 
 def _images(observation: Mapping[str, Any]) -> list[str]:
@@ -267,9 +288,9 @@ class Augment:
                  contrast: float = 0.2, keys: Sequence[str] | None = None) -> None:
         if type(seed) is not int or seed < 0:
             raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
-        _check_range("crop_scale", crop_scale, 0.0, 1.0, low_open=True)
-        _check_range("brightness", brightness, 0.0, 1.0)
-        _check_range("contrast", contrast, 0.0, 1.0)
+        check_value("crop_scale", crop_scale, number_rule(0.0, 1.0, low_open=True), ValueError)
+        check_value("brightness", brightness, number_rule(0.0, 1.0), ValueError)
+        check_value("contrast", contrast, number_rule(0.0, 1.0), ValueError)
         self.seed = seed
         self.crop_scale = float(crop_scale)
         self.brightness = float(brightness)
@@ -318,14 +339,6 @@ class Augment:
     def __repr__(self) -> str:
         return (f"Augment(seed={self.seed}, crop_scale={self.crop_scale}, "
                 f"brightness={self.brightness}, contrast={self.contrast})")
-
-
-def _check_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        (low < value if low_open else low <= value) and value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be a number in {interval} (got {value!r})")
 
 
 # -- normalization -------------------------------------------------------------------------------
@@ -470,55 +483,43 @@ class TransformConfig:
         the dataset and key map (computed on first use, see :mod:`torch_rlds.stats`).
     """
 
-    image_size: tuple[int, int] | None = None
-    resize: str = "pad"
-    cameras: tuple[str, ...] | None = None
-    augment: bool = False
-    crop_scale: float = 0.95
-    brightness: float = 0.2
-    contrast: float = 0.2
-    pad_state_to: int | None = None
-    pad_action_to: int | None = None
-    normalize: str | None = None
-    norm_stats: str | None = None
+    image_size: tuple[int, int] | None = field(
+        None, nullable(Rule("[height, width] with ints >= 1", _is_size, tuple)),
+        "the size every camera is resized to (null: as stored)")
+    resize: str = field("pad", choice_rule(RESIZE_MODES),
+                        "pad keeps the aspect ratio, stretch does not")
+    cameras: tuple[str, ...] | None = field(
+        None, nullable(Rule("a non-empty list of camera roles", _is_roles, tuple)),
+        "camera roles to emit, in order (null: every camera of the key map)")
+    augment: bool = field(False, BOOL, "random crop, brightness and contrast")
+    crop_scale: float = field(0.95, number_rule(0.0, 1.0, low_open=True),
+                              "fraction of height and width an augmentation crop keeps")
+    brightness: float = field(0.2, number_rule(0.0, 1.0), "brightness factor range")
+    contrast: float = field(0.2, number_rule(0.0, 1.0), "contrast factor range")
+    pad_state_to: int | None = field(None, nullable(int_rule(1)), "pad state to this width")
+    pad_action_to: int | None = field(None, nullable(int_rule(1)), "pad action to this width")
+    normalize: str | None = field(None, nullable(choice_rule(NORMALIZE_MODES)),
+                                  "normalize state and action")
+    norm_stats: str | None = field(None, nullable(Rule("a path to a norm_stats.json",
+                                                       lambda v: isinstance(v, str) and v)),
+                                   "statistics to normalize with (null: computed and cached)")
 
     def __post_init__(self) -> None:
-        where = "data.transform"
+        check_fields(self, "data.transform", ValueError)
 
-        def fail(field: str, allowed: str) -> None:
-            raise ValueError(f"{where}.{field} must be {allowed} (got "
-                             f"{getattr(self, field)!r})")
-
-        if self.image_size is not None:
-            size = self.image_size
-            if isinstance(size, str) or not isinstance(size, Sequence) or len(size) != 2 or \
-                    not all(type(d) is int and d >= 1 for d in size):
-                fail("image_size", "[height, width] with ints >= 1, or null")
-            object.__setattr__(self, "image_size", tuple(size))
-        if self.resize not in RESIZE_MODES:
-            fail("resize", f"one of {list(RESIZE_MODES)}")
-        if self.cameras is not None:
-            if isinstance(self.cameras, str) or not isinstance(self.cameras, Sequence) or \
-                    not self.cameras or not all(isinstance(c, str) for c in self.cameras):
-                fail("cameras", "a non-empty list of camera roles, or null")
-            object.__setattr__(self, "cameras", tuple(self.cameras))
-        if type(self.augment) is not bool:
-            fail("augment", "true or false")
-        try:
-            _check_range("crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
-            _check_range("brightness", self.brightness, 0.0, 1.0)
-            _check_range("contrast", self.contrast, 0.0, 1.0)
-        except ValueError as e:
-            raise ValueError(f"{where}.{e}") from None
-        for field in ("pad_state_to", "pad_action_to"):
-            value = getattr(self, field)
-            if value is not None and (type(value) is not int or value < 1):
-                fail(field, "an int >= 1, or null")
-        if self.normalize is not None and self.normalize not in NORMALIZE_MODES:
-            fail("normalize", f"one of {list(NORMALIZE_MODES)}, or null")
-        if self.norm_stats is not None and (not isinstance(self.norm_stats, str)
-                                            or not self.norm_stats):
-            fail("norm_stats", "a path to a norm_stats.json, or null")
+    def check_cameras(self, key_map: Any) -> None:
+        """Raise ``ValueError`` unless every role of ``cameras`` is one the key map defines
+        (a role mapped to ``null`` there is a camera the dataset lacks on purpose: it is
+        zero-filled and masked)."""
+        if self.cameras is None:
+            return
+        roles = list(key_map.image_keys)
+        unknown = [role for role in self.cameras if role not in key_map.image_keys]
+        if unknown:
+            raise ValueError(
+                f"data.transform.cameras: {unknown} not among the camera roles of "
+                f"data.key_map.images ({roles}); to zero-fill a camera this dataset lacks, map "
+                "its role to null there")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | TransformConfig | None,
@@ -543,6 +544,8 @@ class TransformConfig:
         """The transform chain. With ``normalize`` set, the statistics are ``norm_stats`` if
         given, else read from ``self.norm_stats``, else the cached statistics of ``source``
         under ``key_map`` (computed, streaming the dataset once, when not cached)."""
+        if key_map is not None:
+            self.check_cameras(key_map)
         chain: list[Callable[[dict], dict]] = []
         if self.cameras is not None:
             fill = None if self.image_size is None else (*self.image_size, 3)
