@@ -297,3 +297,34 @@ def test_inspect_counts_steps(small_dataset, small_spec, capsys):
     assert f"split train: {sum(lengths[:6])} steps" in out
     assert f"split val: {sum(lengths[6:])} steps" in out
     assert f"min {min(lengths[:6])}," in out
+
+
+def test_a_path_without_a_dataset_lists_the_datasets_near_it(small_dataset, tmp_path):
+    data_dir = small_dataset.parent.parent  # data_dir/synthetic_rlds/1.0.0
+    with pytest.raises(FileNotFoundError, match=r"bridge: no dataset_info.json.*Datasets found "
+                                                r"under .*: synthetic_rlds/1\.0\.0\."):
+        torch_rlds.RLDSSource(data_dir / "bridge")
+    with pytest.raises(FileNotFoundError, match=r"Datasets found under .*: synthetic_rlds/1\.0\.0"):
+        torch_rlds.RLDSSource("bridge_dataset", data_dir=data_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds no TFDS dataset"):
+        torch_rlds.RLDSSource(empty)
+    with pytest.raises(FileNotFoundError, match=r"No folder of that path exists"):
+        torch_rlds.RLDSSource("/nonexistent-root-folder/x/1.0.0")
+
+
+def test_a_remote_path_without_its_filesystem_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from torch_rlds import _paths
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gcsfs", "s3fs") else real(name, *a))
+    with pytest.raises(ImportError, match=r"gs:// paths need gcsfs.*pip install "
+                                          r"'torch-rlds\[gcs\]'"):
+        torch_rlds.RLDSSource("gs://bucket/bridge/0.1.0")
+    with pytest.raises(ImportError, match=r"pip install 'torch-rlds\[s3\]'"):
+        _paths.to_path("s3://bucket/state.json")
+    assert _paths.scheme("/local/path") is None and _paths.scheme("gs://b/x") == "gs"

@@ -9,6 +9,8 @@ from typing import Any
 
 from etils import epath
 
+from torch_rlds._paths import to_path
+
 _INFO_FILE = "dataset_info.json"
 _FEATURES_FILE = "features.json"
 _DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -132,11 +134,11 @@ def resolve_dataset_dir(path_or_name: str | os.PathLike, data_dir: str | os.Path
     """
     if data_dir is not None:
         name, _, version = str(path_or_name).partition(":")
-        path = epath.Path(data_dir) / name
+        path = to_path(data_dir) / name
         if version:
             path = path / version
     else:
-        path = epath.Path(path_or_name)
+        path = to_path(path_or_name)
     if (path / _INFO_FILE).exists():
         return path
     if path.is_dir():
@@ -148,8 +150,43 @@ def resolve_dataset_dir(path_or_name: str | os.PathLike, data_dir: str | os.Path
             return versions[-1]
     raise FileNotFoundError(
         f"{path}: no {_INFO_FILE} there nor in a version subdirectory; expected a TFDS dataset "
-        "directory such as data_dir/name/1.0.0/"
+        f"directory such as data_dir/name/1.0.0/. {_what_is_there(path)}"
     )
+
+
+# How much of a folder the "what is there" hint looks at: enough for a TFDS data directory,
+# little enough to stay quick on an object store.
+_LIST_DIRS = 200
+_LIST_SHOWN = 20
+
+
+def _what_is_there(path: epath.Path) -> str:
+    """The datasets and versions under the nearest existing folder at or above ``path``
+    (``data_dir/bridge_dataset/1.0.0``...), for the message of a path that holds none."""
+    folder = path
+    try:
+        while not folder.is_dir():
+            if folder.parent == folder:
+                return "No folder of that path exists."
+            folder = folder.parent
+        if folder != path and folder.parent == folder:
+            return "No folder of that path exists."
+        found = []
+        children = sorted(p for _, p in zip(range(_LIST_DIRS), folder.iterdir()) if p.is_dir())
+        for child in children:
+            if (child / _INFO_FILE).exists():
+                found.append(child)
+                continue
+            for _, version in zip(range(_LIST_DIRS), child.iterdir()):
+                if (version / _INFO_FILE).exists():
+                    found.append(version)
+    except OSError as e:
+        return f"(could not list {folder}: {e})"
+    if not found:
+        return f"{folder} holds no TFDS dataset, nor do its subfolders."
+    names = sorted(os.fspath(p)[len(os.fspath(folder)):].lstrip("/") or "." for p in found)
+    more = f" and {len(names) - _LIST_SHOWN} more" if len(names) > _LIST_SHOWN else ""
+    return f"Datasets found under {folder}: {', '.join(names[:_LIST_SHOWN])}{more}."
 
 
 def _version_key(version: str) -> tuple:

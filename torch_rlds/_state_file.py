@@ -12,6 +12,8 @@ from typing import Any
 
 from etils import epath
 
+from torch_rlds._paths import to_path
+
 _TMP_MARK = ".tmp-"
 # A state is a few hundred bytes per worker; a file far larger is not one, and is not read.
 MAX_STATE_BYTES = 16 << 20
@@ -26,6 +28,7 @@ def write_json_atomic(path: epath.Path, obj: Any) -> None:
     makes the whole object visible at once.
     """
     data = json.dumps(obj, sort_keys=True, allow_nan=False)
+    path = to_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}{_TMP_MARK}"
     for stale in path.parent.glob(glob.escape(prefix) + "*"):
@@ -70,7 +73,7 @@ def read_json(path: str | os.PathLike) -> Any:
     anything that is not one whole JSON document: truncated, not UTF-8, NaN or Infinity,
     duplicate keys, nesting too deep, or larger than :data:`MAX_STATE_BYTES`.
     """
-    path = epath.Path(path)
+    path = to_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no state file")
     with path.open("rb") as f:

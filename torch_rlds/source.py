@@ -77,6 +77,12 @@ class RLDSSource:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    @property
+    def ranges(self) -> tuple[tuple[str, int, int], ...]:
+        """``(split name, first episode, end)`` of each part of the split expression, in the
+        order the source numbers its episodes."""
+        return tuple(self._ranges)
+
     def locate(self, index: int) -> tuple[str, int]:
         """The split name and the episode index within that whole split for ``index``."""
         n = len(self)
