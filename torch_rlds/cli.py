@@ -1,37 +1,61 @@
-"""The ``torch-rlds`` command: ``inspect``, ``demo`` and the other tools."""
+"""The ``torch-rlds`` command: ``inspect``, ``demo`` and the other tools.
+
+A command that fails prints one line, ``torch-rlds COMMAND: Error: message``, and exits with 1;
+``--traceback`` (anywhere on the line) or ``TORCH_RLDS_TRACEBACK=1`` prints the whole trace
+first.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
+
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "TORCH_RLDS_TRACEBACK"
 
 
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
+    from tqdm import tqdm
 
     from torch_rlds._features import iter_leaves
     from torch_rlds.source import RLDSSource
 
-    source = RLDSSource(args.path, args.split, data_dir=args.data_dir)
+    source = RLDSSource(args.path, args.split or "+".join(_splits(args)),
+                        data_dir=args.data_dir)
     info = source.info
     print(f"{info.name} {info.version}  ({info.path})")
     print(f"format: {info.file_format}")
+    selected = {name for name, _, _ in source.ranges}
     for name, split in info.splits.items():
+        if name not in selected:
+            continue
         print(f"split {name}: {split.num_episodes} episodes in {len(split.shard_paths)} shards, "
               f"{split.num_bytes} bytes")
         for path, n in zip(split.shard_paths, split.shard_lengths):
             print(f"  {path.name}: {n} episodes")
+    if args.split:
+        parts = ", ".join(f"{name}[{start}:{stop}]" for name, start, stop in source.ranges)
+        print(f"--split {args.split}: {len(source)} episodes ({parts})")
     if args.steps:
-        from tqdm import tqdm
-
-        for name in info.splits:
-            counted = RLDSSource(info.path, name)
-            steps = [len(counted.decoder.decode(counted.read(i))["steps"][_first_step_key(counted)])
-                     for i in tqdm(range(len(counted)), desc=f"counting steps of {name}",
-                                   unit="episode", delay=1.0, file=sys.stderr)]
-            print(f"split {name}: {sum(steps)} steps (episode length min {min(steps)}, "
-                  f"mean {np.mean(steps):.1f}, max {max(steps)})")
+        key = _first_step_key(source)
+        first = 0
+        for name, start, stop in source.ranges:
+            whole = (start, stop) == (0, info.splits[name].num_episodes)
+            label = name if whole else f"{name}[{start}:{stop}]"
+            episodes = range(first, first + stop - start)
+            first += stop - start
+            steps = [len(source.decoder.decode(source.read(i))["steps"][key])
+                     for i in tqdm(episodes, desc=f"counting steps of {label}", unit="episode",
+                                   delay=1.0, file=sys.stderr)]
+            if steps:
+                print(f"split {label}: {sum(steps)} steps (episode length min {min(steps)}, "
+                      f"mean {np.mean(steps):.1f}, max {max(steps)})")
+            else:
+                print(f"split {label}: no episodes")
     else:
         print("(step counts: add --steps, which reads every episode)")
     print("features:")
@@ -43,17 +67,30 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _splits(args: argparse.Namespace) -> list[str]:
+    """Every split of the dataset ``args`` names (what ``inspect`` shows without --split)."""
+    from torch_rlds._info import DatasetInfo, resolve_dataset_dir
+
+    return list(DatasetInfo.load(resolve_dataset_dir(args.path, args.data_dir)).splits)
+
+
 def _first_step_key(source) -> str:
     return next(leaf.path[1] for leaf in source.leaves() if leaf.per_step)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``torch-rlds``."""
-    parser = argparse.ArgumentParser(prog="torch-rlds", description=__doc__)
+    from torch_rlds import stats
+
+    parser = argparse.ArgumentParser(prog="torch-rlds", description=__doc__.split("\n\n")[0])
+    parser.add_argument(TRACEBACK_FLAG, action="store_true",
+                        help=f"on an error, print the whole trace (or set {TRACEBACK_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="splits, shards and features of a dataset")
     inspect.add_argument("path", help="dataset version directory, or a name with --data-dir")
-    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--split", default=None,
+                         help="only this split expression (train, train[:10%%], train+val); "
+                              "default: every split")
     inspect.add_argument("--data-dir", default=None)
     inspect.add_argument("--steps", action="store_true",
                          help="also count steps (reads every episode)")
@@ -64,19 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(demo)
     demo.set_defaults(run=_demo)
 
+    config = commands.add_parser("config", help="print a config as resolved, with what every "
+                                                "field allows")
+    _config_arguments(config)
+    config.set_defaults(run=_config)
+
     check = commands.add_parser("check", help="the user-facing checkpoint test of a config")
     _config_arguments(check)
     check.add_argument("--comprehensive", action="store_true",
                        help="several save/load cycles, id tracking, two processes")
     check.set_defaults(run=_check)
 
-    stats = commands.add_parser("stats", help="normalization statistics of state and action "
-                                              "(norm_stats.json, openpi's layout)")
-    _config_arguments(stats)
-    stats.add_argument("--output", default=None, help="also write norm_stats.json here")
-    stats.add_argument("--recompute", action="store_true", help="ignore the cache")
-    stats.add_argument("--no-progress", action="store_true", help="no progress bar")
-    stats.set_defaults(run=_stats)
+    stats_parser = commands.add_parser("stats", help="normalization statistics of state and "
+                                                     "action (norm_stats.json, openpi's layout)")
+    stats.add_arguments(stats_parser)
+    stats_parser.set_defaults(run=stats.run)
 
     # `bench` is dispatched in main() before parsing; listed here for the help text.
     commands.add_parser("bench", help="the benchmark suite (tf.data baseline when tensorflow "
@@ -96,17 +135,11 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.config_name, args.overrides)
 
 
-def _stats(args: argparse.Namespace) -> int:
-    from torch_rlds.stats import main as stats_main
+def _config(args: argparse.Namespace) -> int:
+    from torch_rlds.config import format_config, load_config
 
-    argv = ["--config-name", args.config_name, *args.overrides]
-    if args.output:
-        argv += ["--output", args.output]
-    if args.recompute:
-        argv.append("--recompute")
-    if args.no_progress:
-        argv.append("--no-progress")
-    return stats_main(argv)
+    print(format_config(load_config(args.config_name, args.overrides)))
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -118,16 +151,34 @@ def _check(args: argparse.Namespace) -> int:
     return check_main(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torch-rlds`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the suite parses its own options, which may start with --
-        from torch_rlds.bench import main as bench_main
+def one_line(error: BaseException) -> str:
+    """``Type: message`` of ``error`` on one line (a message's line breaks become spaces)."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
-        return bench_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.run(args)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``torch-rlds`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full_trace = TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != TRACEBACK_FLAG]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        if argv[:1] == ["bench"]:  # the suite parses its own options, which may start with --
+            from torch_rlds.bench import main as bench_main
+
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"torch-rlds {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if full_trace:
+            traceback.print_exc()
+        hint = "" if full_trace else f" ({TRACEBACK_FLAG} for the whole trace)"
+        print(f"torch-rlds {command}: {one_line(error)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -342,57 +342,129 @@ def load_or_compute_stats(source: Any, key_map: KeyMap, *, recompute: bool = Fal
 
 
 # -- the command ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    """The arguments of ``torch-rlds stats``."""
-    parser = argparse.ArgumentParser(
-        prog="torch-rlds stats",
-        description="Stream a dataset once (images stay encoded) and compute the per-dimension "
-                    "mean, std, min, max, q01 and q99 of state and action; cached, and written "
-                    "as openpi's norm_stats.json.")
+def dimension_labels(source: Any, key_map: KeyMap) -> dict[str, list[str]]:
+    """A label per dimension of ``state`` and ``actions``: the key it came from, indexed
+    (``state[3]``, ``action/world_vector[0]``; a scalar key stands alone). A key whose size the
+    dataset leaves open is labelled ``key[?]``."""
+    leaves = {"/".join(leaf.path[1:]): leaf for leaf in source.leaves() if leaf.per_step}
+    out = {}
+    parts = {"state": key_map.state_keys, "actions": key_map.action_keys}
+    for name, keys in parts.items():
+        labels = []
+        for key in keys:
+            shape = tuple(leaves[key].shape) if key in leaves else (None,)
+            short = key[len("observation/"):] if key.startswith("observation/") else key
+            if shape == ():
+                labels.append(short)
+            elif None in shape:
+                labels.append(f"{short}[?]")
+            else:
+                labels.extend(f"{short}[{i}]" for i in range(int(np.prod(shape))))
+        out[name] = labels
+    return out
+
+
+def format_table(name: str, stats: Stats, labels: Sequence[str]) -> str:
+    """``stats`` as aligned columns, one row per dimension labelled by ``labels``."""
+    fields = [f for f in ("mean", "std", "min", "max", "q01", "q99")
+              if getattr(stats, f) is not None]
+    dims = len(stats.mean)
+    labels = list(labels) if len(labels) == dims else [f"{name}[{i}]" for i in range(dims)]
+    cells = [[f"{float(getattr(stats, f)[d]):.5g}" for f in fields] for d in range(dims)]
+    label_width = max(len("dimension"), *(len(label) for label in labels))
+    widths = [max(len(f), *(len(row[i]) for row in cells)) for i, f in enumerate(fields)]
+    lines = [f"{name} ({dims} dims)",
+             "  " + "dimension".ljust(label_width) + "".join(
+                 f"  {f:>{w}}" for f, w in zip(fields, widths))]
+    for label, row in zip(labels, cells):
+        lines.append("  " + label.ljust(label_width) + "".join(
+            f"  {c:>{w}}" for c, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``torch-rlds stats``, added to ``parser``."""
     parser.add_argument("--config-name", default="demo",
                         help="a shipped config name or a path to a YAML file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (data.split=train)")
     parser.add_argument("--output", default=None,
-                        help="also write norm_stats.json here (a file or a folder)")
+                        help="also write norm_stats.json here (a file or a folder; for a "
+                             "mixture a folder, with one subfolder per dataset)")
     parser.add_argument("--recompute", action="store_true", help="ignore the cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``torch-rlds stats`` on its own (:func:`main`)."""
+    parser = argparse.ArgumentParser(
+        prog="torch-rlds stats",
+        description="Stream a dataset once (images stay encoded) and compute the per-dimension "
+                    "mean, std, min, max, q01 and q99 of state and action; cached, and written "
+                    "as openpi's norm_stats.json. For a mixture, each dataset's.")
+    add_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``torch-rlds stats --config-name NAME [overrides] [--output PATH]``."""
+def run(args: argparse.Namespace) -> int:
+    """``torch-rlds stats`` with parsed ``args``: the statistics of the config's dataset, or
+    of each dataset of a mixture config, printed and cached (and written to ``--output``)."""
     from torch_rlds.config import load_config
+
+    config = load_config(args.config_name, args.overrides)
+    if config.mixture is None:
+        _report(config, args, args.output)
+        return 0
+    if args.output and epath.Path(args.output).name.endswith(".json"):
+        raise ValueError(f"--output {args.output}: config {config.name} is a mixture of "
+                         f"{len(config.mixture.datasets)} datasets; give a folder (each "
+                         "dataset's norm_stats.json goes into a subfolder of its own)")
+    for i, entry in enumerate(config.mixture.datasets):
+        child = load_config(entry.config, entry.overrides)
+        print(f"mixture {config.name}, dataset {i}: config {entry.config}"
+              f"{' ' + ' '.join(entry.overrides) if entry.overrides else ''}")
+        output = None
+        if args.output:
+            output = epath.Path(args.output) / f"{i}-{child.name}"
+        _report(child, args, output)
+    return 0
+
+
+def _report(config: Any, args: argparse.Namespace, output: Any) -> None:
     from torch_rlds.keymap import key_map_from_config
     from torch_rlds.source import RLDSSource
 
-    args = build_parser().parse_args(argv)
-    config = load_config(args.config_name, args.overrides)
     key_map = key_map_from_config(config.data)
     source = RLDSSource(config.dataset_path(), config.data.split, data_dir=config.data.data_dir)
     stats, folder = load_or_compute_stats(source, key_map, recompute=args.recompute,
                                           progress=not args.no_progress)
     print(f"{source.info.name} {source.info.version} split {source.split!r}: "
           f"{stats['actions'].count or '?'} steps")
-    for name, s in stats.items():
-        print(f"{name} ({len(s.mean)} dims)")
-        for field in ("mean", "std", "min", "max", "q01", "q99"):
-            value = getattr(s, field)
-            if value is not None:
-                print(f"  {field:>4}: " + " ".join(f"{v: .4g}" for v in value))
+    labels = dimension_labels(source, key_map)
+    for name in ("state", "actions"):
+        if name in stats:
+            print(format_table(name, stats[name], labels[name]))
     print(f"cached in {folder}")
-    if args.output:
-        print(f"wrote {write_norm_stats(stats, args.output)}")
-    return 0
+    if output:
+        print(f"wrote {write_norm_stats(stats, output)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``torch-rlds stats --config-name NAME [overrides] [--output PATH]``."""
+    return run(build_parser().parse_args(argv))
 
 
 __all__ = [
     "NUM_BINS",
     "RunningStats",
     "Stats",
+    "add_arguments",
     "cache_key",
     "compute_stats",
+    "dimension_labels",
+    "format_table",
     "load_or_compute_stats",
     "main",
     "read_norm_stats",
+    "run",
     "write_norm_stats",
 ]
