@@ -88,6 +88,28 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
     assert not any("matplotlib" in note for note in results["notes"])
 
 
+@pytest.mark.slow
+def test_chart_marks_what_did_not_run_and_keeps_close_sizes_alike(quick_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from torch_rlds.bench._report import NOT_RUN, chart_figure
+
+    _, _, results = quick_run
+    fig = chart_figure(results)
+    ax_rate, _, ax_size = fig.axes
+    names = [t.get_text() for t in ax_rate.get_xticklabels()]
+    heights = {round(p.get_x() + p.get_width() / 2): p.get_height() for p in ax_rate.patches}
+    tf = names.index("tf.data")
+    assert tf not in heights  # tf.data did not run (--skip-tf): no bar, not a bar of 0
+    assert [t.get_text() for t in ax_rate.texts if t.get_position()[0] == tf] == [NOT_RUN]
+    assert all(h > 0 for h in heights.values()) and len(heights) == len(names) - 1
+    # The two torch_rlds states differ by a few bytes: on a scale of decades they look alike.
+    low, high = ax_size.get_ylim()
+    assert ax_size.get_yscale() == "log" and low == 1 and high >= 1e4
+    assert not any(t.get_text() == NOT_RUN for t in ax_size.texts)
+
+
 def test_without_matplotlib_the_chart_is_left_out(quick_run, tmp_path, monkeypatch):
     from torch_rlds.bench._report import write_chart
 

@@ -257,9 +257,12 @@ def write_markdown(results: dict[str, Any], out_dir: str) -> str:
     return path
 
 
+NOT_RUN = "not run"
+
+
 def write_chart(results: dict[str, Any], out_dir: str) -> str | None:
-    """``chart.png``: throughput bars, resume time against position, checkpoint sizes.
-    Returns ``None`` (and writes nothing) when matplotlib is not installed."""
+    """``chart.png`` (see :func:`chart_figure`). Returns ``None`` (and writes nothing) when
+    matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -267,16 +270,27 @@ def write_chart(results: dict[str, Any], out_dir: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = chart_figure(results)
+    path = os.path.join(out_dir, "chart.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def chart_figure(results: dict[str, Any]) -> Any:
+    """Throughput bars, resume time against position, checkpoint sizes. A pipeline that did
+    not run is labelled "not run" where its bar would stand (no bar of 0); sizes are on a log
+    scale from 1 byte, where states a few bytes apart look alike and tf.data's buffers stand
+    orders of magnitude above."""
+    import matplotlib.pyplot as plt
+
     fig, (ax_rate, ax_resume, ax_size) = plt.subplots(1, 3, figsize=(16, 4.8))
     through = results["throughput"]
     bars = [(f"torch_rlds\nw={w}", _ok(r)) for w, r in through["torch_rlds"].items()]
     bars += [("tf.data", _ok(through.get("tf_data"))), ("decode\nlimit", _ok(through.get("limit")))]
-    names = [name for name, _ in bars]
-    rates = [r["samples_per_s"] if r else 0 for _, r in bars]
     colors = ["tab:blue"] * (len(bars) - 2) + ["tab:orange", "tab:gray"]
-    ax_rate.bar(names, rates, color=colors)
-    for i, rate in enumerate(rates):
-        ax_rate.text(i, rate, f"{rate:,.0f}", ha="center", va="bottom", fontsize=8)
+    _bars(ax_rate, [name for name, _ in bars],
+          [r["samples_per_s"] if r else None for _, r in bars], colors, "{:,.0f}")
     ax_rate.set_ylabel("samples/s")
     ax_rate.set_title("Throughput")
 
@@ -293,7 +307,11 @@ def write_chart(results: dict[str, Any], out_dir: str) -> str | None:
     ax_resume.set_ylabel("time to first batch (s)")
     ax_resume.set_yscale("log")
     ax_resume.set_title("Resume")
-    ax_resume.legend(fontsize=7)
+    if ax_resume.lines:
+        ax_resume.legend(fontsize=7)
+        times = [y for line in ax_resume.lines for y in line.get_ydata()]
+        # At least a decade: times a few percent apart should look alike.
+        ax_resume.set_ylim(min(times) / 3, max(max(times) * 3, min(times) * 10))
 
     checkpoint = results["checkpoint"]
     labels, sizes, colors = [], [], []
@@ -304,14 +322,26 @@ def write_chart(results: dict[str, Any], out_dir: str) -> str | None:
     for buffer, record in checkpoint.get("tf_data", {}).items():
         r = _ok(record)
         labels.append(f"tf.data\n{int(buffer):,}")
-        sizes.append(r["bytes"] if r else 0)
+        sizes.append(r["bytes"] if r else None)
         colors.append("tab:orange")
-    ax_size.bar(labels, [max(v, 1) for v in sizes], color=colors)
     ax_size.set_yscale("log")
-    ax_size.set_ylabel("checkpoint bytes")
+    _bars(ax_size, labels, sizes, colors, "{:,.0f} B")
+    measured = [v for v in sizes if v]
+    ax_size.set_ylim(1, max(10.0 * max(measured, default=1), 1e4))
+    ax_size.set_ylabel("checkpoint bytes (log scale)")
     ax_size.set_title("Checkpoint size by shuffle size (steps)")
     fig.tight_layout()
-    path = os.path.join(out_dir, "chart.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _bars(ax: Any, names: list[str], values: list[float | None], colors: list[str],
+          label: str) -> None:
+    """One bar per measured value, labelled with it; :data:`NOT_RUN` where there is none."""
+    for i, (value, color) in enumerate(zip(values, colors)):
+        if value is None:
+            ax.text(i, 0.5, NOT_RUN, ha="center", va="center", rotation=90, fontsize=9,
+                    color="0.4", transform=ax.get_xaxis_transform())
+        else:
+            ax.bar(i, value, color=color)
+            ax.text(i, value, label.format(value), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
