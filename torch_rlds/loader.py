@@ -19,6 +19,7 @@ from etils import epath
 from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
 
 from torch_rlds import _buffers
+from torch_rlds._bootstrap import explain_start_failure, refuse_inside_bootstrap
 from torch_rlds._loader_stats import LoaderStats, StatsTracker
 from torch_rlds._state import (
     DATASET_STATE,
@@ -168,6 +169,7 @@ class DataLoader(StatefulDataLoader):
         self._stats = StatsTracker(_episodes_per_epoch(dataset))
 
     def __iter__(self) -> Iterator[Any]:
+        refuse_inside_bootstrap()
         if (self._choose_start_method and self.num_workers > 0
                 and self.multiprocessing_context is None and "jax" in sys.modules):
             # jax was imported after this loader was built: workers must not be forked now.
@@ -186,6 +188,11 @@ class DataLoader(StatefulDataLoader):
             self.worker_init_fn = functools.partial(_init_worker, *leases.worker_args(), init)
         try:
             iterator = super()._get_iterator()
+        except RuntimeError as error:
+            explained = explain_start_failure(error, self.multiprocessing_context)
+            if explained is None:
+                raise
+            raise explained from error
         finally:
             self.worker_init_fn = init
         iterator._torch_rlds_leases = leases  # freed slots: see _CountingIterator
