@@ -1,5 +1,7 @@
 """torch_rlds: RLDS datasets for PyTorch and JAX, exactly resumable, without TensorFlow."""
 
+# First: in a source checkout, mounts adapters/ and configs/ as subpackages (see _checkout).
+import torch_rlds._checkout  # noqa: F401, I001
 from torch_rlds._features import EpisodeDecodeError
 from torch_rlds._images import EncodedImages, ImageDecodeError
 from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo
