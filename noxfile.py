@@ -1,10 +1,16 @@
-"""Sessions: ``tests`` (the default), ``lint`` and ``bench``.
+"""Sessions: ``tests`` (the default), ``dev``, ``lint`` and ``bench``.
 
-Every session installs under ``.ci/constraints.txt``, which pins torch to the CPU build; the
-ranges in ``setup.cfg`` stay open for users.
+``tests`` runs the suite against what a user installs: the wheel built from this tree, not the
+tree itself. ``dev`` is the quick loop on an editable install. Every session installs under
+``.ci/constraints.txt``, which pins torch to the CPU build; the ranges in ``setup.cfg`` stay
+open for users.
 """
 
 from __future__ import annotations
+
+import glob
+import os
+import shutil
 
 import nox
 
@@ -13,12 +19,42 @@ nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINTS = ".ci/constraints.txt"
 PYTHON = "3.11"
+EXTRAS = "test,jax"
+
+
+def _build_wheel(session: nox.Session) -> str:
+    """Build the wheel of this tree into the session's temporary folder; returns its path."""
+    dist = os.path.join(session.create_tmp(), "dist")
+    # setuptools builds in ./build, and a file left there by an earlier build would end up in
+    # this wheel even when the tree no longer has it.
+    for stale in (dist, "build", *glob.glob("*.egg-info")):
+        shutil.rmtree(stale, ignore_errors=True)
+    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, ".")
+    (wheel,) = glob.glob(os.path.join(dist, "torch_rlds-*.whl"))
+    return os.path.abspath(wheel)
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Install torch_rlds with its test and jax extras and run pytest."""
-    session.install("-c", CONSTRAINTS, "-e", ".[test,jax]")
+    """Build the wheel, install it with its test and jax extras and run pytest on it.
+
+    ``PYTHONSAFEPATH`` keeps the checkout's root off ``sys.path`` in pytest and in every
+    process the tests start, so ``import torch_rlds`` is the installed copy everywhere
+    (``tests/test_packaging.py`` checks it).
+    """
+    wheel = _build_wheel(session)
+    session.install("-c", CONSTRAINTS, f"{wheel}[{EXTRAS}]")
+    # The same version number as an earlier build: reinstall, or pip keeps the old files.
+    session.install("--no-deps", "--force-reinstall", wheel)
+    session.run("pytest", *session.posargs,
+                env={"PYTHONSAFEPATH": "1", "TORCH_RLDS_WHEEL": wheel,
+                     "TORCH_RLDS_EXPECT_INSTALLED": "1"})
+
+
+@nox.session(python=PYTHON)
+def dev(session: nox.Session) -> None:
+    """Install the checkout editable (changes apply without a reinstall) and run pytest."""
+    session.install("-c", CONSTRAINTS, "-e", f".[{EXTRAS}]")
     session.run("pytest", *session.posargs)
 
 
