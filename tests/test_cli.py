@@ -91,7 +91,7 @@ def test_stats_table_labels_each_dimension_by_its_key(bridge_like, tmp_path, cap
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("  ")]
     assert rows[0].split() == ["dimension", "mean", "std", "min", "max", "q01", "q99"]
-    labels = [row.split()[0] for row in rows if not row.split()[0] == "dimension"]
+    labels = [row.split()[0] for row in rows if row.split()[0] != "dimension"]
     assert labels == ([f"state[{i}]" for i in range(7)]
                       + [f"action/world_vector[{i}]" for i in range(3)]
                       + [f"action/rotation_delta[{i}]" for i in range(3)]

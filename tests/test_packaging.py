@@ -65,7 +65,7 @@ def test_the_suite_runs_on_the_installed_copy_not_the_checkout():
                   "[torch_rlds.__file__, torch_rlds.adapters.__file__]))", cwd=REPO)
     init, adapters = (Path(p).resolve() for p in json.loads(out))
     assert init.parent == site / "torch_rlds" and adapters.parent == site / "torch_rlds/adapters"
-    assert not (REPO / "torch_rlds").resolve() in init.parents
+    assert (REPO / "torch_rlds").resolve() not in init.parents
 
 
 # -- the source tree, from its root --------------------------------------------------------------

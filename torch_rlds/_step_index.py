@@ -344,10 +344,7 @@ class ShardStepIndex:
                 offsets.append(blocks.offsets[f])
                 crcs.append(np.append(blocks.crcs[f], np.uint32(0)))
                 cursor += len(blocks.offsets[f])
-        join = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts
-                else np.zeros(0, dtype))
-        return cls(features, num_steps, block_steps, first, join(offsets, np.uint32),
-                   join(crcs, np.uint32))
+        return cls(features, num_steps, block_steps, first, _join(offsets), _join(crcs))
 
     # -- reading -------------------------------------------------------------------------------
     def feature(self, name: str) -> int:
@@ -446,6 +443,10 @@ class ShardStepIndex:
 
     def __len__(self) -> int:
         return len(self.num_steps)
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.uint32) if parts else np.zeros(0, np.uint32)
 
 
 def verify_blocks(data: memoryview, start: int, blocks: Sequence[tuple[int, int, int]],
