@@ -130,3 +130,33 @@ def test_the_file_form_refuses_what_it_did_not_write(dataset, damage):
         data += b"\0" * 8
     with pytest.raises(ValueError, match="where-it-is"):
         ShardStepIndex.from_bytes(bytes(data), "where-it-is")
+
+
+def test_the_probe_counts_steps_from_a_few_headers(dataset):
+    from torch_rlds._step_index import probe_steps
+
+    source = torch_rlds.RLDSSource(dataset)
+    features = indexed_features(source.features)
+    for e in range(len(source)):
+        record = bytes(source.read(e))
+        asked = []
+
+        def read(offset, length, record=record, asked=asked):
+            asked.append(length)
+            return record[offset:offset + length]
+
+        steps, reads = probe_steps(read, len(record), features)
+        assert steps == index_record(record, features).num_steps
+        assert reads == len(asked) <= 2 + len(features) and max(asked) <= 256
+
+
+def test_the_probe_counts_bytes_values_when_no_fixed_width_feature_exists(tmp_path):
+    from torch_rlds._step_index import probe_steps
+
+    spec = synthetic.SyntheticSpec(num_episodes=2, val_episodes=0, min_steps=4, max_steps=9,
+                                   num_shards=1, texture=False)
+    source = torch_rlds.RLDSSource(synthetic.write_dataset(tmp_path, spec))
+    only_bytes = tuple(f for f in indexed_features(source.features) if f.kind == BYTES)
+    record = bytes(source.read(1))
+    steps, reads = probe_steps(lambda o, n: record[o:o + n], len(record), only_bytes)
+    assert steps == spec.lengths()[1] and reads > steps

@@ -61,12 +61,15 @@ class IndexedFeature:
       kind: :data:`BYTES`, :data:`FLOATS` or :data:`INT64S`.
       per_step: whether it lives under ``steps``.
       values_per_step: values each step holds (1 for bytes; ``prod(shape)`` for tensors).
+      width: bytes per value when fixed (4 for floats, 1 for booleans, stored as 0 or 1);
+        0 for varying (other integers, bytes).
     """
 
     name: str
     kind: int
     per_step: bool
     values_per_step: int
+    width: int = 0
 
 
 def indexed_features(features: Any) -> tuple[IndexedFeature, ...]:
@@ -95,7 +98,8 @@ def indexed_features(features: Any) -> tuple[IndexedFeature, ...]:
         if any(d is None for d in shape) or (kind == BYTES and shape):
             raise NotStepAddressable(f"feature {name}: shape {shape} per step is not fixed")
         size = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        out.append(IndexedFeature(name, kind, per_step, size))
+        width = 4 if kind == FLOATS else 1 if dtype == np.bool_ else 0
+        out.append(IndexedFeature(name, kind, per_step, size, width))
     return tuple(out)
 
 
@@ -244,6 +248,76 @@ def _payloads(data: memoryview):
             raise EpisodeDecodeError(f"bytes value at byte {pos} runs past its range")
         yield pos, pos + length
         pos += length
+
+
+# -- the number of steps, from a few headers --------------------------------------------------------
+# Bytes read at each map entry a probe visits: its key, and the headers of its list.
+_PROBE_READ = 256
+
+
+def probe_steps(read: Any, size: int, features: Sequence[IndexedFeature], *,
+                name: str = "record") -> tuple[int, int]:
+    """The number of steps of a record of ``size`` bytes, from the headers of its features.
+
+    ``read(offset, length)`` returns bytes of the record. The map entries are visited in the
+    record's order until one is a packed fixed-width step feature (floats, or booleans stored
+    one byte each), whose byte length gives the count; a record without one counts the values
+    of its first bytes step feature instead. Returns ``(steps, reads)``. A few reads of
+    :data:`_PROBE_READ` bytes per record, wherever the images lie: what the global order needs
+    before the step index is built.
+    """
+    widths = {f.name: f.width * f.values_per_step for f in features if f.per_step and f.width}
+    counted = {f.name: f for f in features if f.per_step and f.kind == BYTES}
+    reads = 0
+
+    def window(offset: int) -> memoryview:
+        nonlocal reads
+        reads += 1
+        return memoryview(read(offset, min(_PROBE_READ, size - offset))).cast("B")
+
+    head = window(0)
+    tag, pos = _varint(head, 0, len(head))
+    length, pos = _varint(head, pos, len(head))
+    if tag != 0x0A or pos + length > size:
+        raise NotStepAddressable(f"{name}: not a tf.train.Example of {size} bytes")
+    end, entry = pos + length, pos
+    fallback = None
+    while entry < end:
+        buf = window(entry)
+        tag, p = _varint(buf, 0, len(buf))
+        entry_length, p = _varint(buf, p, len(buf))
+        entry_end = entry + p + entry_length
+        key_tag, p = _varint(buf, p, len(buf))
+        key_length, p = _varint(buf, p, len(buf))
+        key = bytes(buf[p:p + key_length]).decode("utf-8", errors="replace")
+        p += key_length
+        if tag != 0x0A or key_tag != 0x0A or p > len(buf):
+            raise NotStepAddressable(f"{name}: map entry at byte {entry} does not parse")
+        if key in widths or (key in counted and fallback is None):
+            _, p = _varint(buf, p, len(buf))  # Feature's tag
+            _, p = _varint(buf, p, len(buf))  # Feature's length
+            kind_tag, p = _varint(buf, p, len(buf))
+            list_length, p = _varint(buf, p, len(buf))
+            if key in widths and kind_tag >> 3 in (FLOATS, INT64S):
+                if list_length == 0:
+                    return 0, reads
+                packed_tag, p = _varint(buf, p, len(buf))
+                packed_length, p = _varint(buf, p, len(buf))
+                if packed_tag == 0x0A and packed_length % widths[key] == 0:
+                    return packed_length // widths[key], reads
+            elif key in counted and kind_tag >> 3 == BYTES:
+                fallback = (entry + p, entry + p + list_length)
+        entry = entry_end
+    if fallback is None:
+        raise NotStepAddressable(f"{name}: no step feature to count the steps by")
+    steps, pos = 0, fallback[0]
+    while pos < fallback[1]:
+        buf = window(pos)
+        _, p = _varint(buf, 0, len(buf))
+        value_length, p = _varint(buf, p, len(buf))
+        pos += p + value_length
+        steps += 1
+    return steps, reads
 
 
 # -- one record ------------------------------------------------------------------------------------
