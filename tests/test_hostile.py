@@ -844,7 +844,10 @@ class _NoTensorflow:
 
 
 @pytest.fixture
-def no_tensorflow(monkeypatch):
+def no_tensorflow(monkeypatch, tmp_path):
+    from etils import epath
+
+    epath.Path(tmp_path).exists()  # etils asks once whether tensorflow exists; not an import
     finder = _NoTensorflow()
     monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
     yield finder

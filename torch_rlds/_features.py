@@ -130,7 +130,8 @@ def check_feature_json(node: Any, path: Any, where: str = "", depth: int = 0, *,
         return
     if any(key in node for key in _CLASS_KEYS[:2]):  # a feature: its content declares a dtype
         for content in ("tensor", "image"):
-            if isinstance(node.get(content), dict) and "dtype" not in node[content]:
+            if content in node and not (isinstance(node[content], dict)
+                                        and "dtype" in node[content]):
                 raise DatasetFormatError(f"{path}: {where}/{content} declares no dtype")
     for key, value in node.items():
         at = f"{where}/{key}"
