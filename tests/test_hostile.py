@@ -402,15 +402,15 @@ def test_a_failed_shared_memory_allocation_leaves_no_file():
     free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
     with pytest.raises(RuntimeError, match=r"does not fit in /dev/shm"):
         _buffers.new_shared(free + (1 << 30))
-    # torch's own failure (refused by the kernel, not by the size check) leaves nothing either
+    # torch's own failure (refused by the kernel, not by the size check) leaves nothing either:
+    # a file-size cap makes its resize fail without taking any memory.
     out = _ok(_python('''
-        import glob, os, torch
+        import glob, os, resource, signal
         from torch_rlds import _buffers
-        os.statvfs = lambda path: os.statvfs_result((4096, 4096, 1 << 40, 1 << 40, 1 << 40,
-                                                     0, 0, 0, 0, 255))
-        cap_memory(256 << 20)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         try:
-            _buffers.new_shared(8 << 30)
+            _buffers.new_shared(64 << 20)
         except RuntimeError as e:
             print("refused:", str(e)[:200])
         print("left", sorted(glob.glob(f"/dev/shm/torch_{os.getpid()}_*")))
@@ -455,8 +455,11 @@ def test_shard_names_are_those_tfds_gives():
             ours = shard_names(template, "bridge", "train", "tfrecord", shards, "here")
             theirs = naming.ShardedFileTemplate(
                 data_dir=Path("/d"), template=template, dataset_name="bridge", split="train",
-                filetype_suffix="tfrecord").sharded_filepaths(shards)
-            assert ours == [os.path.relpath(os.fspath(p), "/d") for p in theirs]
+                filetype_suffix="tfrecord")
+            assert len(ours) == shards
+            for i in {0, shards // 2, shards - 1}:
+                path = theirs.sharded_filepath(shard_index=i, num_shards=shards)
+                assert ours[i] == os.path.relpath(os.fspath(path), "/d")
 
 
 def test_a_file_that_is_not_a_tfrecord_is_named_without_its_bytes(png_dataset, tmp_path):
@@ -519,6 +522,37 @@ def test_array_record_through_the_loader_under_every_start_method(array_record_d
     runs = [line.split() for line in out.splitlines() if line.startswith(method)]
     assert [int(r[1]) for r in runs] == ([0, 1, 2] if method == "fork" else [1, 2])
     assert all(int(r[2]) == sum(lengths) and r[3] == "True" for r in runs), out
+
+
+def test_the_array_record_helper_ends_with_its_process(array_record_dataset):
+    import time
+
+    script = _PRELUDE + textwrap.dedent(f'''
+        import os, signal
+        import torch_rlds
+        from torch_rlds import _array_record
+        source = torch_rlds.RLDSSource({os.fspath(array_record_dataset)!r})
+        print("steps", len(source.episode(5)["steps"]["action"]))
+        print("helper", _array_record._helper._proc.pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -9 and "steps " in result.stdout, result.stderr[-3000:]
+    helper = int(result.stdout.split("helper ")[1].split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _running(helper):
+        time.sleep(0.05)
+    assert not _running(helper)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # -- 7. descriptors stay bounded --------------------------------------------------------------
@@ -793,12 +827,13 @@ def test_an_unwritable_cache_warns_once_and_datasets_stay_readable(png_dataset, 
 
 
 # -- fuzz: metadata files and loader states ---------------------------------------------------
+def _containers(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                 max_size=4),
-    max_leaves=12)
+    | st.text(max_size=20), _containers, max_leaves=12)
 
 
 def _paths(tree, prefix=()):
