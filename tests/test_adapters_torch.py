@@ -132,3 +132,72 @@ def test_a_checkpoint_without_loader_state_is_reported(small_dataset, tmp_path):
     loader = load_config("demo", _overrides(small_dataset)).make_loader()
     with pytest.raises(FileNotFoundError, match="holds no data loader state"):
         dcp_template(tmp_path / "c", loader)
+
+
+def _dcp_checkpoint(loader, folder) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": torch.nn.Linear(2, 2).state_dict(), "data_loader": dcp_state(loader)},
+             checkpoint_id=folder, no_dist=True)
+
+
+@SINGLE_PROCESS
+def test_dcp_template_reads_the_metadata_without_unpickling(small_dataset, tmp_path,
+                                                            monkeypatch):
+    import pickle
+
+    config = load_config("demo", _overrides(small_dataset))
+    loader = config.make_loader()
+    _consume(loader, 2)
+    _dcp_checkpoint(loader, tmp_path / "c")
+    saved = json.dumps(loader.state_dict(), sort_keys=True).encode()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    entry = dcp_template(tmp_path / "c", config.make_loader())
+    assert {k: tuple(v.shape) for k, v in entry.items()} == {"rank_0-of-1": (len(saved),)}
+
+
+class _Payload:
+    """Pickles as a call of os.system: what a hostile .metadata would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content", ["payload", "garbage", "another pickle", "empty"])
+def test_a_hostile_dcp_metadata_is_refused_and_runs_nothing(small_dataset, tmp_path, content):
+    import pickle
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    marker = tmp_path / "marker"
+    data = {"payload": pickle.dumps({"data_loader.rank_0-of-1": _Payload(marker)}),
+            "garbage": os.urandom(4096), "another pickle": pickle.dumps([1, {"a": (2, 3)}]),
+            "empty": b""}[content]
+    (folder / ".metadata").write_bytes(data)
+    loader = load_config("demo", _overrides(small_dataset)).make_loader()
+    with pytest.raises(ValueError, match=r"\.metadata: not DCP metadata"):
+        dcp_template(folder, loader)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    (b'{"a": NaN}', "NaN is not a JSON number"),
+    (b'{"a": 1, "a": 2}', "duplicate key 'a'"),
+    (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+    (b"\xff\xfe", "byte 0 is not UTF-8"),
+])
+def test_load_dcp_state_reads_strict_json(small_dataset, text, message):
+    loader = load_config("demo", _overrides(small_dataset)).make_loader()
+    entry = {"rank_0-of-1": torch.frombuffer(bytearray(text), dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=f"loader state rank_0-of-1: not a JSON state .*{message}"):
+        load_dcp_state(loader, entry)
+    assert loader.batches_seen == 0

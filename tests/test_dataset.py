@@ -415,10 +415,10 @@ def test_skip_checks_every_frame_header(varied, monkeypatch):
     bad = set(torch_rlds.RLDSSource(varied).episode(4)["steps"]["observation"]["image"].encoded)
     check = _images.check_header
 
-    def failing(data, shape, name="image"):
+    def failing(data, shape, name="image", **declared):
         if bytes(data) in bad:
             raise torch_rlds.ImageDecodeError(f"{name}: JPEG header does not parse")
-        check(data, shape, name)
+        check(data, shape, name, **declared)
 
     monkeypatch.setattr(_images, "check_header", failing)
     lengths = VARIED["episode_lengths"]

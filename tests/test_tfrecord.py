@@ -282,9 +282,20 @@ def test_header_changed_after_indexing_raises_on_read(dataset_dir: Path) -> None
     path = dataset_dir / "data.tfrecord"
     write_tfrecord(path, _records([50, 60]))
     index = RecordIndex.load(path)
-    _flip_byte(path, 66)  # stored length of record 1 no longer matches the index
-    with pytest.raises(CorruptRecordError, match="record 1 at offset 66 has stored length"):
+    original = path.read_bytes()
+    # A well-formed header (its CRC matches) whose length no longer matches the index.
+    length = struct.pack("<Q", 59)
+    with open(path, "r+b") as f:
+        f.seek(66)
+        f.write(length + struct.pack("<I", masked_crc(length)))
+    with pytest.raises(CorruptRecordError, match="record 1 at offset 66 has stored length 59, "
+                                                 "the index expects 60"):
         index.read(1)
+    path.write_bytes(original)
+    _flip_byte(path, 66)  # the length, which its CRC no longer matches: checked first
+    with pytest.raises(CorruptRecordError, match="length CRC of record 1 at offset 66") as info:
+        index.read(1)
+    assert "stored length" not in str(info.value)  # an unchecked length is not reported
     _flip_byte(path, 66)
     _flip_byte(path, 66 + 9)  # now the length CRC
     with pytest.raises(CorruptRecordError, match="length CRC of record 1 at offset 66"):

@@ -10,6 +10,7 @@ metadata are computed for the whole batch at once.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
+from torch_rlds._limits import check_batch_bytes
 from torch_rlds._windows import EpisodeSampler
 from torch_rlds.collate import allocate, collate
 
@@ -70,6 +72,8 @@ class BatchBuilder:
         specs += [((size, w), torch.bool), ((size, h, *action_shape), torch.float32),
                   ((size, h), torch.bool), ((size,), torch.int64), ((size,), torch.int64),
                   ((size,), torch.int64)]
+        check_batch_bytes(sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs),
+                          items[0][0].name)
         tensors = allocate(specs)
         observation = dict(zip([key for key, _, _, _ in observations], tensors))
         obs_pad, action, act_pad, episode, step, epoch = tensors[len(observations):]
@@ -201,7 +205,7 @@ def _decode_frames(frames: list, fast_jpeg: bool) -> None:
     for images, t, row, name in frames:
         try:
             decode_image(images.encoded[t], images.shape, images.dtype, fast=fast_jpeg,
-                         out=row, name=f"{images.name}[{t}]")
+                         out=row, name=f"{images.name}[{t}]", format=images.format)
         except ImageDecodeError as e:
             raise ImageDecodeError(f"{name}: {e}") from e
 

@@ -33,6 +33,9 @@ queue) is not seen there: clone it first, or build the loader with ``reuse_buffe
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import secrets
 import sys
 import weakref
@@ -51,6 +54,47 @@ _pool: WorkerPool | None = None
 # Main process: per live Leases token, the slot buffers mapped so far and the sequence of the
 # batch last unpickled in each: {(worker, slot): [buffer, sequence]}.
 _mapped: dict[int, dict[tuple[int, int], list[Any]]] = {}
+
+
+_SHM = "/dev/shm"
+# The name torch gives the shared-memory file it failed to allocate, in its error message.
+_SHM_NAME = re.compile(r"<(/torch_\d+_\d+_\d+)>")
+
+
+def new_shared(nbytes: int) -> torch.UntypedStorage:
+    """A new shared-memory buffer of ``nbytes`` (``torch.UntypedStorage._new_shared``), with two
+    guarantees torch does not give: a buffer larger than the free space of ``/dev/shm`` is
+    refused before anything is allocated, and a failed allocation never leaves its
+    ``/dev/shm/torch_*`` file behind."""
+    try:
+        st = os.statvfs(_SHM)
+    except OSError:
+        st = None  # no /dev/shm here: torch's own error, if any, stands
+    if st is not None and nbytes > st.f_bavail * st.f_frsize:
+        raise RuntimeError(
+            f"torch_rlds: a batch buffer of {nbytes} bytes does not fit in {_SHM} "
+            f"({st.f_bavail * st.f_frsize} bytes free); lower batch_size or num_workers, or "
+            f"give {_SHM} more room")
+    try:
+        return torch.UntypedStorage._new_shared(nbytes)
+    except BaseException as e:
+        _remove_left_behind(e)
+        raise
+
+
+def _remove_left_behind(error: BaseException) -> None:
+    """Remove the shared-memory file of a failed allocation: torch names it in ``error``;
+    failing that, any ``torch_<this pid>_*`` file (under the file-descriptor strategy torch
+    unlinks each file as soon as it is mapped, so a file of this process that is still there
+    belongs to no buffer)."""
+    names = [f"{_SHM}{m}" for m in _SHM_NAME.findall(str(error))]
+    if not names and torch.multiprocessing.get_sharing_strategy() == "file_descriptor":
+        prefix = f"torch_{os.getpid()}_"
+        with contextlib.suppress(OSError):
+            names = [os.path.join(_SHM, n) for n in os.listdir(_SHM) if n.startswith(prefix)]
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def storage_use_count(storage: torch.UntypedStorage) -> int | None:
@@ -141,11 +185,11 @@ class WorkerPool:
             storage = self._storages[slot]
         elif free:
             slot = free[0]
-            storage = self._storages[slot] = torch.UntypedStorage._new_shared(need)
+            storage = self._storages[slot] = new_shared(need)
             self._sent[slot] = False
         else:  # every slot still in use by the main process: a buffer of its own
             slot = -1
-            storage = torch.UntypedStorage._new_shared(need)
+            storage = new_shared(need)
         if slot >= 0:
             self._flags[slot] = self._seq
         header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,))

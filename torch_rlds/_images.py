@@ -1,4 +1,5 @@
-"""Image decoding: JPEG through simplejpeg, PNG (8 and 16 bit) through Pillow.
+"""Image decoding: JPEG through simplejpeg, PNG (8 and 16 bit) through Pillow's PNG decoder, each
+only where the feature declares that format, each header checked before any pixel is decoded.
 
 The default JPEG mode uses the accurate integer DCT and fancy upsampling, which gives exactly the
 pixels of TFDS's numpy decoding (OpenCV or Pillow). ``fast=True`` uses the fast integer DCT with
@@ -17,12 +18,26 @@ import struct
 import numpy as np
 import simplejpeg
 
-_JPEG_MAGIC = b"\xff\xd8"
-_PNG_MAGIC = b"\x89PNG"
+from torch_rlds._limits import value_over_limit
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FORMATS = ("jpeg", "png")
+# What other image bytes start with, to say what a frame is without echoing its bytes.
+_OTHER_MAGIC = (
+    (b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"),
+    (b"%!PS", "PostScript (EPS)"), (b"\xc5\xd0\xd3\xc6", "PostScript (EPS)"),
+    (b"\0\0\0\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"\0\0\1\0", "ICO"), (b"8BPS", "Photoshop (PSD)"), (b"P1", "PNM"), (b"P2", "PNM"),
+    (b"P3", "PNM"), (b"P4", "PNM"), (b"P5", "PNM"), (b"P6", "PNM"), (b"\x76\x2f\x31\x01", "OpenEXR"),
+    (b"#?RADIANCE", "HDR"), (b"qoif", "QOI"), (b"\x0a", "PCX"), (b"SIMPLE", "FITS"),
+)
+# PNG colour types: channels of the stored samples.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that do not decode to an image of the declared shape and dtype."""
+    """Bytes that do not decode to an image of the declared format, shape and dtype."""
 
 
 def decode_image(
@@ -30,30 +45,46 @@ def decode_image(
     shape: tuple[int | None, ...],
     dtype: np.dtype,
     *,
+    format: str | None = None,  # noqa: A002 - the word TFDS's Image feature uses
     fast: bool = False,
     out: np.ndarray | None = None,
     name: str = "image",
 ) -> np.ndarray:
     """Decode one encoded image into an ``[H, W, C]`` array of ``dtype``.
 
+    Only the declared format is ever opened: a ``jpeg`` feature's frames through simplejpeg,
+    a ``png`` feature's through Pillow's PNG decoder alone; bytes of another format (GIF, BMP,
+    TIFF, WEBP, EPS...) raise :class:`ImageDecodeError` without reaching any decoder. The
+    header is checked against the declared shape and dtype (a PNG's bit depth against
+    ``uint8``/``uint16``) before any pixel is decoded or any buffer allocated, so a frame whose
+    header promises 13000x13000 pixels costs microseconds.
+
     Args:
-      data: the encoded bytes (JPEG or PNG; the format is read from the bytes, not trusted from
-        the feature spec, as TFDS does).
-      shape: the declared ``(H, W, C)``; ``None`` dimensions are taken from the image.
-      dtype: ``uint8`` or ``uint16``.
+      data: the encoded bytes.
+      shape: the declared ``(H, W, C)``; ``None`` dimensions are taken from the image (within
+        the value cap of :mod:`torch_rlds._limits`).
+      dtype: ``uint8`` or ``uint16`` (PNG only).
+      format: the feature's declared ``encoding_format``, ``jpeg`` or ``png``; ``None`` takes
+        whichever of the two the bytes are.
       fast: JPEG only; fast DCT (the pixels of ``tf.io.decode_jpeg``) instead of the accurate one.
       out: an optional preallocated ``[H, W, C]`` array to decode into (JPEG decodes in place).
       name: what to call the image in an error message (the feature path and frame).
     """
-    channels = shape[-1] if shape and shape[-1] is not None else 3
     dtype = np.dtype(dtype)
-    if data[:2] == _JPEG_MAGIC and dtype == np.uint8 and channels in (1, 3):
-        colorspace = "GRAY" if channels == 1 else "RGB"
+    kind = _kind(data, format, name)
+    channels = shape[-1] if shape and shape[-1] is not None else 3
+    if kind == "jpeg":
         direct = out is not None and out.flags.c_contiguous
+        if not direct or None in shape:
+            # Without a buffer of the declared size, simplejpeg would allocate what the header
+            # says: check it first (a microsecond).
+            check_header(data, shape, name, format=kind, dtype=dtype)
+        elif dtype != np.uint8 or channels not in (1, 3):
+            _check_jpeg_layout(dtype, channels, name)
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=fast,
-                                           buffer=out if direct else None)
-        except ValueError as e:
+            image = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB",
+                                           fastdct=fast, buffer=out if direct else None)
+        except ValueError as e:  # simplejpeg refuses a buffer too small before decoding
             raise ImageDecodeError(f"{name}: JPEG does not decode ({e})") from e
         _check_shape(image, shape, name)
         if direct:
@@ -62,7 +93,8 @@ def decode_image(
                                        f"match the output's {tuple(out.shape)}")
             return out
     else:
-        image = _decode_with_pillow(data, channels, dtype, name)
+        check_header(data, shape, name, format=kind, dtype=dtype)
+        image = _decode_png(data, channels, dtype, name)
         _check_shape(image, shape, name)
     if out is not None:
         out[...] = image
@@ -70,34 +102,90 @@ def decode_image(
     return image
 
 
-def check_header(data: bytes, shape: tuple[int | None, ...], name: str = "image") -> None:
-    """Raise :class:`ImageDecodeError` unless ``data`` starts like a JPEG or PNG whose header
-    declares the size in ``shape`` (``None`` dimensions match any); reads no pixels.
+def check_header(data: bytes, shape: tuple[int | None, ...], name: str = "image", *,
+                 format: str | None = None,  # noqa: A002
+                 dtype: np.dtype | None = None) -> None:
+    """Raise :class:`ImageDecodeError` unless ``data`` starts like an image of the declared
+    ``format`` (JPEG or PNG; ``None``: either) whose header declares the size in ``shape``
+    (``None`` dimensions match any size within the value cap) and, given ``dtype``, samples of
+    its bit depth; reads no pixels.
 
     A few microseconds a frame, against hundreds to decode one: a cheap test of a whole episode
     that catches truncated, garbled or mislabelled images, though not damage inside the
     compressed pixel data.
     """
-    if data[:2] == _JPEG_MAGIC:
+    kind = _kind(data, format, name)
+    channels = shape[-1] if shape and shape[-1] is not None else None
+    if kind == "jpeg":
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as e:
             raise ImageDecodeError(f"{name}: JPEG header does not parse ({e})") from e
-    elif data[:4] == _PNG_MAGIC and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", data[16:24])
+        if dtype is not None:
+            _check_jpeg_layout(np.dtype(dtype), channels or 3, name)
+        depth = 8
     else:
-        raise ImageDecodeError(f"{name}: neither a JPEG nor a PNG (starts with "
-                               f"{bytes(data[:8])!r})")
+        if len(data) < 29 or data[12:16] != b"IHDR":
+            raise ImageDecodeError(f"{name}: PNG without its IHDR header ({len(data)} bytes)")
+        width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+        if color not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+            raise ImageDecodeError(f"{name}: PNG header declares colour type {color} at bit "
+                                   f"depth {depth}, which PNG does not define")
+        if dtype is not None:
+            dtype = np.dtype(dtype)
+            wanted = 16 if dtype == np.uint16 else 8
+            if (depth == 16) != (wanted == 16):
+                raise ImageDecodeError(
+                    f"{name}: a {depth}-bit PNG where the feature declares {dtype} "
+                    f"({wanted}-bit samples); torch_rlds does not rescale samples")
     for want, got, what in zip(shape[:2], (height, width), ("height", "width")):
         if want is not None and want != got:
             raise ImageDecodeError(f"{name}: {what} {got} in the header, {want} declared")
+    if None in shape[:3]:
+        itemsize = 2 if depth == 16 else 1
+        over = value_over_limit(height * width * (channels or 4) * itemsize)
+        if over is not None:
+            raise ImageDecodeError(f"{name}: header declares {height}x{width} pixels: {over}")
 
 
-def _decode_with_pillow(data: bytes, channels: int, dtype: np.dtype, name: str) -> np.ndarray:
+def _kind(data: bytes, declared: str | None, name: str) -> str:
+    """``jpeg`` or ``png``: what ``data`` is, which must be what the feature declares."""
+    if declared is not None and declared not in FORMATS:
+        raise ImageDecodeError(f"{name}: image format {declared!r} is not one torch_rlds "
+                               f"decodes ({', '.join(FORMATS)})")
+    head = bytes(data[:16])
+    if head.startswith(_JPEG_MAGIC):
+        found = "jpeg"
+    elif head.startswith(_PNG_MAGIC):
+        found = "png"
+    else:
+        what = next((label for magic, label in _OTHER_MAGIC if head.startswith(magic)), None)
+        if what is None and head[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            what = "WEBP"
+        found = f"a {what} image" if what else f"not an image torch_rlds recognizes " \
+                                                 f"({len(data)} bytes)"
+        expected = declared.upper() if declared else "a JPEG or a PNG"
+        raise ImageDecodeError(f"{name}: expected {expected}, the bytes are {found}")
+    if declared is not None and found != declared:
+        raise ImageDecodeError(f"{name}: the feature declares {declared.upper()} images, the "
+                               f"bytes are a {found.upper()}")
+    return found
+
+
+def _check_jpeg_layout(dtype: np.dtype, channels: int, name: str) -> None:
+    if dtype != np.uint8:
+        raise ImageDecodeError(f"{name}: JPEG holds 8-bit samples, the feature declares {dtype}")
+    if channels not in (1, 3):
+        raise ImageDecodeError(f"{name}: JPEG decodes to 1 or 3 channels, the feature declares "
+                               f"{channels}")
+
+
+def _decode_png(data: bytes, channels: int, dtype: np.dtype, name: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        # Only Pillow's PNG decoder: no other plugin (or external program) sees these bytes.
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             if dtype == np.uint8:
                 mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
                 if mode is None:
@@ -115,8 +203,11 @@ def _decode_with_pillow(data: bytes, channels: int, dtype: np.dtype, name: str) 
                     array = array.astype(np.uint16)
             else:
                 raise ImageDecodeError(f"{name}: image dtype {dtype} is not supported")
-    except (OSError, SyntaxError) as e:
-        raise ImageDecodeError(f"{name}: image does not decode ({e})") from e
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
+        raise ImageDecodeError(f"{name}: PNG does not decode ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from e
     if array.ndim == 2:
         array = array[:, :, None]
     return array
@@ -139,20 +230,22 @@ class EncodedImages:
     Immutable and safe to share between threads.
     """
 
-    __slots__ = ("encoded", "shape", "dtype", "name")
+    __slots__ = ("encoded", "shape", "dtype", "name", "format")
 
     def __init__(self, encoded: list[bytes], shape: tuple[int | None, ...], dtype: np.dtype,
-                 name: str) -> None:
+                 name: str, format: str | None = None) -> None:  # noqa: A002
         self.encoded = encoded
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.name = name
+        self.format = format  # the feature's declared encoding: jpeg or png
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def __getitem__(self, t: int) -> np.ndarray:
-        return decode_image(self.encoded[t], self.shape, self.dtype, name=f"{self.name}[{t}]")
+        return decode_image(self.encoded[t], self.shape, self.dtype, format=self.format,
+                            name=f"{self.name}[{t}]")
 
     def decode(self, indices, *, fast: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """Decode the frames at ``indices`` into one ``[len(indices), H, W, C]`` array.
@@ -171,16 +264,17 @@ class EncodedImages:
             if t in done:
                 out[row] = out[done[t]]
                 continue
-            decode_image(self.encoded[t], self.shape, self.dtype, fast=fast, out=out[row],
-                         name=f"{self.name}[{t}]")
+            decode_image(self.encoded[t], self.shape, self.dtype, format=self.format, fast=fast,
+                         out=out[row], name=f"{self.name}[{t}]")
             done[t] = row
         return out
 
     def check_headers(self) -> None:
-        """Raise :class:`ImageDecodeError` naming the first frame whose header does not parse
-        or declares another size (see :func:`check_header`)."""
+        """Raise :class:`ImageDecodeError` naming the first frame whose header does not parse,
+        is of another format, or declares another size or bit depth (see :func:`check_header`)."""
         for t, data in enumerate(self.encoded):
-            check_header(data, self.shape, f"{self.name}[{t}]")
+            check_header(data, self.shape, f"{self.name}[{t}]", format=self.format,
+                         dtype=self.dtype)
 
     def __repr__(self) -> str:
         return f"EncodedImages({self.name}, frames={len(self)}, shape={self.shape}, {self.dtype})"

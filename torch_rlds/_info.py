@@ -3,22 +3,136 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import string
 from typing import Any
 
 from etils import epath
 
+from torch_rlds import _files
 from torch_rlds._paths import to_path
+from torch_rlds._state_file import loads_strict
 
 _INFO_FILE = "dataset_info.json"
 _FEATURES_FILE = "features.json"
 _DEFAULT_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 FILE_FORMATS = ("tfrecord", "array_record")
+# dataset_info.json and features.json of the largest published RLDS datasets are below 1 MiB.
+MAX_METADATA_BYTES = 64 << 20
+# The fields TFDS fills in a filepathTemplate; shard numbers have at least 5 digits.
+_TEMPLATE_FIELDS = frozenset(
+    ("DATASET", "SPLIT", "FILEFORMAT", "SHARD_INDEX", "NUM_SHARDS", "SHARD_X_OF_Y"))
+_MIN_SHARD_DIGITS = 5
+_MAX_TEMPLATE_CHARS = 1024
+_MAX_COUNT = (1 << 63) - 1
 
 
 class DatasetFormatError(ValueError):
     """A dataset directory that is missing files or describes itself inconsistently."""
+
+
+def read_metadata_json(path: epath.Path) -> Any:
+    """The JSON document in the metadata file ``path`` (``dataset_info.json``, ``features.json``),
+    read strictly (see :func:`torch_rlds._state_file.loads_strict`) from a regular file of at
+    most :data:`MAX_METADATA_BYTES`; anything else raises :class:`DatasetFormatError`."""
+    local = "://" not in os.fspath(path)
+    try:
+        if local:
+            data = _files.read_regular(os.fspath(path), MAX_METADATA_BYTES)
+        else:
+            with path.open("rb") as f:
+                data = f.read(MAX_METADATA_BYTES + 1)
+            data = None if len(data) > MAX_METADATA_BYTES else data
+    except _files.SpecialFileError as e:
+        raise DatasetFormatError(f"{e}; dataset metadata must be a regular file") from None
+    if data is None:
+        raise DatasetFormatError(f"{path}: larger than {MAX_METADATA_BYTES} bytes; not dataset "
+                                 "metadata")
+    try:
+        return loads_strict(data)
+    except ValueError as e:
+        raise DatasetFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def shard_names(template: str, dataset: str, split: str, file_format: str, num_shards: int,
+                where: str) -> list[str]:
+    """The shard file names, relative to the version directory, that a TFDS
+    ``filepathTemplate`` gives (TFDS's own rule: shard numbers padded to at least 5 digits).
+
+    Only TFDS's fields (``{DATASET}``, ``{SPLIT}``, ``{SHARD_X_OF_Y}``...) are filled in, with no
+    format spec; each name must stay inside the directory (no ``..``, not absolute). Anything
+    else raises :class:`DatasetFormatError` naming ``where``.
+    """
+    if len(template) > _MAX_TEMPLATE_CHARS:
+        raise DatasetFormatError(f"{where}: longer than {_MAX_TEMPLATE_CHARS} characters")
+    pieces = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise DatasetFormatError(f"{where}: not a TFDS file name template ({e})") from None
+    for literal, field, spec, conversion in parsed:
+        pieces.append((literal, field))
+        if field is None:
+            continue
+        if field not in _TEMPLATE_FIELDS or spec or conversion:
+            raise DatasetFormatError(
+                f"{where}: field {{{_clip(field, 40)}}} is not one TFDS fills in (expected "
+                f"plain {{...}} fields among {sorted(_TEMPLATE_FIELDS)})")
+    digits = max(len(str(num_shards)), _MIN_SHARD_DIGITS)
+    names = []
+    for shard in range(num_shards):
+        values = {"DATASET": dataset, "SPLIT": split, "FILEFORMAT": file_format,
+                  "SHARD_INDEX": f"{shard:0{digits}d}", "NUM_SHARDS": f"{num_shards:0{digits}d}",
+                  "SHARD_X_OF_Y": f"{shard:0{digits}d}-of-{num_shards:0{digits}d}"}
+        name = "".join(literal + (values[field] if field else "") for literal, field in pieces)
+        _check_inside(name, where)
+        names.append(name)
+    return names
+
+
+def _check_inside(name: str, where: str) -> None:
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "\0" in name or "://" in name:
+        raise DatasetFormatError(
+            f"{where}: shard path {_clip(name)} leaves the dataset directory (shards must be "
+            "named relative to it, without '..')")
+
+
+def _string(raw: dict, key: str, where: Any) -> str:
+    value = raw.get(key)
+    if not value:
+        raise DatasetFormatError(f"{where}: field {key!r} is missing")
+    if not isinstance(value, str):
+        raise DatasetFormatError(f"{where}: field {key!r} must be a string (found "
+                                 f"{_type_name(value)})")
+    if "\0" in value:
+        raise DatasetFormatError(f"{where}: field {key!r} holds a NUL character")
+    return value
+
+
+def _count(value: Any, where: str) -> int:
+    """A non-negative int64 as TFDS writes one: a JSON number or a decimal string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
+        number = int(value)
+    else:
+        raise DatasetFormatError(f"{where}: expected a count (a non-negative integer), found "
+                                 f"{_clip(value)}")
+    if not 0 <= number <= _MAX_COUNT:
+        raise DatasetFormatError(f"{where}: {number} is not a count between 0 and 2**63-1")
+    return number
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value from a metadata file, shortened for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +177,12 @@ class DatasetInfo:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetInfo:
-        """Read ``dataset_info.json`` of the version directory ``path``."""
+        """Read ``dataset_info.json`` of the version directory ``path``.
+
+        The file is untrusted: anything but a JSON object of the fields TFDS writes, of their
+        types, raises :class:`DatasetFormatError` naming the file and the field; shard paths
+        must stay inside ``path``.
+        """
         path = epath.Path(path)
         info_path = path / _INFO_FILE
         if not info_path.exists():
@@ -76,44 +195,57 @@ class DatasetInfo:
                 f"{path / _FEATURES_FILE}: no {_FEATURES_FILE}; torch_rlds decodes episodes with "
                 "the feature specification TFDS writes beside dataset_info.json"
             )
-        try:
-            raw = json.loads(info_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{info_path}: not valid JSON ({e})") from e
-        return cls._from_json(path, info_path, raw)
+        return cls._from_json(path, info_path, read_metadata_json(info_path))
 
     @classmethod
-    def _from_json(cls, path: epath.Path, info_path: epath.Path, raw: dict[str, Any]) -> DatasetInfo:
-        from tensorflow_datasets.core import naming
-
-        name = raw.get("name")
-        if not name:
-            raise DatasetFormatError(f"{info_path}: field 'name' is missing")
-        version = str(raw.get("version", path.name))
+    def _from_json(cls, path: epath.Path, info_path: epath.Path, raw: Any) -> DatasetInfo:
+        if not isinstance(raw, dict):
+            raise DatasetFormatError(f"{info_path}: expected a JSON object, found "
+                                     f"{_type_name(raw)}")
+        name = _string(raw, "name", info_path)
+        version = raw.get("version", path.name)
+        if isinstance(version, bool) or not isinstance(version, (str, int)):
+            raise DatasetFormatError(f"{info_path}: field 'version' must be a string (found "
+                                     f"{_type_name(version)})")
+        version = str(version)
         file_format = raw.get("fileFormat") or "tfrecord"
         if file_format not in FILE_FORMATS:
             raise DatasetFormatError(
-                f"{info_path}: fileFormat is {file_format!r}; torch_rlds reads {FILE_FORMATS}"
+                f"{info_path}: fileFormat is {_clip(file_format)}; torch_rlds reads "
+                f"{FILE_FORMATS}"
             )
+        entries = raw.get("splits", [])
+        if not isinstance(entries, list):
+            raise DatasetFormatError(f"{info_path}: field 'splits' must be a list (found "
+                                     f"{_type_name(entries)})")
         splits = {}
-        for entry in raw.get("splits", []):
-            split = entry.get("name", "")
+        for k, entry in enumerate(entries):
+            where = f"{info_path}: splits[{k}]"
+            if not isinstance(entry, dict):
+                raise DatasetFormatError(f"{where} must be an object (found {_type_name(entry)})")
+            split = _string(entry, "name", where)
+            if split in splits:
+                raise DatasetFormatError(f"{where}: split {_clip(split)} is listed twice")
             lengths = entry.get("shardLengths")
             if lengths is None:
                 raise DatasetFormatError(
-                    f"{info_path}: split {split!r} has no 'shardLengths'; episodes cannot be "
+                    f"{where}: split {_clip(split)} has no 'shardLengths'; episodes cannot be "
                     "located without the number of episodes per shard"
                 )
-            lengths = tuple(int(n) for n in lengths)
-            template = naming.ShardedFileTemplate(
-                data_dir=path,
-                template=entry.get("filepathTemplate") or _DEFAULT_TEMPLATE,
-                dataset_name=name,
-                split=split,
-                filetype_suffix=file_format,
-            )
-            paths = tuple(epath.Path(p) for p in template.sharded_filepaths(len(lengths)))
-            splits[split] = SplitInfo(split, lengths, int(entry.get("numBytes", 0)), paths)
+            if not isinstance(lengths, list):
+                raise DatasetFormatError(f"{where}: 'shardLengths' must be a list (found "
+                                         f"{_type_name(lengths)})")
+            lengths = tuple(_count(n, f"{where}: shardLengths[{i}]")
+                            for i, n in enumerate(lengths))
+            num_bytes = _count(entry.get("numBytes", 0), f"{where}: numBytes")
+            template = entry.get("filepathTemplate") or _DEFAULT_TEMPLATE
+            if not isinstance(template, str):
+                raise DatasetFormatError(f"{where}: 'filepathTemplate' must be a string (found "
+                                         f"{_type_name(template)})")
+            relative = shard_names(template, name, split, file_format, len(lengths),
+                                   f"{where}: filepathTemplate")
+            paths = tuple(path / r for r in relative)
+            splits[split] = SplitInfo(split, lengths, num_bytes, paths)
         if not splits:
             raise DatasetFormatError(f"{info_path}: no splits recorded")
         return cls(path, name, version, file_format, splits)

@@ -10,19 +10,26 @@ A TFRecord file is a run of records, each laid out as::
 The format has no index, so reading record ``i`` needs the byte offset of every record. This
 module builds that index by hopping from header to header (12 bytes read per record, payloads
 never read), keeps it in the torch_rlds cache folder (never inside the dataset folder, which may
-be read-only or on GCS) and reads any record back with one read call, checking both CRCs.
+be read-only or on GCS; where the cache cannot be written the index lives in memory) and reads
+any record back with one ``pread`` call, checking both CRCs. Local shards are read through the
+process's bounded set of shared descriptors (:mod:`torch_rlds._files`).
+
+Error messages name files, offsets and sizes, never bytes of the file: a file that is not a
+TFRecord file (or one that changed) says so without showing what it holds.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import operator
 import os
 import re
 import struct
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +40,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from torch_rlds import _files
 from torch_rlds._cache import cache_root
 
 __all__ = [
@@ -53,9 +61,14 @@ _CRC = struct.Struct("<I")
 _HEADER_SIZE = _HEADER.size  # 12
 _FOOTER_SIZE = _CRC.size  # 4
 _OVERHEAD = _HEADER_SIZE + _FOOTER_SIZE
-# Bumped when the cached index format changes, so that old cache files are never read.
-_CACHE_VERSION = "tfrecord-index-v1"
+# Bumped when the cached index format or its key changes, so that old cache files are never read.
+_CACHE_VERSION = "tfrecord-index-v2"
 _PROGRESS_DELAY_S = 1.0
+# Bytes at each end of a shard whose CRC joins its cache key: a shard rewritten with the same
+# size and mtime (``cp -p``, ``tar -x``) but other records almost always differs there.
+_FINGERPRINT_BYTES = 4096
+# The largest header np.save writes for the 1-D array cached here, with room to spare.
+_NPY_HEADER_MAX = 4096
 
 
 class TFRecordError(ValueError):
@@ -133,11 +146,11 @@ def build_index(
                 f"{file_size} bytes expected"
             )
         length, length_crc = _HEADER.unpack(header)
-        expected_crc = masked_crc(header[:8])
-        if length_crc != expected_crc:
+        if length_crc != masked_crc(header[:8]):
             raise CorruptRecordError(
-                f"{name}: bad length CRC of record {len(offsets)} at offset {pos}: found "
-                f"{length_crc:#010x}, expected {expected_crc:#010x} (stored length {length})"
+                f"{name}: bad length CRC of record {len(offsets)} at offset {pos}: the 12-byte "
+                "header does not match the CRC expected of it (not a TFRecord file, or "
+                "damaged here)"
             )
         end = pos + length + _OVERHEAD
         if end > file_size:
@@ -163,19 +176,33 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def _stat(path: str) -> tuple[str, int, int]:
-    """(absolute path, size in bytes, mtime in ns) of a shard; remote mtimes have 1 s resolution."""
+def _stat(path: str, f: BinaryIO) -> tuple[str, int, int]:
+    """(absolute path, size in bytes, mtime in ns) of the shard at ``path``, open as ``f``
+    (local: from ``fstat`` of that very file); remote mtimes have 1 s resolution."""
     if _is_local(path):
-        absolute = os.path.abspath(path)
-        st = os.stat(absolute)
-        return absolute, st.st_size, st.st_mtime_ns
+        st = os.fstat(f.fileno())
+        return os.path.abspath(path), st.st_size, st.st_mtime_ns
     p = epath.Path(path)
     st = p.stat()
     return os.fspath(p.absolute()), int(st.length), int(st.mtime) * 1_000_000_000
 
 
-def _cache_file(folder: Path, absolute: str, size: int, mtime_ns: int) -> Path:
-    key = hashlib.sha256(f"{_CACHE_VERSION}\0{absolute}\0{size}\0{mtime_ns}".encode()).hexdigest()
+def _fingerprint(f: BinaryIO, size: int) -> str:
+    """CRC32C of the first and the last few KiB of a shard of ``size`` bytes, read from ``f``."""
+    head = min(size, _FINGERPRINT_BYTES)
+    f.seek(0)
+    crc = crc32c.crc32c(f.read(head))
+    if size > head:
+        tail = min(size - head, _FINGERPRINT_BYTES)
+        f.seek(size - tail)
+        crc = crc32c.crc32c(f.read(tail), crc)
+    return f"{crc:08x}"
+
+
+def _cache_file(folder: Path, absolute: str, size: int, mtime_ns: int, fingerprint: str) -> Path:
+    key = hashlib.sha256(
+        f"{_CACHE_VERSION}\0{absolute}\0{size}\0{mtime_ns}\0{fingerprint}".encode()
+    ).hexdigest()
     # The shard's name is only there for people looking at the folder; the key decides.
     label = re.sub(r"[^A-Za-z0-9._-]", "_", absolute.rsplit("/", 1)[-1])[:80]
     return folder / f"{label}.{key}.npy"
@@ -226,22 +253,29 @@ def _read_npy_offsets(data: bytes) -> np.ndarray | None:
 
 
 def _load_cached(cache_file: Path, file_size: int, name: str) -> np.ndarray | None:
-    """The cached offsets, or None when there are none or they do not fit the shard."""
+    """The cached offsets, or None when there are none or they do not fit the shard.
+
+    Reads at most what an index of a shard of ``file_size`` bytes can take (a record is at
+    least 16 bytes), and only from a regular file."""
+    limit = _NPY_HEADER_MAX + 8 * (file_size // _OVERHEAD + 2)
     try:
-        with open(cache_file, "rb") as f:
-            offsets = _read_npy_offsets(f.read())
+        data = _files.read_regular(os.fspath(cache_file), limit)
+        offsets = None if data is None else _read_npy_offsets(data)
         if offsets is None:
             return None
         _check_offsets(offsets, file_size, name)
-    except FileNotFoundError:
+    except (OSError, ValueError):  # missing, unreadable, a FIFO or device, stale: rebuilt
         return None
-    except (OSError, ValueError):
-        return None  # an unreadable or stale cache file is rebuilt, never trusted
     return offsets
 
 
+_unwritable: set[str] = set()  # cache folders already warned about, once each per process
+_unwritable_lock = threading.Lock()
+
+
 def _save_atomic(cache_file: Path, offsets: np.ndarray) -> None:
-    """Write ``offsets`` so that readers see either the whole file or none of it."""
+    """Write ``offsets`` so that readers see either the whole file or none of it; where the
+    cache cannot be written, warn once per folder (the index then lives in memory only)."""
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=cache_file.parent)
@@ -255,8 +289,15 @@ def _save_atomic(cache_file: Path, offsets: np.ndarray) -> None:
                 os.unlink(tmp)
             raise
     except OSError as e:
+        folder = os.fspath(cache_file.parent)
+        with _unwritable_lock:
+            if folder in _unwritable:
+                return
+            _unwritable.add(folder)
         warnings.warn(
-            f"could not cache the record index in {cache_file}: {e}; it will be rebuilt next time",
+            f"torch_rlds: cannot write record indexes to the cache folder {folder} ({e}); "
+            f"they are kept in memory and rebuilt in each new process (set "
+            f"TORCH_RLDS_CACHE to a writable folder to keep them)",
             stacklevel=3,
         )
 
@@ -264,8 +305,16 @@ def _save_atomic(cache_file: Path, offsets: np.ndarray) -> None:
 def _open(path: str) -> BinaryIO:
     if _is_local(path):
         # Unbuffered: each read is one read(2) straight into the returned bytes, and a 12-byte
-        # header read does not pull a whole buffer in.
-        return open(path, "rb", buffering=0)
+        # header read does not pull a whole buffer in. Regular files only: never waits on a FIFO.
+        try:
+            fd, _ = _files.open_regular(path)
+        except _files.SpecialFileError as e:
+            raise TFRecordError(f"{e}; a shard must be a regular file") from None
+        return os.fdopen(fd, "rb", buffering=0)
+    return epath.Path(path).open("rb")
+
+
+def _open_remote(path: str) -> BinaryIO:
     return epath.Path(path).open("rb")
 
 
@@ -274,14 +323,17 @@ class RecordIndex:
 
     Build one with ``RecordIndex.load(path)``: the first load of a shard reads its headers and
     writes the offsets to ``<cache>/index`` (see ``torch_rlds._cache.cache_root``), keyed by the
-    shard's absolute path, size and modification time; later loads read the cached ``.npy`` file.
-    A changed shard gets a new key and is indexed again; a cached index that does not end at the
-    shard's size is rebuilt.
+    shard's absolute path, size, modification time and a CRC of its first and last 4 KiB; later
+    loads read the cached ``.npy`` file. A changed shard gets a new key and is indexed again; a
+    cached index that does not end at the shard's size is rebuilt; ``load(..., rebuild=True)``
+    ignores the cache (what a reader does once when a record does not match its offset). Where
+    the cache folder cannot be written, the index lives in memory (one warning per folder).
 
     The index is immutable (``offsets`` is read-only) and so thread-safe; a file object passed
-    to ``read`` must not be shared between threads. Every read checks the record's stored length
-    and both CRCs, so a shard changed behind the index's back raises instead of returning
-    wrong bytes.
+    to ``read`` must not be shared between threads (without one, reads go through the process's
+    shared descriptors, see :mod:`torch_rlds._files`). Every read checks the record's stored
+    length and both CRCs, so a shard changed behind the index's back raises instead of
+    returning wrong bytes.
     """
 
     def __init__(self, path: str | os.PathLike, offsets: np.ndarray) -> None:
@@ -302,31 +354,33 @@ class RecordIndex:
         *,
         cache_dir: str | os.PathLike | None = None,
         progress: bool = True,
+        rebuild: bool = False,
     ) -> RecordIndex:
         """The index of the shard at ``path`` (local or any etils.epath location such as gs://),
-        from the cache in ``cache_dir`` (default ``cache_root() / "index"``) or built and cached.
-        With ``progress``, a build that takes more than a second shows a progress bar."""
+        from the cache in ``cache_dir`` (default ``cache_root() / "index"``) or built and cached;
+        with ``rebuild``, built and cached whatever the cache holds. With ``progress``, a build
+        that takes more than a second shows a progress bar. Raises TFRecordError for a local
+        path that is not a regular file (a FIFO, a device), before reading from it."""
         path = os.fspath(path)
-        absolute, size, mtime_ns = _stat(path)
-        folder = Path(cache_dir) if cache_dir is not None else cache_root() / "index"
-        cache_file = _cache_file(folder, absolute, size, mtime_ns)
-        offsets = _load_cached(cache_file, size, path)
-        if offsets is None:
-            with (
-                _open(path) as f,
-                tqdm(
-                    total=size,
-                    desc=f"Indexing {absolute.rsplit('/', 1)[-1]}",
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    delay=_PROGRESS_DELAY_S,
-                    leave=False,
-                    disable=not progress,
-                ) as bar,
-            ):
+        folder = Path(cache_dir) if cache_dir is not None else cache_root(create=False) / "index"
+        with _open(path) as f:
+            absolute, size, mtime_ns = _stat(path, f)
+            cache_file = _cache_file(folder, absolute, size, mtime_ns, _fingerprint(f, size))
+            offsets = None if rebuild else _load_cached(cache_file, size, path)
+            if offsets is not None:
+                return cls(path, offsets)
+            with tqdm(
+                total=size,
+                desc=f"Indexing {absolute.rsplit('/', 1)[-1]}",
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                delay=_PROGRESS_DELAY_S,
+                leave=False,
+                disable=not progress,
+            ) as bar:
                 offsets = build_index(f, size, path, progress=bar)
-            _save_atomic(cache_file, offsets)
+        _save_atomic(cache_file, offsets)
         return cls(path, offsets)
 
     @property
@@ -363,13 +417,14 @@ class RecordIndex:
         return _open(self.path)
 
     def read(self, i: int, f: BinaryIO | None = None) -> bytes:
-        """The payload of record ``i``, read from ``f`` (an open file of this shard; callers that
-        read many records should pass one from ``open()``) or, when None, from a file opened and
-        closed here.
+        """The payload of record ``i``, read from ``f`` (an open file of this shard, used by
+        one thread at a time) or, when None, through the process's shared descriptors (local
+        shards) or its pool of open files (remote ones), see :mod:`torch_rlds._files`.
 
-        One read call of exactly the record's bytes; checks its stored length against the index
-        and both CRCs. Raises IndexError when ``i`` is out of range, CorruptRecordError on a
-        mismatch and TruncatedShardError when the file ends before the record does.
+        One read call of exactly the record's bytes (``pread`` for a local shard); checks both
+        CRCs and the stored length against the index. Raises IndexError when ``i`` is out of
+        range, CorruptRecordError on a mismatch and TruncatedShardError when the file ends
+        before the record does.
         """
         return bytes(self.read_view(i, f))
 
@@ -377,35 +432,64 @@ class RecordIndex:
         """Like ``read``, but returns a memoryview of the payload inside the buffer read, without
         copying it."""
         i, start, end = self._bounds(i)
-        if f is None:
-            with self.open() as own:
-                buf = self._read_at(own, i, start, end)
-        else:
+        if f is not None:
             buf = self._read_at(f, i, start, end)
+        elif _is_local(self.path):
+            buf = self._pread(i, start, end)
+        else:
+            pool, key = _files.handles(), ("tfrecord", self.path)
+            own = pool.acquire(key, functools.partial(_open, self.path))
+            try:
+                buf = self._read_at(own, i, start, end)
+            except BaseException:
+                pool.release(key, own, broken=True)
+                raise
+            pool.release(key, own)
         view = memoryview(buf)
         length, length_crc = _HEADER.unpack_from(view)
+        # The length CRC first: until it matches, the length is bytes of unknown meaning.
+        if length_crc != masked_crc(view[:8]):
+            raise CorruptRecordError(
+                f"{self.path}: bad length CRC of record {i} at offset {start}: the 12-byte "
+                "header does not match the CRC expected of it (the shard changed after it was "
+                "indexed, or is damaged here)"
+            )
         expected_length = end - start - _OVERHEAD
         if length != expected_length:
             raise CorruptRecordError(
                 f"{self.path}: record {i} at offset {start} has stored length {length}, the index "
                 f"expects {expected_length}; the shard changed after it was indexed"
             )
-        expected_crc = masked_crc(view[:8])
-        if length_crc != expected_crc:
-            raise CorruptRecordError(
-                f"{self.path}: bad length CRC of record {i} at offset {start}: found "
-                f"{length_crc:#010x}, expected {expected_crc:#010x}"
-            )
         payload = view[_HEADER_SIZE : _HEADER_SIZE + length]
         (payload_crc,) = _CRC.unpack_from(view, _HEADER_SIZE + length)
-        expected_crc = masked_crc(payload)
-        if payload_crc != expected_crc:
+        if payload_crc != masked_crc(payload):
             raise CorruptRecordError(
                 f"{self.path}: bad payload CRC of record {i} at offset {start} "
-                f"(payload of {length} bytes at offset {start + _HEADER_SIZE}): found "
-                f"{payload_crc:#010x}, expected {expected_crc:#010x}"
+                f"(payload of {length} bytes at offset {start + _HEADER_SIZE}): the stored CRC "
+                "does not match the one expected of the payload"
             )
         return payload
+
+    def _pread(self, i: int, start: int, end: int) -> bytes:
+        pool = _files.descriptors()
+        try:
+            fd = pool.acquire(self.path)
+        except _files.SpecialFileError as e:
+            raise TFRecordError(f"{e}; a shard must be a regular file") from None
+        try:
+            buf = _files.pread_exact(fd, end - start, start)
+        finally:
+            pool.release(self.path, fd)
+        if len(buf) != end - start:
+            raise self._truncated(i, start, end - start, len(buf))
+        return buf
+
+    def _truncated(self, i: int, start: int, size: int, got: int) -> TruncatedShardError:
+        return TruncatedShardError(
+            f"{self.path}: truncated record {i} at offset {start}: needs {size} bytes, "
+            f"the file ends after {got} (at offset {start + got}; it was {self.file_size} "
+            f"bytes when indexed)"
+        )
 
     def _read_at(self, f: BinaryIO, i: int, start: int, end: int) -> bytes:
         size = end - start
@@ -420,11 +504,7 @@ class RecordIndex:
         while got < size:
             more = f.read(size - got)
             if not more:
-                raise TruncatedShardError(
-                    f"{self.path}: truncated record {i} at offset {start}: needs {size} bytes, "
-                    f"the file ends after {got} (at offset {start + got}; it was {self.file_size} "
-                    f"bytes when indexed)"
-                )
+                raise self._truncated(i, start, size, got)
             parts.append(more)
             got += len(more)
         return b"".join(parts)

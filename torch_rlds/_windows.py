@@ -153,7 +153,7 @@ class EpisodeSampler:
                 out[row] = frame
             else:
                 decode_image(images.encoded[t], images.shape, images.dtype, fast=fast_jpeg,
-                             out=out[row], name=f"{images.name}[{t}]")
+                             out=out[row], name=f"{images.name}[{t}]", format=images.format)
             rows[t] = row
         # Copies: the sample's own arrays are the caller's to change.
         self._recent[key] = {t: out[row].copy() for t, row in rows.items()}

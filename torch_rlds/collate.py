@@ -61,7 +61,7 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
     if pool is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
         storage = pool.take(offset - _buffers.HEADER)
     elif in_worker:
-        storage = torch.UntypedStorage._new_shared(max(offset, 1))  # as default_collate does
+        storage = _buffers.new_shared(max(offset, 1))  # as default_collate does
     else:
         storage = torch.UntypedStorage(max(offset, 1))
     return [torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)

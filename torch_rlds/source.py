@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import threading
 import types
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from torch_rlds import _array_record, _files
 from torch_rlds._features import EpisodeDecoder, iter_leaves, load_features
 from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo, resolve_dataset_dir
-from torch_rlds._tfrecord import RecordIndex, build_indexes
+from torch_rlds._tfrecord import RecordIndex, TFRecordError, build_indexes
 
 
 class RLDSSource:
@@ -28,9 +30,11 @@ class RLDSSource:
     and, for tfrecord, builds or loads from the cache the byte offset of every record (headers
     only, see :class:`torch_rlds._tfrecord.RecordIndex`). Every tfrecord read verifies both CRCs.
 
-    Reads are deterministic. One source may be used from several threads (each read opens its
-    own file handle or uses a per-thread one); it pickles without its open files, so it can be
-    sent to worker processes.
+    Reads are deterministic. One source may be used from several threads; it holds no open file
+    (reads go through a bounded set of handles per process, see ``torch_rlds._files``), so it
+    pickles, forks and is sent to worker processes as it is. A tfrecord record that does not
+    match its cached offset makes the source index that shard again, once, before the error
+    stands.
 
     Args:
       path: a dataset version directory, a dataset directory (newest version), or, with
@@ -141,67 +145,110 @@ def _resolve_split(info: DatasetInfo, split: str) -> list[tuple[str, int, int]]:
 
 
 class _ShardedReader:
-    """Maps an episode index of one split to a shard and reads it."""
+    """Maps an episode index of one split to a shard and reads it.
+
+    Holds no open file: reads go through the process's bounded handles (``torch_rlds._files``),
+    which a forked child never inherits, so a reader is safe to fork, pickle and share between
+    threads.
+    """
 
     def __init__(self, split: SplitInfo) -> None:
         self.split = split
         self._ends = list(np.cumsum(split.shard_lengths))
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
 
     def _shard_of(self, episode: int) -> tuple[int, int]:
         shard = bisect.bisect_right(self._ends, episode)
         return shard, episode - (self._ends[shard - 1] if shard else 0)
 
-    def _handles(self) -> dict[int, Any]:
-        handles = getattr(self._local, "handles", None)
-        if handles is None or getattr(self._local, "pid", None) != os.getpid():
-            handles = self._local.handles = {}
-            self._local.pid = os.getpid()
-        return handles
+    def _check_shards(self) -> None:
+        for path in self.split.shard_paths:
+            _check_shard_file(path, self.split)
+
+
+def _check_shard_file(path: epath.Path, split: SplitInfo) -> None:
+    """Raise unless the shard at ``path`` exists and (locally) is a regular file."""
+    where = f"shard listed in dataset_info.json (split {split.name!r}, " \
+            f"{len(split.shard_paths)} shards)"
+    local = "://" not in os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode if local else None
+    except FileNotFoundError:
+        mode = None
+    if mode is None and (local or not path.exists()):
+        raise FileNotFoundError(f"{path}: {where} is missing")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise DatasetFormatError(f"{path}: {where} is a {_files.kind_of(mode)}, not a regular "
+                                 "file")
 
 
 class _TFRecordReader(_ShardedReader):
     def __init__(self, split: SplitInfo, cache_dir) -> None:
         super().__init__(split)
-        for path in split.shard_paths:
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{path}: shard listed in dataset_info.json (split {split.name!r}, "
-                    f"{len(split.shard_paths)} shards) is missing"
-                )
+        self._check_shards()
+        self._cache_dir = None if cache_dir is None else epath.Path(cache_dir)
         self.indexes: list[RecordIndex] = build_indexes(
-            list(split.shard_paths), cache_dir=None if cache_dir is None else epath.Path(cache_dir)
+            list(split.shard_paths), cache_dir=self._cache_dir
         )
         payload = 0
-        for path, index, expected in zip(split.shard_paths, self.indexes, split.shard_lengths):
-            if index.num_records != expected:
-                raise DatasetFormatError(
-                    f"{path}: {index.num_records} records, dataset_info.json records "
-                    f"{expected} for this shard"
-                )
+        for shard, index in enumerate(self.indexes):
+            self._check_count(shard, index)
             payload += index.file_size - 16 * index.num_records
         if split.num_bytes and payload != split.num_bytes:
             raise DatasetFormatError(
                 f"split {split.name!r}: shards hold {payload} bytes of records, dataset_info.json "
                 f"records numBytes={split.num_bytes} (files: {split.shard_paths[0].parent})"
             )
+        # Shards whose index was rebuilt because a record did not match its offset: once each.
+        self._rebuilt: set[int] = set()
+        self._rebuild_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_rebuild_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._rebuild_lock = threading.Lock()
+
+    def _check_count(self, shard: int, index: RecordIndex) -> None:
+        expected = self.split.shard_lengths[shard]
+        if index.num_records != expected:
+            raise DatasetFormatError(
+                f"{self.split.shard_paths[shard]}: {index.num_records} records, "
+                f"dataset_info.json records {expected} for this shard"
+            )
 
     def read(self, episode: int) -> memoryview:
         shard, record = self._shard_of(episode)
-        handles = self._handles()
-        f = handles.get(shard)
-        if f is None:
-            f = handles[shard] = self.indexes[shard].open()
-        return self.indexes[shard].read_view(record, f)
+        index = self.indexes[shard]
+        try:
+            return index.read_view(record)
+        except TFRecordError as error:
+            fresh = self._reindex(shard, index, error)
+        return fresh.read_view(record)
+
+    def _reindex(self, shard: int, index: RecordIndex, error: TFRecordError) -> RecordIndex:
+        """The shard's index built anew from the file, once per shard, when a record did not
+        match its offset (a shard rewritten with the same size, mtime and ends as the one the
+        cached index was built from); re-raises ``error`` when that changes nothing."""
+        with self._rebuild_lock:
+            current = self.indexes[shard]
+            if current is not index:  # another thread rebuilt it meanwhile
+                return current
+            if shard in self._rebuilt:
+                raise error
+            self._rebuilt.add(shard)
+            try:
+                fresh = RecordIndex.load(index.path, cache_dir=self._cache_dir, progress=False,
+                                         rebuild=True)
+            except TFRecordError:
+                raise error from None  # the shard itself is damaged: the first error stands
+            if np.array_equal(fresh.offsets, index.offsets):
+                raise error
+            self._check_count(shard, fresh)
+            self.indexes[shard] = fresh
+            return fresh
 
     def describe(self, episode: int) -> str:
         shard, record = self._shard_of(episode)
@@ -210,21 +257,16 @@ class _TFRecordReader(_ShardedReader):
 
 
 class _ArrayRecordReader(_ShardedReader):
+    """Reads through :mod:`torch_rlds._array_record`, which keeps the array_record library out
+    of every process that forks DataLoader workers."""
+
     def __init__(self, split: SplitInfo) -> None:
         super().__init__(split)
-        from array_record.python import array_record_module
-
+        self._check_shards()
         for path, expected in zip(split.shard_paths, split.shard_lengths):
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{path}: shard listed in dataset_info.json (split {split.name!r}, "
-                    f"{len(split.shard_paths)} shards) is missing"
-                )
             try:
-                reader = array_record_module.ArrayRecordReader(os.fspath(path))
-                found = reader.num_records()
-                reader.close()
-            except RuntimeError as e:  # array_record reports unreadable files as RuntimeError
+                found = _array_record.num_records(os.fspath(path))
+            except _array_record.ArrayRecordError as e:
                 raise DatasetFormatError(f"{path}: not a readable array_record shard ({e})") from e
             if found != expected:
                 raise DatasetFormatError(
@@ -232,20 +274,12 @@ class _ArrayRecordReader(_ShardedReader):
                 )
 
     def read(self, episode: int) -> bytes:
-        from array_record.python import array_record_module
-
         shard, record = self._shard_of(episode)
-        handles = self._handles()
-        reader = handles.get(shard)
-        if reader is None:
-            reader = handles[shard] = array_record_module.ArrayRecordReader(
-                os.fspath(self.split.shard_paths[shard]), "readahead_buffer_size:0"
-            )
+        path = self.split.shard_paths[shard]
         try:
-            return reader.read([record])[0]
-        except RuntimeError as e:  # array_record reports corruption as RuntimeError
-            raise DatasetFormatError(
-                f"{self.split.shard_paths[shard]} record {record}: unreadable ({e})") from e
+            return _array_record.read(os.fspath(path), record)
+        except _array_record.ArrayRecordError as e:
+            raise DatasetFormatError(f"{path} record {record}: unreadable ({e})") from e
 
     def describe(self, episode: int) -> str:
         shard, record = self._shard_of(episode)

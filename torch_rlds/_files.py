@@ -1,0 +1,295 @@
+"""Opening dataset files safely, and the bounded set of handles a process keeps open.
+
+**Regular files only.** A shard or a cached index is opened with ``O_NONBLOCK`` (opening a
+FIFO never waits for a writer) and checked with ``fstat`` on the descriptor it got, so a FIFO,
+a device such as ``/dev/zero`` or a folder is refused whatever the path pointed to when it was
+listed. Reads of files whose size says what they can hold are bounded by that size.
+
+**Bounded handles.** However many shards, datasets of a mixture and reading threads there are, a
+process keeps at most :func:`max_open_files` idle handles of each kind:
+
+* local files: one descriptor per file, shared by every thread, read with ``os.pread`` (no
+  seek, so threads never disturb each other), the least recently used closed first; a
+  descriptor in use is closed only once its last reader is done;
+* remote files and array_record readers (objects with a position or state of their own): a
+  handle is lent to one thread at a time and returned to a small idle list afterwards.
+
+Handles never cross a fork: in a forked child the sets start empty and the parent's handles are
+closed there (never used), so no C++ reader object of the parent is read through in a child.
+Both sets are thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+MAX_OPEN_ENV = "TORCH_RLDS_MAX_OPEN_FILES"
+DEFAULT_MAX_OPEN = 64
+
+
+class SpecialFileError(ValueError):
+    """A path that names a FIFO, a device, a socket or a folder where a regular file belongs."""
+
+
+def max_open_files() -> int:
+    """Idle handles a process keeps per kind: ``$TORCH_RLDS_MAX_OPEN_FILES``, default 64."""
+    raw = os.environ.get(MAX_OPEN_ENV, "")
+    try:
+        value = int(raw) if raw else DEFAULT_MAX_OPEN
+    except ValueError:
+        raise ValueError(f"{MAX_OPEN_ENV} must be an integer >= 1 (got {raw!r})") from None
+    if value < 1:
+        raise ValueError(f"{MAX_OPEN_ENV} must be an integer >= 1 (got {raw!r})")
+    return value
+
+
+def kind_of(mode: int) -> str:
+    """What a ``st_mode`` names, in words, for messages."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_regular(path: str, mode: int) -> None:
+    """Raise :class:`SpecialFileError` unless ``mode`` is that of a regular file."""
+    if not stat.S_ISREG(mode):
+        raise SpecialFileError(f"{path}: a {kind_of(mode)}, not a regular file")
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular file at ``path`` and its ``fstat``.
+
+    Never blocks on a FIFO; raises :class:`SpecialFileError` for anything but a regular file
+    and ``OSError`` when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        check_regular(path, st.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_regular(path: str, limit: int) -> bytes | None:
+    """The whole regular file at ``path`` if it holds at most ``limit`` bytes, else ``None``.
+
+    Reads at most ``limit + 1`` bytes, so a sparse or endless file costs no more than a file of
+    the right size. Raises :class:`SpecialFileError` and ``OSError`` as :func:`open_regular`.
+    """
+    fd, st = open_regular(path)
+    try:
+        if st.st_size > limit:
+            return None
+        parts, got = [], 0
+        while got <= limit:
+            part = os.pread(fd, limit + 1 - got, got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        return None if got > limit else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` (one ``pread`` call unless the kernel returns fewer), or
+    fewer where the file ends."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts, got = [data], len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+class SharedDescriptors:
+    """Descriptors of local regular files, one per file, shared by threads (see the module).
+
+    ``acquire(path)`` returns a descriptor to ``pread`` from; ``release(path)`` must follow.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        # path -> [descriptor, readers now using it], least recently used first
+        self._open: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self._retired: dict[int, list[int]] = {}  # evicted while in use: closed when released
+
+    def acquire(self, path: str) -> int:
+        """A descriptor of ``path`` (opened if none is open); pass ``path`` to ``release``."""
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None:
+                entry[1] += 1
+                self._open.move_to_end(path)
+                return entry[0]
+        fd, _ = open_regular(path)  # outside the lock: an open may be slow (network disks)
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is None:
+                self._open[path] = entry = [fd, 0]
+                fd = -1
+            entry[1] += 1
+            self._open.move_to_end(path)
+            self._evict()
+        if fd >= 0:
+            os.close(fd)  # another thread opened it meanwhile
+        return entry[0]
+
+    def release(self, path: str, fd: int) -> None:
+        """Done reading ``fd`` (as ``acquire(path)`` returned it)."""
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None and entry[0] == fd:
+                entry[1] -= 1
+                self._evict()
+                return
+            retired = self._retired.get(fd)
+            if retired is not None:
+                retired[1] -= 1
+                if retired[1] == 0:
+                    del self._retired[fd]
+                    os.close(fd)
+
+    def _evict(self) -> None:
+        while len(self._open) > self.capacity:
+            path, entry = next(iter(self._open.items()))
+            del self._open[path]
+            if entry[1] == 0:
+                os.close(entry[0])
+            else:
+                self._retired[entry[0]] = entry
+
+    def open_count(self) -> int:
+        """Descriptors held now (idle, in use, and evicted but still in use)."""
+        with self._lock:
+            return len(self._open) + len(self._retired)
+
+    def discard(self) -> None:
+        """Close every descriptor (a forked child's inherited ones: nothing uses them)."""
+        for fd, _ in [*self._open.values(), *self._retired.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._open.clear()
+        self._retired.clear()
+
+
+class HandlePool:
+    """Handles that one thread uses at a time (remote files, array_record readers).
+
+    ``acquire(key, opener)`` lends an idle handle of ``key`` or opens one with ``opener()``;
+    ``release(key, handle)`` returns it. At most ``capacity`` idle handles stay open; each
+    is closed with ``closer(handle)``.
+    """
+
+    def __init__(self, capacity: int, closer: Callable[[Any], None]) -> None:
+        self.capacity = capacity
+        self._closer = closer
+        self._lock = threading.Lock()
+        self._idle: collections.OrderedDict[tuple[Hashable, int], Any] = (
+            collections.OrderedDict())
+        self._lent = 0
+        self._serial = 0
+
+    def acquire(self, key: Hashable, opener: Callable[[], Any]) -> Any:
+        """An idle handle of ``key``, or a new one from ``opener()``."""
+        with self._lock:
+            for slot in reversed(self._idle):
+                if slot[0] == key:
+                    self._lent += 1
+                    return self._idle.pop(slot)
+        handle = opener()
+        with self._lock:
+            self._lent += 1
+        return handle
+
+    def release(self, key: Hashable, handle: Any, *, broken: bool = False) -> None:
+        """Give ``handle`` (of ``key``) back; the least recently used idle ones beyond the
+        capacity are closed, and so is a ``broken`` one (a read through it failed)."""
+        closing = [handle] if broken else []
+        with self._lock:
+            self._lent -= 1
+            if not broken:
+                self._serial += 1
+                self._idle[(key, self._serial)] = handle
+            while len(self._idle) > self.capacity:
+                closing.append(self._idle.popitem(last=False)[1])
+        for old in closing:
+            self._close(old)
+
+    def _close(self, handle: Any) -> None:
+        with contextlib.suppress(Exception):  # a handle that fails to close is gone anyway
+            self._closer(handle)
+
+    def open_count(self) -> int:
+        """Handles held now: idle and lent."""
+        with self._lock:
+            return len(self._idle) + self._lent
+
+    def discard(self) -> None:
+        """Drop every handle unread (a forked child's inherited ones; lent ones belong to
+        threads that do not exist there)."""
+        self._idle.clear()
+        self._lent = 0
+
+
+_descriptors: SharedDescriptors | None = None
+_handles: HandlePool | None = None
+_setup_lock = threading.Lock()
+
+
+def descriptors() -> SharedDescriptors:
+    """This process's shared descriptors of local files."""
+    global _descriptors
+    if _descriptors is None:
+        with _setup_lock:
+            if _descriptors is None:
+                _descriptors = SharedDescriptors(max_open_files())
+    return _descriptors
+
+
+def handles() -> HandlePool:
+    """This process's pool of one-thread-at-a-time handles."""
+    global _handles
+    if _handles is None:
+        with _setup_lock:
+            if _handles is None:
+                _handles = HandlePool(max_open_files(), _close_handle)
+    return _handles
+
+
+def _close_handle(handle: Any) -> None:
+    handle.close()
+
+
+def _after_fork_in_child() -> None:
+    global _descriptors, _handles, _setup_lock
+    _setup_lock = threading.Lock()
+    if _descriptors is not None:
+        _descriptors.discard()
+    # The parent's remote files and array_record readers are dropped unread: they may hold
+    # state of the parent's threads, which do not exist here. (array_record readers are opened
+    # without readahead or parallel reads, so dropping one waits for nothing.)
+    if _handles is not None:
+        _handles.discard()
+    _descriptors = _handles = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
