@@ -13,7 +13,8 @@ import pytest
 
 import torch_rlds
 from torch_rlds import _images, stats, synthetic
-from torch_rlds.keymap import KeyMap
+from torch_rlds.config import DataConfig
+from torch_rlds.keymap import KeyMap, key_map_from_config
 from torch_rlds.stats import RunningStats
 
 KEY_MAP = KeyMap(state_keys=("observation/state",), action_keys=("action",))
@@ -148,3 +149,22 @@ def test_stats_command(small_dataset, small_spec, tmp_path, capsys):
     lengths = small_spec.lengths()[:4]
     np.testing.assert_allclose(written["state"].mean, state[:sum(lengths)].mean(0), rtol=1e-9)
     assert written["state"].min is None  # norm_stats.json holds the four normalization fields
+
+
+def test_an_unwritable_cache_still_gives_the_statistics(small_dataset, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TORCH_RLDS_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning) as warned:
+        source = torch_rlds.RLDSSource(small_dataset, "train[:2]")
+        computed, folder = stats.load_or_compute_stats(
+            source, key_map_from_config(DataConfig()), progress=False)
+    assert any("could not cache the statistics" in str(w.message) for w in warned)
+    assert folder is None and computed["actions"].count > 0
+
+
+def test_statistics_files_are_read_strictly(tmp_path):
+    path = tmp_path / "norm_stats.json"
+    path.write_text('{"norm_stats": {"actions": {"mean": [0], "mean": [1]}}}')
+    with pytest.raises(ValueError, match=r"norm_stats.json: not a JSON statistics .*duplicate"):
+        stats.read_norm_stats(path)

@@ -27,7 +27,7 @@ STALE_TMP_AGE_S = 3600.0
 _OWNED_TMP = re.compile(r"(\d+)-[0-9a-f]{32}@(.+)")
 
 
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
+def write_json_atomic(path: epath.Path, obj: Any, *, indent: int | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename.
 
     Several processes may save to one ``path`` at once: each writes a temporary file of its
@@ -38,7 +38,7 @@ def write_json_atomic(path: epath.Path, obj: Any) -> None:
     folder after it, so the new state survives a power cut once this returns; an object store
     (``gs://``) makes the whole object visible at once.
     """
-    data = json.dumps(obj, sort_keys=True, allow_nan=False)
+    data = json.dumps(obj, sort_keys=True, allow_nan=False, indent=indent)
     path = to_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}{_TMP_MARK}"
@@ -108,8 +108,8 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON state file.
+def read_json(path: str | os.PathLike, what: str = "state") -> Any:
+    """Read a JSON file torch_rlds wrote (a state, unless ``what`` says otherwise).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for
     anything that is not one whole JSON document (see :func:`loads_strict`) or is larger than
@@ -117,15 +117,15 @@ def read_json(path: str | os.PathLike) -> Any:
     """
     path = to_path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no state file")
+        raise FileNotFoundError(f"{path}: no {what} file")
     with path.open("rb") as f:
         data = f.read(MAX_STATE_BYTES + 1)
     if len(data) > MAX_STATE_BYTES:
-        raise ValueError(f"{path}: not a JSON state (larger than {MAX_STATE_BYTES} bytes)")
+        raise ValueError(f"{path}: not a JSON {what} (larger than {MAX_STATE_BYTES} bytes)")
     try:
         return loads_strict(data)
     except ValueError as e:
-        raise ValueError(f"{path}: not a JSON state ({e})") from None
+        raise ValueError(f"{path}: not a JSON {what} ({e})") from None
 
 
 def loads_strict(data: bytes | bytearray | memoryview) -> Any:

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from torch_rlds._cache import cache_root
+from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds.keymap import ACTION, STATE, KeyMap
 
 NUM_BINS = 10_000
@@ -272,7 +273,7 @@ def cache_dir(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> Path:
     """The cache folder of the statistics of ``source`` under ``key_map``."""
     info = source.info
     key = cache_key(source, key_map, num_bins)[:20]
-    return cache_root() / "stats" / f"{info.name}-{info.version}-{key}"
+    return cache_root(create=False) / "stats" / f"{info.name}-{info.version}-{key}"
 
 
 def write_norm_stats(stats: Mapping[str, Stats], path: str | os.PathLike) -> epath.Path:
@@ -281,20 +282,9 @@ def write_norm_stats(stats: Mapping[str, Stats], path: str | os.PathLike) -> epa
     path = epath.Path(path)
     if path.is_dir() or not path.name.endswith(".json"):
         path = path / NORM_STATS_FILE
-    _write_json(path, {"norm_stats": {k: v.to_json(full=False) for k, v in stats.items()}})
+    write_json_atomic(path, {"norm_stats": {k: v.to_json(full=False) for k, v in stats.items()}},
+                      indent=2)
     return path
-
-
-def _write_json(path: epath.Path, obj: Any) -> None:
-    # Readers (other hosts, other workers) see the old file or the new one, never half of one.
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in os.fspath(path):  # object stores replace whole objects
-        path.write_text(text)
-        return
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text)
-    os.replace(os.fspath(tmp), os.fspath(path))
 
 
 def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
@@ -306,10 +296,7 @@ def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no normalization statistics there; write them with "
                                 "`torch-rlds stats --config-name NAME --output PATH`")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
+    raw = read_json(path, "statistics")
     table = raw.get("norm_stats") if isinstance(raw, dict) else None
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected {{'norm_stats': {{'state': ..., 'actions': ...}}}} "
@@ -319,25 +306,31 @@ def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
 
 def load_or_compute_stats(source: Any, key_map: KeyMap, *, recompute: bool = False,
                           progress: bool = True, num_bins: int = NUM_BINS
-                          ) -> tuple[dict[str, Stats], Path]:
+                          ) -> tuple[dict[str, Stats], Path | None]:
     """The statistics of ``source`` under ``key_map`` and their cache folder: read from the
     cache, or computed (one pass over the dataset) and cached as ``stats.json`` (everything)
-    and ``norm_stats.json`` (openpi's layout)."""
+    and ``norm_stats.json`` (openpi's layout). Where the cache cannot be written the
+    statistics are still returned, with a warning, and the folder is ``None``."""
     folder = cache_dir(source, key_map, num_bins)
     full = folder / STATS_FILE
     if full.exists() and not recompute:
         return read_norm_stats(full), folder
     stats = compute_stats(source, key_map, progress=progress, num_bins=num_bins)
     info = source.info
-    write_norm_stats(stats, folder / NORM_STATS_FILE)
-    # stats.json last: its presence is what marks the cache entry complete.
-    _write_json(epath.Path(full), {
-        "version": STATS_VERSION,
-        "dataset": {"name": info.name, "version": info.version, "split": source.split},
-        "key_map": {"state": list(key_map.state_keys), "action": list(key_map.action_keys)},
-        "num_bins": num_bins,
-        "norm_stats": {k: v.to_json() for k, v in stats.items()},
-    })
+    try:
+        write_norm_stats(stats, folder / NORM_STATS_FILE)
+        # stats.json last: its presence is what marks the cache entry complete.
+        write_json_atomic(epath.Path(full), {
+            "version": STATS_VERSION,
+            "dataset": {"name": info.name, "version": info.version, "split": source.split},
+            "key_map": {"state": list(key_map.state_keys), "action": list(key_map.action_keys)},
+            "num_bins": num_bins,
+            "norm_stats": {k: v.to_json() for k, v in stats.items()},
+        }, indent=2)
+    except OSError as e:
+        warnings.warn(f"could not cache the statistics in {folder}: {e}; they will be "
+                      "computed again next time", stacklevel=2)
+        return stats, None
     return stats, folder
 
 
@@ -443,7 +436,8 @@ def _report(config: Any, args: argparse.Namespace, output: Any) -> None:
     for name in ("state", "actions"):
         if name in stats:
             print(format_table(name, stats[name], labels[name]))
-    print(f"cached in {folder}")
+    print(f"cached in {folder}" if folder is not None else "not cached (the cache folder "
+          "cannot be written)")
     if output:
         print(f"wrote {write_norm_stats(stats, output)}")
 
