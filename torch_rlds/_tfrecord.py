@@ -346,6 +346,8 @@ class RecordIndex:
         offsets.flags.writeable = False
         self.offsets: np.ndarray = offsets
         self.file_size: int = int(offsets[-1])
+        # What the cache knows this shard by (path, size, mtime, content check); set by load.
+        self.cache_key: str | None = None
 
     @classmethod
     def load(
@@ -368,7 +370,7 @@ class RecordIndex:
             cache_file = _cache_file(folder, absolute, size, mtime_ns, _fingerprint(f, size))
             offsets = None if rebuild else _load_cached(cache_file, size, path)
             if offsets is not None:
-                return cls(path, offsets)
+                return cls._keyed(path, offsets, cache_file)
             with tqdm(
                 total=size,
                 desc=f"Indexing {absolute.rsplit('/', 1)[-1]}",
@@ -381,7 +383,13 @@ class RecordIndex:
             ) as bar:
                 offsets = build_index(f, size, path, progress=bar)
         _save_atomic(cache_file, offsets)
-        return cls(path, offsets)
+        return cls._keyed(path, offsets, cache_file)
+
+    @classmethod
+    def _keyed(cls, path: str, offsets: np.ndarray, cache_file: Path) -> RecordIndex:
+        index = cls(path, offsets)
+        index.cache_key = cache_file.name.rsplit(".", 2)[-2]
+        return index
 
     @property
     def num_records(self) -> int:
@@ -411,6 +419,32 @@ class RecordIndex:
         """The payload length of record ``i`` in bytes."""
         _, start, end = self._bounds(i)
         return end - start - _OVERHEAD
+
+    def payload_offset(self, i: int) -> int:
+        """Where the payload of record ``i`` starts in the shard."""
+        return self._bounds(i)[1] + _HEADER_SIZE
+
+    def read_range(self, i: int, offset: int, size: int) -> bytes:
+        """``size`` bytes of the payload of record ``i`` from ``offset`` on, read in one call
+        and not checked (the record's CRCs cover its whole payload; a caller reading part of
+        it checks what it read itself, as the step index does). Raises ``IndexError`` for a
+        range outside the payload and TruncatedShardError when the file ends early."""
+        i, start, end = self._bounds(i)
+        if offset < 0 or size < 0 or offset + size > end - start - _OVERHEAD:
+            raise IndexError(f"{self.path}: bytes {offset}..{offset + size} are outside the "
+                             f"{end - start - _OVERHEAD}-byte payload of record {i}")
+        first = start + _HEADER_SIZE + offset
+        if _is_local(self.path):
+            return self._pread(i, first, first + size)
+        pool, key = _files.handles(), ("tfrecord", self.path)
+        own = pool.acquire(key, functools.partial(_open, self.path))
+        try:
+            buf = self._read_at(own, i, first, first + size)
+        except BaseException:
+            pool.release(key, own, broken=True)
+            raise
+        pool.release(key, own)
+        return buf
 
     def open(self) -> BinaryIO:
         """Open the shard for reading, in the mode ``read`` works best with; close it after use."""

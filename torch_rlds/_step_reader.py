@@ -1,0 +1,402 @@
+"""Reading the steps a sample needs: from the step index where it is built, else whole records.
+
+The global order needs, before its first batch, the number of steps of every episode; a sample
+needs a few steps of one episode. Both come per tfrecord shard from the torch_rlds cache:
+
+* **lengths**: the steps of every record of a shard, probed from a few feature headers per
+  record (:func:`torch_rlds._step_index.probe_steps`) the first time a shard is seen, and
+  cached (``<cache>/steps/*.lengths``): seconds for a dataset of thousands of shards;
+* **the step index** (:class:`~torch_rlds._step_index.ShardStepIndex`): built by a
+  background thread (one pass reading every record whole, its CRC checked) and cached
+  (``<cache>/steps/*.trsi``); shards are picked up as they are done.
+
+Both are keyed by the record index's cache key (the shard's path, size, modification time and
+a CRC of its ends) and the features, so a changed shard is probed and indexed anew. A reader
+(:class:`StepReader`) reads the byte ranges of the steps it is asked for where its shard's
+index exists, and otherwise the whole record; both give the same values, so what a sample holds
+never depends on how far the build got. Where the cache cannot be written, lengths and indexes
+live in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torch_rlds import _files
+from torch_rlds._cache import cache_root
+from torch_rlds._features import EpisodeDecodeError, FeatureLeaf
+from torch_rlds._images import EncodedImages
+from torch_rlds._step_index import (
+    NotStepAddressable,
+    ShardStepIndex,
+    decode_values,
+    index_record,
+    indexed_features,
+    probe_steps,
+    verify_blocks,
+)
+
+logger = logging.getLogger(__name__)
+
+# How often a reader looks again for the step index of a shard it found none for.
+_RECHECK_S = 10.0
+_MAX_LENGTHS_BYTES = 1 << 30
+
+
+def _folder(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else cache_root(create=False) / "steps"
+
+
+def _digest(features: Sequence[Any]) -> str:
+    import hashlib
+
+    text = "\n".join(f"{f.name}:{f.kind}:{int(f.per_step)}:{f.values_per_step}:{f.width}"
+                     for f in features)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StepFiles:
+    """Where the lengths and step index of each shard of a source live in the cache.
+
+    Args:
+      source: an :class:`~torch_rlds.RLDSSource` of tfrecord shards.
+      cache_dir: the folder (default ``<cache>/steps``).
+    """
+
+    def __init__(self, source: Any, cache_dir: str | os.PathLike | None = None) -> None:
+        self.source = source
+        self.features = indexed_features(source.features)
+        self.shards, self.shard_of, self.record_of = source.tfrecord_shards()
+        self._folder = _folder(cache_dir)
+        self._digest = _digest(self.features)
+
+    def _path(self, shard: int, suffix: str) -> Path:
+        index = self.shards[shard]
+        label = os.path.basename(index.path)[:80]
+        return self._folder / f"{label}.{index.cache_key}.{self._digest}.{suffix}"
+
+    def index_path(self, shard: int) -> Path:
+        """The step index file of ``shard``."""
+        return self._path(shard, "trsi")
+
+    def lengths_path(self, shard: int) -> Path:
+        """The lengths file of ``shard``."""
+        return self._path(shard, "lengths")
+
+    def load_index(self, shard: int) -> ShardStepIndex | None:
+        """The step index of ``shard`` from the cache, or ``None`` (none yet, or unreadable: an
+        index that does not fit its shard is left for the builder to replace)."""
+        path = self.index_path(shard)
+        records = self.shards[shard].num_records
+        try:
+            data = _files.read_regular(os.fspath(path), 64 * (1 << 20) + records * 4096)
+        except (OSError, _files.SpecialFileError):
+            return None
+        if data is None:
+            return None
+        try:
+            index = ShardStepIndex.from_bytes(data, os.fspath(path))
+        except ValueError as e:
+            logger.warning("torch_rlds: ignoring the step index %s (%s)", path, e)
+            return None
+        if len(index) != records or index.features != self.features:
+            return None
+        return index
+
+    def save(self, path: Path, data: bytes) -> bool:
+        """Write ``data`` to ``path`` atomically; ``False`` (with one warning per folder) where
+        the cache cannot be written."""
+        import tempfile
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as e:
+            _warn_once(path.parent, e)
+            return False
+        return True
+
+    # -- lengths --------------------------------------------------------------------------------
+    def shard_lengths(self, shard: int) -> np.ndarray:
+        """The steps of every record of ``shard``: from its step index or lengths file, else
+        probed (and cached)."""
+        index = self.load_index(shard)
+        if index is not None:
+            return np.asarray(index.num_steps, dtype=np.int64)
+        path = self.lengths_path(shard)
+        records = self.shards[shard].num_records
+        try:
+            data = _files.read_regular(os.fspath(path), 8 * records + 64)
+        except (OSError, _files.SpecialFileError):
+            data = None
+        if data is not None and len(data) == 8 * records:
+            lengths = np.frombuffer(data, dtype="<i8").astype(np.int64)
+            if (lengths >= 0).all():
+                return lengths
+        lengths = self.probe(shard)
+        self.save(path, lengths.astype("<i8").tobytes())
+        return lengths
+
+    def probe(self, shard: int) -> np.ndarray:
+        """The steps of every record of ``shard``, probed from their headers."""
+        index = self.shards[shard]
+        out = np.empty(index.num_records, dtype=np.int64)
+        for record in range(index.num_records):
+            size = index.record_size(record)
+            out[record], _ = probe_steps(
+                lambda offset, length, r=record: index.read_range(r, offset, length), size,
+                self.features, name=f"{index.path} record {record}")
+        return out
+
+    def lengths(self, *, progress: bool = True) -> np.ndarray:
+        """The steps of every episode of the source, in source order."""
+        from tqdm import tqdm
+
+        per_shard = [self.shard_lengths(s) for s in tqdm(
+            range(len(self.shards)), desc="Counting steps", unit="shard", delay=1.0,
+            leave=False, disable=not progress)]
+        return np.asarray([per_shard[s][r] for s, r in zip(self.shard_of.tolist(),
+                                                           self.record_of.tolist())],
+                          dtype=np.int64)
+
+    # -- building -------------------------------------------------------------------------------
+    def build_index(self, shard: int) -> ShardStepIndex:
+        """The step index of ``shard``, read from every record of it (CRCs checked), saved."""
+        index = self.shards[shard]
+        records = []
+        for record in range(index.num_records):
+            records.append(index_record(index.read_view(record), self.features,
+                                        name=f"{index.path} record {record}"))
+        built = ShardStepIndex.from_records(self.features, records)
+        self.save(self.index_path(shard), built.to_bytes())
+        return built
+
+    def missing(self) -> list[int]:
+        """The shards without a step index file."""
+        return [s for s in range(len(self.shards)) if not self.index_path(s).exists()]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(folder: Path, error: OSError) -> None:
+    import warnings
+
+    if os.fspath(folder) not in _warned:
+        _warned.add(os.fspath(folder))
+        warnings.warn(f"torch_rlds: cannot write step lengths and indexes to {folder} ({error}); "
+                      "they stay in memory (set TORCH_RLDS_CACHE to a writable folder to keep "
+                      "them)", stacklevel=3)
+
+
+class IndexBuilder:
+    """Builds the missing step indexes of a source in one background thread, shard by shard.
+
+    A shard that does not index (a record the index does not cover, or a damaged one) is left
+    to whole-record reads; the reason is logged once. :meth:`join` waits for the end.
+    """
+
+    def __init__(self, files: StepFiles, *, progress: bool = True) -> None:
+        self.files = files
+        self.failed: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._progress = progress
+        self._thread = threading.Thread(target=self._run, name="torch_rlds-step-index",
+                                        daemon=True)
+
+    def start(self) -> IndexBuilder:
+        """Start building (if any shard lacks its index); returns ``self``."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        missing = self.files.missing()
+        with tqdm(total=len(missing), desc="Step index (background)", unit="shard", delay=5.0,
+                  leave=False, disable=not self._progress or not missing) as bar:
+            for shard in missing:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.files.build_index(shard)
+                except (EpisodeDecodeError, ValueError, OSError) as e:
+                    self.failed[shard] = f"{type(e).__name__}: {e}"
+                    logger.warning("torch_rlds: shard %s keeps whole-record reads (%s)",
+                                   self.files.shards[shard].path, e)
+                    if isinstance(e, NotStepAddressable):
+                        return  # the dataset's layout, not a shard's: the others fare the same
+                bar.update(1)
+
+    def stop(self) -> None:
+        """Stop after the shard being built."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the build; ``True`` once it has ended."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+class StepReader:
+    """Reads steps of episodes of a source, as the decoder would give them (a thread-safe,
+    picklable view: each process loads the indexes it needs on first use).
+
+    :meth:`read` returns the episode's features for the steps asked, in the layout of
+    :class:`~torch_rlds._features.EpisodeDecoder` but *sparse*: every step feature spans the
+    episode's ``num_steps`` and only the rows asked for hold values (the rest are zeros, empty
+    strings or ``None`` frames). Episode-level features are whole.
+    """
+
+    def __init__(self, files: StepFiles, lengths: np.ndarray) -> None:
+        self.files = files
+        self.lengths = lengths
+        self._indexes: dict[int, ShardStepIndex] = {}
+        self._absent: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._leaves: dict[str, FeatureLeaf] | None = None
+        self._dtypes: dict[str, np.dtype] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_indexes={}, _absent={}, _leaves=None, _dtypes=None)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _index(self, shard: int) -> ShardStepIndex | None:
+        index = self._indexes.get(shard)
+        if index is not None:
+            return index
+        seen = self._absent.get(shard)
+        if seen is not None and time.monotonic() - seen < _RECHECK_S:
+            return None
+        index = self.files.load_index(shard)
+        with self._lock:
+            if index is None:
+                self._absent[shard] = time.monotonic()
+            else:
+                self._indexes[shard] = index
+                self._absent.pop(shard, None)
+        return index
+
+    def _specs(self) -> tuple[dict[str, FeatureLeaf], dict[str, np.dtype]]:
+        if self._leaves is None:
+            from tensorflow_datasets.core import utils
+
+            from torch_rlds._features import iter_leaves
+
+            source = self.files.source
+            flat = utils.flatten_nest_dict(source.features.get_serialized_info())
+            self._dtypes = {name: np.dtype(info.np_dtype) if info.np_dtype is not None
+                            else np.dtype(object) for name, info in flat.items()}
+            self._leaves = {leaf.name: leaf for leaf in iter_leaves(source.features)}
+        return self._leaves, self._dtypes
+
+    def indexed(self, episode: int) -> bool:
+        """Whether reads of ``episode`` go by byte range (its shard's index is loaded)."""
+        return self._index(int(self.files.shard_of[episode])) is not None
+
+    def read(self, episode: int, wants: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+        """Features of ``episode``: ``wants`` maps a feature name (``steps/action``) to the
+        first and last step to read (ignored for episode-level features)."""
+        shard = int(self.files.shard_of[episode])
+        record = int(self.files.record_of[episode])
+        steps = int(self.lengths[episode])
+        index = self._index(shard)
+        name = self.files.source.describe(episode)
+        if index is None:
+            return self._from_record(episode, wants, steps, name)
+        leaves, dtypes = self._specs()
+        shard_index = self.files.shards[shard]
+        episode_tree: dict[str, Any] = {}
+        for key, (first, last) in wants.items():
+            f = index.feature(key)
+            feature = index.features[f]
+            if feature.per_step:
+                first, last = max(0, first), min(steps - 1, last)
+                if first > last:
+                    continue
+            start, end, blocks = index.byte_range(record, f, first, last)
+            data = memoryview(shard_index.read_range(record, start, end - start))
+            verify_blocks(data, start, blocks, name)
+            values = decode_values(feature, data)
+            held_first, held_last = index.steps_of(record, f, first, last)
+            _place(episode_tree, leaves[key], dtypes[key], values, held_first, held_last, steps,
+                   feature.per_step, name, self.files.source.decoder)
+        return episode_tree
+
+    def _from_record(self, episode: int, wants: Mapping[str, tuple[int, int]], steps: int,
+                     name: str) -> dict[str, Any]:
+        decoded = self.files.source.episode(episode)
+        out: dict[str, Any] = {}
+        leaves, _ = self._specs()
+        for key in wants:
+            leaf = leaves[key]
+            value: Any = decoded
+            for part in leaf.path:
+                value = value[part]
+            if leaf.per_step and len(value) != steps:
+                raise EpisodeDecodeError(f"{name}: feature {key} has {len(value)} steps, the "
+                                         f"cached step count is {steps} (the shard changed)")
+            _set(out, leaf.path, value)
+        return out
+
+
+def _place(tree: dict[str, Any], leaf: FeatureLeaf, dtype: np.dtype, values: Any, first: int,
+           last: int, steps: int, per_step: bool, name: str, decoder: Any) -> None:
+    """Decode ``values`` of steps ``first..last`` of ``leaf`` as the decoder would, and set
+    them into ``tree`` at the leaf's path, spread over the episode's ``steps``."""
+    raw = values if leaf.kind == "image" or dtype.kind == "O" else np.array(values, dtype=dtype)
+    if not per_step:
+        raw = raw[0] if isinstance(raw, list) else (raw.reshape(leaf.shape) if leaf.shape
+                                                    else raw.reshape(()).item())
+        _set(tree, leaf.path, decoder._decode_leaf(leaf, raw, name))
+        return
+    if isinstance(raw, np.ndarray) and leaf.shape and None not in leaf.shape:
+        raw = raw.reshape((-1, *leaf.shape))  # as the parser shapes a step feature
+    decoded = decoder._decode_leaf(leaf, raw, name)
+    count = last - first + 1
+    if isinstance(decoded, EncodedImages):
+        frames: list[Any] = [None] * steps
+        frames[first:last + 1] = decoded.encoded
+        full: Any = EncodedImages(frames, decoded.shape, decoded.dtype, name=decoded.name,
+                                  format=decoded.format)
+    else:
+        if len(decoded) != count:
+            raise EpisodeDecodeError(f"{name}: feature {leaf.name}: {len(decoded)} steps read, "
+                                     f"{count} expected")
+        if decoded.dtype == object:
+            full = np.full(steps, "", dtype=object)
+        else:
+            full = np.zeros((steps, *decoded.shape[1:]), dtype=decoded.dtype)
+        full[first:last + 1] = decoded
+    _set(tree, leaf.path, full)
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
