@@ -491,6 +491,15 @@ def test_signature_generics_and_duck_typed_datasets(Loader):
     assert type(positional.sampler) is not torch.utils.data.SequentialSampler
     assert sorted(_ids(positional)) == list(range(N))
 
+    import inspect
+
+    theirs = inspect.signature(StatefulDataLoader.__init__).parameters
+    ours = inspect.signature(torch_rlds.DataLoader.__init__).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)  # the same names, in the same order...
+    for name, parameter in theirs.items():  # ...kinds and defaults; what is added is by name
+        assert (ours[name].kind, ours[name].default) == (parameter.kind, parameter.default), name
+    assert all(p.kind is p.KEYWORD_ONLY for p in list(ours.values())[len(theirs):])
+
     class WithSource(Squares):
         source = "not an RLDSSource"
 
@@ -531,3 +540,28 @@ def test_continue_passes_is_on_for_torch_rlds_datasets_and_documented(small_data
     with pytest.raises(ValueError, match="continue_passes=True needs in_order=True"):
         torch_rlds.DataLoader(_rlds(small_dataset), num_workers=2, in_order=False,
                               continue_passes=True)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_after_a_dead_worker_another_dataset_gets_a_new_pass(persistent, tmp_path):
+    flag = tmp_path / "armed"
+    flag.touch()
+    loader = torch_rlds.DataLoader(_DyingOnce(str(flag)), batch_size=None,
+                                   **_options(1, persistent_workers=persistent))
+    with pytest.raises(torch_rlds.WorkerError):
+        list(loader)
+    assert list(loader) == list(range(8))  # fresh workers, from the start
+
+
+class _DyingOnce(torch.utils.data.Dataset):
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> int:
+        if i == 3 and os.path.exists(self.flag):
+            os.unlink(self.flag)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i

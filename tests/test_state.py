@@ -543,3 +543,33 @@ def test_counters_past_2_40_round_trip(path, workers):
     restored = _loader(path, workers)
     restored.load_state_dict(saved)
     assert restored.batches_seen == big + 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_state_that_loads_iterates_and_saves_again(path, tmp_path, workers):
+    """Counters load up to 2**62, so a loaded state has 2**62 batches of headroom before the
+    format's 2**63 - 1: it iterates, and what it saves loads again. Past 2**62 it is refused
+    on load, rather than loading and failing at the next save."""
+    near = 2**62 - 10
+    state = _state_after(path, workers, 2)
+    state["torch_rlds"]["batches_seen"] = near
+    main = state["_snapshot"]["_main_snapshot"] if workers else state
+    main["_sampler_iter_yielded"] = near
+    if workers:
+        state["_snapshot"]["_snapshot_step"] = near
+    else:
+        state["_num_yielded"] = near
+    for dataset_state in dataset_states(state):
+        dataset_state["epoch"] = near
+    loader = _loader(path, workers)
+    loader.load_state_dict(_json(state))
+    assert len(list(itertools.islice(loader, 3))) == 3
+    file = loader.save_state(tmp_path / "state.json")
+    again = _loader(path, workers)
+    again.load_state(file)
+    assert again.batches_seen == near + 3
+    assert len(list(itertools.islice(again, 2))) == 2
+    for dataset_state in dataset_states(state):
+        dataset_state["epoch"] = 2**62 + 1
+    with pytest.raises(ValueError, match=r"'epoch' must be in \[0, 2\*\*62 \(a counter\)\]"):
+        _loader(path, workers).load_state_dict(_json(state))

@@ -71,7 +71,10 @@ class DataLoader(StatefulDataLoader[_T_co]):
     every state ``StatefulDataLoader`` loads, and only checks their types and ranges first).
     What it adds there: :attr:`batches_seen`, :meth:`stats`, :meth:`save_state` /
     :meth:`load_state`, ``as_numpy``, workers that never outlive the training process, and
-    dead workers named by :class:`WorkerError` (a ``RuntimeError`` in torch's words).
+    dead or silent workers named by :class:`WorkerError` (a ``RuntimeError`` in torch's
+    words), raised from ``next()`` only; the pass ends with it (its other workers are stopped
+    at once, where torchdata's iterator would be left unusable), and ``iter()`` again starts
+    a new pass with fresh workers.
 
     **A torch_rlds dataset** (:func:`is_rlds_dataset`: an :class:`~torch_rlds.RLDSDataset`,
     a transformed one, a mixture of them) gets, besides:
@@ -208,8 +211,13 @@ class DataLoader(StatefulDataLoader[_T_co]):
     def __iter__(self) -> Iterator[Any]:
         previous = self._iterator
         if previous is not None and previous.ended:
-            # A pass that ended with an error (its workers are stopped): go on from its state.
-            self.load_state_dict(previous.state_dict())
+            # A pass that ended with an error (its workers are stopped): a torch_rlds stream
+            # goes on from its state; another dataset gets a new pass, with fresh workers.
+            if self._rlds:
+                self.load_state_dict(previous.state_dict())
+            else:
+                self._iterator = None
+                self._initial_iter_for_state_dict = False
         elif self.continue_passes:
             self._continue_pass()
         return super().__iter__()
