@@ -164,8 +164,9 @@ def pool() -> WorkerPool | None:
 def packed(batch: Any) -> Any:
     """``batch`` wrapped so that pickling it (a DataLoader worker sending it to the main
     process) sends the buffer its tensors share once (or, for a slot the main process has
-    mapped, only the slot's name) and the tensors as views of it; what unpickles is the plain
-    batch. Outside a DataLoader worker, ``batch`` itself."""
+    mapped, only the slot's name) and where each tensor lies in it; what unpickles is the
+    plain batch, each tensor on a storage of its own over its bytes of the buffer
+    (:mod:`torch_rlds._fields`). Outside a DataLoader worker, ``batch`` itself."""
     if torch.utils.data.get_worker_info() is None:
         return batch
     return _Packed(batch)
