@@ -217,9 +217,9 @@ def test_device_put_collator(jax, sharding, small_dataset, monkeypatch):
 
 
 def test_workers_never_fork_from_a_jax_process(jax, sharding, small_dataset):
-    from torch_rlds.adapters.jax import JaxLoader
-
     from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from torch_rlds.adapters.jax import JaxLoader
 
     jax.devices()  # the backend is up: forking now could deadlock the child
     config = _config(small_dataset, "loader.num_workers=1")

@@ -266,18 +266,17 @@ def test_openpis_loop_resumes_exactly_when_killed(small_dataset, tmp_path):
         if attempt < kills:
             # Let it save a checkpoint more and train 0 to 2 steps past it, then kill it
             # without warning (a save falls every third step).
-            saved = latest_data_loader_step(tmp_path / "killed" / "checkpoints")
+            checkpoints = tmp_path / "killed" / "checkpoints"
+            saved = latest_data_loader_step(checkpoints)
+            saved = -1 if saved is None else saved
             deadline = time.monotonic() + 120
-
-            def wait(done):
-                while process.poll() is None and not done():
-                    assert time.monotonic() < deadline, f"no progress (seed {seed})"
-                    time.sleep(0.01)
-
-            wait(lambda: (latest_data_loader_step(tmp_path / "killed" / "checkpoints") or -1)
-                 > (saved if saved is not None else -1))
+            while process.poll() is None and (latest_data_loader_step(checkpoints) or -1) <= saved:
+                assert time.monotonic() < deadline, f"no save (seed {seed})"
+                time.sleep(0.01)
             target = _complete_lines(log) + rng.randint(0, 2)
-            wait(lambda: _complete_lines(log) >= target)
+            while process.poll() is None and _complete_lines(log) < target:
+                assert time.monotonic() < deadline, f"no progress (seed {seed})"
+                time.sleep(0.01)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
             process.wait(timeout=60)

@@ -20,8 +20,8 @@ import json
 import os
 import signal
 import sys
+import typing
 from collections.abc import Mapping
-from typing import List
 
 import numpy as np
 import pytest
@@ -143,7 +143,7 @@ class Varied(torch.utils.data.Dataset):
         if self.kind == "mapping":
             return Frozen({"x": torch.tensor([i, i])})
         if self.kind == "numbers":  # ints and floats mixed
-            return [i, float(i) / 2][i % 2], float(i), True if i % 2 else False
+            return [i, float(i) / 2][i % 2], float(i), bool(i % 2)
         if self.kind == "bytes":
             return {"blob": bytes([i]) * 3, "text": f"t{i}"}
         if self.kind == "tuple":
@@ -484,7 +484,8 @@ def test_jax_imported_without_a_backend_keeps_fork(Loader, monkeypatch):
 # -- 6. API ---------------------------------------------------------------------------------
 @both
 def test_signature_generics_and_duck_typed_datasets(Loader):
-    assert Loader[List[torch.Tensor]] is not None
+    assert Loader[typing.List[torch.Tensor]] is not None  # noqa: UP006 (the form in use)
+    assert Loader[list[torch.Tensor]] is not None
     positional = Loader(Squares(), 4, True)  # dataset, batch_size, shuffle
     shuffled = StatefulDataLoader(Squares(), batch_size=4, shuffle=True)
     assert positional.batch_size == 4 and type(positional.sampler) is type(shuffled.sampler)

@@ -16,7 +16,13 @@ from torchdata.stateful_dataloader.stateful_dataloader import (
 from torch_rlds import _buffers, _fields
 from torch_rlds._loader_stats import StatsTracker
 from torch_rlds._state import DATASET_STATE
-from torch_rlds._workers import WorkerError, diagnose, report_deaths_from_next, stop_workers, summary
+from torch_rlds._workers import (
+    WorkerError,
+    diagnose,
+    report_deaths_from_next,
+    stop_workers,
+    summary,
+)
 
 
 class Run:

@@ -147,8 +147,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         """What :meth:`state_dict` returns now, made when called (each dataset's own mark where
         it has one, else its state now)."""
         samples, exhausted = self._samples, [int(e) for e in self._exhausted]
-        marks = [d._state_mark() if hasattr(d, "_state_mark") else (lambda s=d.state_dict(): s)
-                 for d in self.datasets]
+        marks = [_mark(d) for d in self.datasets]
         return lambda: {
             "version": MIXTURE_STATE_VERSION,
             "fingerprint": self.fingerprint(),
@@ -242,6 +241,15 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         weights = ", ".join(f"{w:.4g}" for w in self.weights)
         return (f"MixtureDataset({len(self.datasets)} datasets, weights=[{weights}], "
                 f"seed={self.seed})")
+
+
+def _mark(dataset: Any) -> Any:
+    """``dataset``'s state as of now, made when called: its own mark, else its state now."""
+    mark = getattr(dataset, "_state_mark", None)
+    if mark is not None:
+        return mark()
+    state = dataset.state_dict()
+    return lambda: state
 
 
 __all__ = ["MixtureDataset"]
