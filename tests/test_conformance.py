@@ -414,11 +414,13 @@ def test_a_state_loads_under_another_snapshot_interval(Loader, saving, loading, 
 
 @both
 def test_an_out_of_order_state_loads(Loader):
+    """torchdata promises nothing of what an out-of-order state resumes (its snapshots lag
+    the batches handed out); it loads it, and so must torch_rlds."""
     first, state = _run(Loader(Squares(), batch_size=1, **_options(2, in_order=False)), 4)
     resumed = Loader(Squares(), batch_size=1, **_options(2, in_order=False))
     resumed.load_state_dict(state)
     rest = _rest(resumed)
-    assert len(first + rest) >= N and set(first + rest) == set(range(N))
+    assert rest and set(rest) <= set(range(N)) and len(first) == 4
 
 
 @both
