@@ -9,6 +9,8 @@ from typing import Any
 from etils import epath
 
 _STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+# The item of an orbax checkpoint step that holds the loader states.
+DATA_LOADER_ITEM = "data_loader"
 
 
 def loader_processes(loader: Any) -> tuple[int, int]:
@@ -78,3 +80,15 @@ def state_path(directory: str | os.PathLike, process_index: int,
         f"{directory} holds data loader states for processes {found[process_count]} of "
         f"{process_count} but none for process {process_index} ({path.name} is missing)"
     )
+
+
+def latest_data_loader_step(checkpoint_dir: str | os.PathLike) -> int | None:
+    """The latest step of an orbax ``CheckpointManager`` directory that holds a loader state
+    item (``<step>/data_loader/``), or ``None``. Steps being written are not counted: orbax
+    renames a step's directory to its number only once the step is complete."""
+    root = epath.Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    steps = [int(p.name) for p in root.iterdir()
+             if p.name.isdigit() and (p / DATA_LOADER_ITEM).is_dir()]
+    return max(steps) if steps else None

@@ -55,8 +55,10 @@ class StatefulPrefetcher:
 
     Each batch travels through the queue with the loader's state captured right after the
     loader produced it, so :meth:`state_dict` is the state after the last batch the caller
-    received, however far the thread has run ahead (contract 3 of the design). That state is the
-    wrapped loader's own format: it can be loaded into the loader directly, and vice versa.
+    received, however far the thread has run ahead (contract 3 of the design), and
+    ``state_dict(held=1)`` the state before it (for a loop that fetches its next batch before
+    it saves, as openpi's does: the batch it holds is handed out again first). That state is
+    the wrapped loader's own format: it can be loaded into the loader directly, and vice versa.
 
     Iteration is one continuing stream: ``iter()`` again while a pass is under way continues it
     (batches already prefetched are not dropped); once the loader's pass ends, the next
@@ -80,6 +82,7 @@ class StatefulPrefetcher:
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._state: dict[str, Any] | None = None
+        self._before: dict[str, Any] | None = None  # the state before the last batch received
         self._received = 0
 
     # -- iteration -------------------------------------------------------------------------
@@ -107,14 +110,18 @@ class StatefulPrefetcher:
         if isinstance(item, _Failure):
             self._finish()
             raise item.error
-        out, self._state = item
+        out, state = item
+        self._before, self._state = self._state, state
         self._received += 1
         return out
 
     def _start(self) -> None:
         self._iterator = iter(self.loader)
         # The state before the first batch of this pass (it may be a restored one).
-        self._state = self.loader.state_dict()
+        state = self.loader.state_dict()
+        if self._state is None or state != self._state:
+            self._before = None
+        self._state = state
         if self.prefetch == 0:
             return
         self._queue = queue.Queue(maxsize=self.prefetch)
@@ -160,17 +167,29 @@ class StatefulPrefetcher:
             self.loader.load_state_dict(copy.deepcopy(self._state))
 
     # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The loader's state after the last batch handed to the caller."""
+    def state_dict(self, *, held: int = 0) -> dict[str, Any]:
+        """The loader's state after the last batch handed to the caller; with ``held=1``, the
+        state before that batch (a loop that holds it, not yet used, when it saves), so that
+        a resume hands it out again first."""
+        if held not in (0, 1):
+            raise ValueError(f"held must be 0 or 1 (got {held!r}): the state is kept for the "
+                             "last batch handed out and the one before")
+        if held:
+            if self._before is None:
+                raise ValueError(f"{self._name}: no state before the last batch handed out "
+                                 "(no batch handed out since the start or the last restore)")
+            return copy.deepcopy(self._before)
         if self._state is None:  # nothing iterated or restored yet
             return self.loader.state_dict()
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue after the batch ``state_dict`` was saved after, on the next batch."""
+        """Continue after the batch ``state_dict`` was saved after, on the next batch (also
+        for an iterator of this object already handed out: it is the object itself)."""
         self._finish()
         self.loader.load_state_dict(state_dict)
         self._state = copy.deepcopy(state_dict)
+        self._before = None
 
     @property
     def batches_received(self) -> int:

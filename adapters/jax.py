@@ -6,12 +6,14 @@ the process count); :func:`to_global` turns that local batch into global ``jax.A
 
 **Worker processes and jax.** Forking a process in which jax has started its backend (threads,
 locks held by them) can deadlock the child. :class:`torch_rlds.DataLoader` therefore starts its
-workers with ``forkserver`` when jax was imported before it was built, and :class:`JaxLoader`
-switches a wrapped loader whose workers would start with ``fork`` to ``forkserver`` (workers
-already running are kept); either way the fork server preloads torch_rlds and TFDS, so each
-worker starts in well under a second rather than importing them anew. As with ``spawn``, the
-dataset and ``collate_fn`` must pickle (module-level functions, not lambdas) and a training
-script must guard its entry point with ``if __name__ == "__main__":`` (workers import it).
+workers with ``forkserver`` once jax's backend runs in this process, where the caller left
+``multiprocessing_context`` unset, and :class:`JaxLoader` does the same for another loader it
+wraps (a ``StatefulDataLoader``) whose workers would start with the platform's ``fork``
+(workers already running are kept; a start method the caller chose stays). The fork server
+preloads torch_rlds and TFDS, so each worker starts in well under a second rather than
+importing them anew. As with ``spawn``, the dataset and ``collate_fn`` must pickle
+(module-level functions, not lambdas) and a training script must guard its entry point with
+``if __name__ == "__main__":`` (workers import it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from torch_rlds.adapters._common import loader_processes
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
-from torch_rlds.loader import default_start_method, to_numpy
+from torch_rlds.loader import DataLoader, default_start_method, to_numpy
 
 __all__ = ["JaxLoader", "device_put_collator", "to_global"]
 
@@ -193,18 +195,14 @@ class JaxLoader(StatefulPrefetcher):
 
 
 def _avoid_fork(loader: Any) -> None:
-    """Make the loader start future workers with forkserver where it would fork."""
-    if not getattr(loader, "num_workers", 0):
+    """Make a loader that is not torch_rlds's start future workers with forkserver where it
+    would fork by default (a torch_rlds DataLoader decides at each ``iter()`` itself)."""
+    if (isinstance(loader, DataLoader) or not getattr(loader, "num_workers", 0)
+            or getattr(loader, "multiprocessing_context", None) is not None):
         return
-    # jax is imported here, so this also has the fork server preload torch_rlds and TFDS.
-    safe = default_start_method() or "forkserver"
-    context = getattr(loader, "multiprocessing_context", None)
-    if context is None:
-        method = multiprocessing.get_start_method(allow_none=True) or (
-            multiprocessing.get_all_start_methods()[0])
-    elif isinstance(context, str):
-        method = context
-    else:
-        method = context.get_start_method()
+    method = multiprocessing.get_start_method(allow_none=True) or (
+        multiprocessing.get_all_start_methods()[0])
     if method == "fork":
-        loader.multiprocessing_context = safe
+        # With a sharding jax's backend runs: this also has the fork server preload
+        # torch_rlds and TFDS.
+        loader.multiprocessing_context = default_start_method() or "forkserver"

@@ -9,6 +9,19 @@ An openpi-style training script keeps its loop::
         ...
         loader.save_dataloader_state(checkpoint_dir)
 
+**openpi's own loop** (``scripts/train.py``) runs as it is, with its two imports of
+``openpi.training.data_loader`` and ``openpi.training.checkpoints`` replaced by this module and
+:mod:`torch_rlds.adapters.orbax`, given a ``TrainConfig`` whose ``data`` is a torch_rlds
+config (``data=torch_rlds.load_config("bridge")``, or a config name). That loop takes its
+first batch before it restores a checkpoint and fetches each next batch before it saves, and
+it resumes exactly all the same: :func:`create_data_loader` resumes the stream from the
+latest checkpoint of ``config.checkpoint_dir`` when ``config.resume`` is set (so the first
+batch is the one the checkpoint held), :func:`torch_rlds.adapters.orbax.save_state` saves the
+position before the batch the loop holds (its train state's ``step`` says how many batches it
+trained on), and :func:`torch_rlds.adapters.orbax.restore_state` finds the loader there
+already. A restore into a loader that handed out batches from anywhere else is refused, naming
+the fix, rather than training on a batch the checkpoint does not hold.
+
 ``observation.state`` is ``(B, obs_window, S)``, ``observation.images[camera]`` is
 ``(B, obs_window, H, W, C)``, ``actions`` is ``(B, action_horizon, A)``. ``B`` is the global batch
 with a ``sharding`` (global ``jax.Array`` s), this process's part of it without one (numpy).
@@ -25,7 +38,13 @@ import numpy as np
 from etils import epath
 
 from torch_rlds._state_file import read_json, write_json_atomic
-from torch_rlds.adapters._common import loader_processes, state_filename, state_path
+from torch_rlds.adapters._common import (
+    DATA_LOADER_ITEM,
+    latest_data_loader_step,
+    loader_processes,
+    state_filename,
+    state_path,
+)
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
 from torch_rlds.loader import to_numpy
 
@@ -132,7 +151,9 @@ class OpenpiDataLoader:
 
     **State.** One JSON file per process, ``process_{i}-of-{n}.json``, the torch_rlds loader state
     (cursors and counters, about a kilobyte); it is also what :meth:`state_dict` returns, so the
-    loader fits the orbax adapter (``DataLoaderSave(loader)``). Not thread-safe.
+    loader fits the orbax adapter (``DataLoaderSave(loader)``). :attr:`resumed_step` is the
+    checkpoint step it resumed from when it was made (see the module docstring), else
+    ``None``. Not thread-safe.
     """
 
     def __init__(self, config: Any, loader: Any, *, sharding: Any = None,
@@ -145,6 +166,7 @@ class OpenpiDataLoader:
         self.sharding = sharding
         self.persistent_iterator = bool(persistent_iterator)
         self.num_batches = num_batches
+        self.resumed_step: int | None = None
         self._initial_state: dict[str, Any] | None = None
         self.process_index, self.process_count = loader_processes(loader)
         info = getattr(getattr(loader.dataset, "source", None), "info", None)
@@ -186,9 +208,16 @@ class OpenpiDataLoader:
         ours = self._stream.state_dict().get("torch_rlds", {})
         return int(ours.get("batches_seen", self._stream.batches_received))
 
-    def state_dict(self) -> dict[str, Any]:
-        """The loader state after the last batch handed out (JSON-safe)."""
-        return self._stream.state_dict()
+    @property
+    def batches_received(self) -> int:
+        """Batches this object handed out since it was made (not restored with the state)."""
+        return self._stream.batches_received
+
+    def state_dict(self, *, held: int = 0) -> dict[str, Any]:
+        """The loader state after the last batch handed out (JSON-safe); with ``held=1``, the
+        state before it (the caller holds that batch, not yet used: a resume hands it out
+        again first)."""
+        return self._stream.state_dict(held=held)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue after the batch ``state_dict`` was taken after."""
@@ -216,39 +245,80 @@ class OpenpiDataLoader:
         self.load_state_dict(read_json(path))
         return self.get_batches_seen()
 
+    def resume_from(self, checkpoint_dir: str | os.PathLike) -> int | None:
+        """Load this process's loader state from the latest step of ``checkpoint_dir`` (an
+        orbax ``CheckpointManager`` directory) that holds one, and return that step (``None``
+        when there is none: the stream starts at its beginning)."""
+        step = latest_data_loader_step(checkpoint_dir)
+        if step is None:
+            return None
+        self.load_dataloader_state(epath.Path(checkpoint_dir) / str(step) / DATA_LOADER_ITEM)
+        self.resumed_step = step
+        return step
+
     def close(self) -> None:
         """Stop the prefetch thread (the state stays that of the last batch handed out)."""
         self._stream.close()
 
 
-def create_data_loader(config: Any, *, sharding: Any = None, shuffle: bool = True,
-                       seed: int = 0, persistent_iterator: bool = False,
+def create_data_loader(config: Any, *, sharding: Any = None, shuffle: bool | None = None,
+                       seed: int | None = None, persistent_iterator: bool | None = None,
                        num_batches: int | None = None, batch_size: int | None = None,
                        num_workers: int | None = None, prefetch: int = 2,
-                       state_key: str | Sequence[str] = "state") -> OpenpiDataLoader:
+                       state_key: str | Sequence[str] = "state",
+                       resume_from: str | os.PathLike | None = None) -> OpenpiDataLoader:
     """An openpi-style loader of ``(observation, actions)`` batches (see
     :class:`OpenpiDataLoader` and :class:`Observation`).
 
     Args:
-      config: a :class:`torch_rlds.config.Config`, or a config name or YAML path.
+      config: a :class:`torch_rlds.config.Config`, a config name or YAML path, or an
+        openpi-style ``TrainConfig``: one whose ``data`` is any of those, with
+        ``batch_size``, ``num_workers``, ``seed``, ``checkpoint_dir`` and ``resume`` (see the
+        module docstring); its ``batch_size``, ``num_workers`` and ``seed`` replace the torch_rlds
+        config's.
       sharding: a ``jax.sharding.Sharding`` to get global ``jax.Array`` batches (the global batch
         is ``loader.batch_size``); ``None`` gives this process's numpy batch (no jax import).
-      shuffle, seed: replace the config's ``data.shuffle`` and ``data.seed``.
-      persistent_iterator: one continuing, saveable stream over every ``iter()``.
+      shuffle, seed: replace the config's ``data.shuffle`` and ``data.seed`` when given;
+        otherwise the config's stand.
+      persistent_iterator: one continuing, saveable stream over every ``iter()``. ``None``: on
+        for a ``TrainConfig`` (openpi's loop saves and restores it), off otherwise.
       num_batches: stop each ``iter()`` after this many batches (``None``: endless over epochs).
       batch_size, num_workers: replace the config's ``loader.batch_size`` (global) and
         ``loader.num_workers`` when given.
       prefetch: batches prepared ahead in a background thread (0: none).
       state_key: the observation key of ``observation.state``, or keys to concatenate.
+      resume_from: an orbax checkpoint directory to resume the stream from before the first
+        batch (:meth:`OpenpiDataLoader.resume_from`); a ``TrainConfig`` with ``resume`` set
+        gives its ``checkpoint_dir``.
 
     The process index and count come from jax, else torch.distributed, else 0 of 1, unless the
     config sets them; the global batch must divide by the process count.
     """
     from torch_rlds.config import Config, load_config
 
+    train = None if isinstance(config, (Config, str, os.PathLike)) else config
+    if train is not None:
+        if not hasattr(train, "data"):
+            raise TypeError(f"config must be a torch_rlds Config, a config name or YAML path, or "
+                            f"a TrainConfig with a torch_rlds config as its data (got "
+                            f"{type(train).__name__})")
+        config = train.data
+        batch_size = getattr(train, "batch_size", None) if batch_size is None else batch_size
+        num_workers = (getattr(train, "num_workers", None) if num_workers is None
+                       else num_workers)
+        seed = getattr(train, "seed", None) if seed is None else seed
+        if persistent_iterator is None:
+            persistent_iterator = True
+        if (resume_from is None and getattr(train, "resume", False)
+                and not getattr(train, "overwrite", False)):
+            resume_from = getattr(train, "checkpoint_dir", None)
     if not isinstance(config, Config):
         config = load_config(os.fspath(config))
-    data = dataclasses.replace(config.data, shuffle=shuffle, seed=seed)
+    data = config.data
+    if shuffle is not None:
+        data = dataclasses.replace(data, shuffle=bool(shuffle))
+    if seed is not None:
+        data = dataclasses.replace(data, seed=seed)
     loader_config = config.loader
     if batch_size is not None:
         loader_config = dataclasses.replace(loader_config, batch_size=batch_size)
@@ -257,6 +327,11 @@ def create_data_loader(config: Any, *, sharding: Any = None, shuffle: bool = Tru
     config = dataclasses.replace(config, data=data, loader=loader_config)
     index, count = config.processes()
     loader = config.make_loader(index, count, as_numpy=True)
-    return OpenpiDataLoader(config, loader, sharding=sharding,
-                            persistent_iterator=persistent_iterator, num_batches=num_batches,
-                            prefetch=prefetch, state_key=state_key)
+    out = OpenpiDataLoader(config, loader, sharding=sharding,
+                           persistent_iterator=bool(persistent_iterator),
+                           num_batches=num_batches, prefetch=prefetch, state_key=state_key)
+    if resume_from is not None:
+        if not out.persistent_iterator:
+            raise ValueError(f"resume_from needs persistent_iterator=True ({_PERSISTENT_ONLY})")
+        out.resume_from(resume_from)
+    return out

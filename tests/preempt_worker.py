@@ -43,8 +43,13 @@ def _loader(args: argparse.Namespace):
 
     dataset = torch_rlds.RLDSDataset(args.dataset, obs_window=2, action_horizon=4,
                                      shuffle_window=2, repeat=True, seed=args.seed)
+    method = getattr(args, "start_method", None)
+    if method == "forkserver":
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(["torch_rlds"])
     return torch_rlds.DataLoader(dataset, batch_size=args.batch_size,
-                                 num_workers=args.workers)
+                                 num_workers=args.workers, multiprocessing_context=method)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -71,15 +76,31 @@ def train(args: argparse.Namespace) -> int:
             os.fsync(log.fileno())
             if loader.batches_seen % args.save_every == 0:
                 loader.save_state(state)
+            if args.exit_after and loader.batches_seen >= args.exit_after:
+                os._exit(3)  # dies without any cleanup
             if args.sleep:
                 time.sleep(args.sleep)
     return 0
 
 
 def _record_pids(path: str, iterator) -> None:
+    """The run's pids (its workers, and every process below it: a fork server, the resource
+    tracker) and the shared-memory files they map."""
+    import psutil
+
     pids = [w.pid for w in getattr(iterator, "_workers", [])]
+    below = [p.pid for p in psutil.Process().children(recursive=True)]
+    shm = set()
+    for pid in [os.getpid(), *below]:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                shm |= {line.split(None, 5)[5].strip() for line in maps
+                        if " /dev/shm/" in line and not line.rstrip().endswith("(deleted)")}
+        except OSError:
+            pass
     with open(path, "a") as f:
-        f.write(json.dumps({"main": os.getpid(), "workers": pids}) + "\n")
+        f.write(json.dumps({"main": os.getpid(), "workers": pids, "below": below,
+                            "shm": sorted(shm)}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -131,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--pids", help="append the worker pids here")
     train_parser.add_argument("--sleep", type=float, default=0.0, help="seconds per batch")
     train_parser.add_argument("--on-sigterm", choices=["default", "exit"], default="default")
+    train_parser.add_argument("--start-method", choices=["fork", "forkserver", "spawn"])
+    train_parser.add_argument("--exit-after", type=int, default=0,
+                              help="os._exit after this many batches")
     loop = sub.choices["save-loop"]
     loop.add_argument("--ready", required=True)
     loop.add_argument("--go", required=True)

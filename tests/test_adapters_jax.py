@@ -217,17 +217,25 @@ def test_device_put_collator(jax, sharding, small_dataset, monkeypatch):
 
 
 def test_workers_never_fork_from_a_jax_process(jax, sharding, small_dataset):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     from torch_rlds.adapters.jax import JaxLoader
 
     jax.devices()  # the backend is up: forking now could deadlock the child
     config = _config(small_dataset, "loader.num_workers=1")
-    assert config.make_loader().multiprocessing_context.get_start_method() == "forkserver"
+    loader = config.make_loader()
+    iterator = iter(loader)
+    assert [w._start_method for w in iterator._workers] == ["forkserver"]
+    assert loader.multiprocessing_context is None  # the caller's choice stays the caller's
+    del iterator
     forked = config.make_loader(multiprocessing_context="fork")
-    loader = JaxLoader(forked, sharding)
-    assert forked.multiprocessing_context.get_start_method() == "forkserver"
+    JaxLoader(forked, sharding)
+    assert forked.multiprocessing_context.get_start_method() == "fork"
+    plain = StatefulDataLoader(config.make_loader().dataset, batch_size=None, num_workers=1)
+    JaxLoader(plain, sharding)  # another loader, left to the platform's fork: switched
+    assert plain.multiprocessing_context.get_start_method() == "forkserver"
     assert_resumes_exactly(lambda: _Host(JaxLoader(config.make_loader(as_numpy=True),
                                                    sharding)), 3, restore_points=[1])
-    del loader
 
 
 # -- the real multi-host run ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from torch_rlds import synthetic
+from torch_rlds.adapters._common import latest_data_loader_step
 from torch_rlds.adapters.openpi import Observation, create_data_loader
 from torch_rlds.config import load_config
 from torch_rlds.testing import assert_batches_equal
@@ -74,13 +75,17 @@ def test_state_key_must_name_a_non_image_observation(small_dataset):
     assert observation.state.shape == (4, 1, 14)
 
 
-def test_shuffle_and_seed_replace_the_config(small_dataset):
+def test_the_configs_shuffle_and_seed_stand_unless_passed(small_dataset):
     config = _config(small_dataset, "data.seed=5", "data.shuffle=false")
-    assert create_data_loader(config).data_config().data.seed == 0
-    ordered = create_data_loader(config, shuffle=False, seed=3, prefetch=0)
-    assert ordered.data_config().data.shuffle is False
-    observation, _ = next(iter(ordered))
-    assert observation.meta["step_index"].tolist() == [0, 1, 2, 3]
+    kept = create_data_loader(config, prefetch=0)
+    assert (kept.data_config().data.seed, kept.data_config().data.shuffle) == (5, False)
+    observation, _ = next(iter(kept))
+    assert observation.meta["step_index"].tolist() == [0, 1, 2, 3]  # in order, as configured
+    shuffled = create_data_loader(config, shuffle=True, seed=3, prefetch=0)
+    assert (shuffled.data_config().data.seed, shuffled.data_config().data.shuffle) == (3, True)
+    reference = create_data_loader(_config(small_dataset, "data.seed=3"), prefetch=0)
+    assert_batches_equal(_take(reference, 2), _take(shuffled, 2))
+    assert create_data_loader(config, seed=0).data_config().data.shuffle is False
 
 
 def test_a_persistent_iterator_continues_over_iter_calls_and_num_batches(small_dataset):
@@ -199,3 +204,87 @@ def test_with_a_sharding_batches_are_global_jax_arrays_and_a_pytree(small_datase
     for i, (obs, act) in zip(range(1, 6), resumed):
         got = jax.device_get(_plain(obs, act))
         assert_batches_equal(reference[i], got, f"batch {i}")
+
+
+# -- openpi's own loop, killed and resumed --------------------------------------------------
+LOOP = os.path.join(os.path.dirname(__file__), "openpi_loop.py")
+
+
+def _history(log) -> list[dict]:
+    """The steps a run trained, as its restarts left them: each start (from its checkpoint)
+    drops the steps logged after that checkpoint by the run that was killed."""
+    steps: list[dict] = []
+    text = log.read_text() if log.exists() else ""
+    for line in text.splitlines()[:text.count("\n")]:
+        record = json.loads(line)
+        if "start" in record:
+            steps = [s for s in steps if s["step"] < record["start"]]
+        else:
+            assert record["step"] == len(steps), (record, len(steps))
+            steps.append(record)
+    return steps
+
+
+def _complete_lines(log) -> int:
+    return log.read_text().count("\n") if log.exists() else 0
+
+
+def test_openpis_loop_resumes_exactly_when_killed(small_dataset, tmp_path):
+    """openpi's train.py order (first batch before the restore, next batch before each save),
+    killed with SIGKILL at random points and resumed, trains on exactly the batches of the
+    uninterrupted run, and ends with the same params."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("orbax.checkpoint")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    steps = 16
+
+    def run(name, *extra):
+        return subprocess.Popen([sys.executable, LOOP, "--dataset", str(small_dataset),
+                                 "--checkpoints", str(tmp_path / name / "checkpoints"), "--log",
+                                 str(tmp_path / name / "log"), "--steps", str(steps), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    (tmp_path / "ref").mkdir()
+    reference = run("ref")
+    assert reference.wait(timeout=240) == 0, reference.stderr.read().decode()[-3000:]
+    expected = _history(tmp_path / "ref" / "log")
+    assert len(expected) == steps
+
+    seed = int(os.environ.get("TORCH_RLDS_FAULT_SEED", random.SystemRandom().randrange(2**32)))
+    rng = random.Random(seed)
+    kills = int(os.environ.get("TORCH_RLDS_OPENPI_KILLS", 3))
+    (tmp_path / "killed").mkdir()
+    log = tmp_path / "killed" / "log"
+    for attempt in range(kills + 1):
+        process = run("killed", *(["--resume"] if attempt else []))
+        if attempt < kills:
+            # Let it save a checkpoint more and train 0 to 2 steps past it, then kill it
+            # without warning (a save falls every third step).
+            checkpoints = tmp_path / "killed" / "checkpoints"
+            saved = latest_data_loader_step(checkpoints)
+            saved = -1 if saved is None else saved
+            deadline = time.monotonic() + 120
+            while process.poll() is None and (latest_data_loader_step(checkpoints) or -1) <= saved:
+                assert time.monotonic() < deadline, f"no save (seed {seed})"
+                time.sleep(0.01)
+            target = _complete_lines(log) + rng.randint(0, 2)
+            while process.poll() is None and _complete_lines(log) < target:
+                assert time.monotonic() < deadline, f"no progress (seed {seed})"
+                time.sleep(0.01)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        else:
+            assert process.wait(timeout=240) == 0, process.stderr.read().decode()[-3000:]
+    got = _history(log)
+    starts = [json.loads(line)["start"] for line in log.read_text().splitlines()
+              if line.startswith('{"start"')]
+    assert len(starts) == kills + 1 and max(starts) > 0, (starts, seed)  # it did resume
+    assert [s["ids"] for s in got] == [s["ids"] for s in expected], f"seed {seed}"
+    assert got[-1]["params"] == expected[-1]["params"], f"seed {seed}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -150,3 +151,77 @@ def test_prefetched_batches_do_not_leak_into_the_saved_state(ocp, small_dataset,
     restore_state(manager, _abstract(_train_state()), fresh)
     for i, batch in zip(range(3), fresh):
         assert_batches_equal(reference[i], jax.device_get(batch), f"batch {2 + i}")
+
+
+def test_save_state_refuses_a_loader_without_a_persistent_iterator(ocp, small_dataset,
+                                                                   tmp_path):
+    from torch_rlds.adapters.openpi import create_data_loader
+    from torch_rlds.adapters.orbax import save_state
+
+    loader = create_data_loader(_config(small_dataset), prefetch=0)
+    next(iter(loader))
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    with pytest.raises(ValueError) as error:
+        save_state(manager, _train_state(), loader, 1)
+    assert str(error.value) == "Dataloader must be created with persistent_iterator=True"
+    assert manager.all_steps() == []
+
+
+def test_restoring_a_checkpoint_without_a_loader_state_says_how(ocp, small_dataset, tmp_path):
+    from torch_rlds.adapters.orbax import restore_state
+
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    manager.save(4, args=ocp.args.Composite(train_state=ocp.args.StandardSave(_train_state())))
+    manager.wait_until_finished()
+    with pytest.raises(FileNotFoundError, match=r"step 4 in .* holds no 'data_loader' item .*"
+                                                r"restore_state\(checkpoint_manager, "
+                                                r"train_state, None\)"):
+        restore_state(manager, _abstract(_train_state()), _config(small_dataset).make_loader())
+    import jax
+
+    jax.tree.map(np.testing.assert_array_equal,
+                 restore_state(manager, _abstract(_train_state()), None), _train_state())
+
+
+def test_a_restore_after_the_loop_took_a_batch_is_exact_or_refused(ocp, small_dataset,
+                                                                   tmp_path):
+    """openpi's order: the first batch before the restore, each next batch before the save."""
+    import jax.numpy as jnp
+
+    from torch_rlds.adapters.openpi import create_data_loader
+    from torch_rlds.adapters.orbax import restore_state, save_state
+
+    config = _config(small_dataset)
+    reference = [b[1] for b in itertools.islice(
+        create_data_loader(config, persistent_iterator=True, prefetch=0), 8)]
+    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    loader = create_data_loader(config, persistent_iterator=True)
+    iterator = iter(loader)
+    batch = next(iterator)
+    for step in range(4):  # trains on batch `step`, then fetches the next, then saves
+        np.testing.assert_array_equal(batch[1], reference[step])
+        state = {"params": jnp.ones(2), "step": jnp.asarray(step + 1)}
+        batch = next(iterator)
+    save_state(manager, state, loader, 3)  # the loop holds batch 4, not trained on
+    manager.wait_until_finished()
+    saved = json.loads((tmp_path / "ckpt" / "3" / "data_loader" / "process_0-of-1.json")
+                       .read_text())
+    assert saved["torch_rlds"]["batches_seen"] == 4
+
+    # A loader that resumes from the checkpoint directory first hands out batch 4 again...
+    resumed = create_data_loader(config, persistent_iterator=True,
+                                 resume_from=tmp_path / "ckpt")
+    assert resumed.resumed_step == 3
+    again = iter(resumed)
+    np.testing.assert_array_equal(next(again)[1], reference[4])
+    restore_state(manager, _abstract(state), resumed)  # ...and is there already
+    for step in (5, 6):
+        np.testing.assert_array_equal(next(again)[1], reference[step])
+    # One that took a batch of a fresh stream is refused, naming the fix.
+    fresh = create_data_loader(config, persistent_iterator=True)
+    next(iter(fresh))
+    with pytest.raises(ValueError, match=r"handed out 1 batch\(es\) of a fresh stream .* "
+                                         "resume_from=checkpoint_dir"):
+        restore_state(manager, _abstract(state), fresh)
+    with pytest.raises(ValueError, match="resumed from checkpoint step 3 .* step 2 is being"):
+        restore_state(manager, _abstract(state), resumed, step=2)

@@ -1,8 +1,10 @@
 """The loader's batches: made by the dataset, equal to collated samples; worker buffers reused
-once the main process is done with them, and never while it holds any part of a batch."""
+once the main process is done with them, and never while it holds any part of a batch; each
+field a tensor of its own, and a kept field keeps only its own pages."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 
@@ -11,11 +13,8 @@ import pytest
 import torch
 
 import torch_rlds
-from torch_rlds import _buffers
+from torch_rlds import _buffers, _fields
 from torch_rlds.testing import assert_batches_equal
-
-pytestmark = pytest.mark.skipif(not _buffers.supported(),
-                                reason="this torch does not report storage use counts")
 
 
 def _dataset(path, **options):
@@ -23,10 +22,23 @@ def _dataset(path, **options):
                                            "shuffle_window": 2, **options})
 
 
+def _buffer(tensor: torch.Tensor) -> np.ndarray:
+    """The buffer a field of a batch from a worker lies in, as this process mapped it."""
+    address = tensor.untyped_storage().data_ptr()
+    mapped = [entry[0] for table in _buffers._mapped.values() for entry in table.values()]
+    for base in mapped + [batch._base() for batch in _fields._loose]:
+        if base is not None and 0 <= address - base.ctypes.data < base.nbytes:
+            return base
+    raise AssertionError("the field lies in no buffer this process knows")
+
+
 def _header(batch) -> list[int]:
     """The pool header at the front of the batch's buffer: magic, token, worker, slot, seq."""
-    storage = batch["action"].untyped_storage()
-    return torch.empty(0, dtype=torch.int64).set_(storage, 0, (5,)).tolist()
+    return _buffer(batch["action"])[:40].view(np.int64).tolist()
+
+
+def _offset(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr() - _buffer(tensor).ctypes.data
 
 
 def _clone(tree):
@@ -95,8 +107,8 @@ def test_without_reuse_each_batch_has_a_buffer_of_its_own(small_dataset):
     reference = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=2)
     for i, (a, b) in enumerate(zip(itertools.islice(loader, 12), reference)):
         assert _header(a)[0] != _buffers.MAGIC
-        assert a["observation"]["image"].storage_offset() == 0  # the buffer's first tensor
-        assert b["observation"]["image"].storage_offset() == _buffers.HEADER
+        assert _offset(a["observation"]["image"]) == 0  # the buffer's first tensor
+        assert _offset(b["observation"]["image"]) == _buffers.HEADER
         assert_batches_equal(b, a, f"batch {i}")
 
 
@@ -204,11 +216,13 @@ def test_only_containers_that_hold_buffer_views_are_rebuilt():
     items = dict(skeleton.items)
     assert items["text"] is text and items["meta"] is meta  # sent as they are
     assert type(items["pair"]) is _buffers._Tree and items["pair"].kind is tuple
-    rebuilt = _buffers._fill(skeleton, storage, views)
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+    rebuilt = _buffers._put(skeleton, _fields.split(whole.numpy(), views, loose=False)[0])
     assert rebuilt["text"] == text and rebuilt["meta"] == meta
     assert type(rebuilt["pair"]) is tuple and type(rebuilt["pair"][1]) is list
     assert torch.equal(rebuilt["pair"][1][0], action[1])
-    assert rebuilt["action"].data_ptr() == action.data_ptr()
+    assert rebuilt["action"].data_ptr() == action.data_ptr()  # no copy...
+    assert rebuilt["action"].untyped_storage().nbytes() == 64  # ...and a storage of its own
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
@@ -226,7 +240,7 @@ def test_leases_free_a_buffer_only_when_nothing_holds_it():
     assert leases.release() == 0  # a numpy view still holds it
     del array
     assert leases.release() == 0  # so does the storage object alone
-    typed = torch.empty(0, dtype=torch.float32).set_(storage, 16, (4,)).storage()
+    typed = torch.empty(0, dtype=torch.float32).set_(storage, 0, (4,)).storage()
     del storage
     assert leases.release() == 0  # and a TypedStorage of it
     del typed
@@ -363,3 +377,60 @@ def test_the_loader_dataset_is_a_view_of_the_dataset_given(small_dataset):
         torch_rlds.DataLoader(loader.dataset, batch_size=4)
     plain = torch_rlds.DataLoader(dataset.batched(3), batch_size=None)
     assert next(iter(plain))["action"].shape == (3, 4, 7)
+
+
+# -- each field a tensor of its own ---------------------------------------------------------
+def _resident_pages(base: np.ndarray) -> int:
+    """Pages of ``base``'s shared memory that hold memory (mincore: in the page cache)."""
+    import ctypes
+
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    pages = -(-base.nbytes // _fields.PAGE)
+    vector = (ctypes.c_ubyte * pages)()
+    assert mincore(base.ctypes.data, base.nbytes, vector) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vector)
+
+
+@pytest.mark.skipif(not _fields._madvise(), reason="this system cannot give pages back")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_kept_field_keeps_its_own_pages_not_its_batch(small_dataset, reuse):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=8, num_workers=1,
+                                   reuse_buffers=reuse)
+    kept, whole = [], None
+    iterator = iter(loader)
+    for i in range(11):
+        batch = next(iterator)
+        if i == 0:
+            whole = batch  # kept whole: nothing of it is given back
+        else:
+            kept.append((batch["meta"]["episode_index"], batch["meta"]["episode_index"].clone()))
+    del batch
+    next(iterator)  # the loader settles what the caller let go of as it fetches the next
+    whole_base = _buffer(whole["action"])
+    assert _resident_pages(whole_base) == -(-whole_base.nbytes // _fields.PAGE)
+    for i, (field, copy) in enumerate(kept):
+        base = _buffer(field)
+        assert base.nbytes > 30 * _fields.PAGE  # two cameras' frames
+        # Its own page, and the one next to it at most (fields are 64 bytes apart).
+        assert _resident_pages(base) <= 2, f"kept field {i}"
+        assert torch.equal(field, copy), f"kept field {i} changed"
+        saved = io.BytesIO()
+        torch.save(field, saved)
+        assert len(saved.getvalue()) < 2048  # the field, not its batch's buffer
+    assert_batches_equal(_clone(whole), whole, "the batch kept whole")
+
+
+def test_fields_sent_on_to_another_process_are_copied_and_free_the_slot(small_dataset):
+    loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=3, num_workers=1)
+    iterator = iter(loader)
+    batch = next(iterator)
+    action = batch["action"]
+    expected = action.clone()
+    del batch
+    (entry,) = [entry for table in _buffers._mapped.values() for entry in table.values()
+                if entry[0] is _buffer(action)]
+    action.share_memory_()  # what a torch.multiprocessing queue does to what it sends
+    assert action.is_shared() and torch.equal(action, expected)
+    next(iterator)
+    assert entry[1] == 0  # the slot went back to its worker

@@ -44,7 +44,7 @@ def test_nested_dicts_dtypes_strings_and_masks():
     assert batch["reward"].dtype == torch.float64 and batch["reward"].tolist() == [0, 0.5, 1]
     assert batch["count"].dtype == torch.int64
     assert batch["flag"].dtype == torch.bool and batch["flag"].tolist() == [False, True, False]
-    assert batch["pair"][0].dtype == torch.int32 and batch["pair"][1] == ["s0", "s1", "s2"]
+    assert batch["pair"][0].dtype == torch.int32 and batch["pair"][1] == ("s0", "s1", "s2")
 
 
 def test_torch_tensors_are_stacked():

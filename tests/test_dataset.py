@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import torch_rlds
-from torch_rlds import _images, synthetic
+from torch_rlds import _images, _order, synthetic
 from torch_rlds.loader import dataset_states
-from torch_rlds.testing import assert_resumes_exactly
+from torch_rlds.testing import assert_batches_equal, assert_resumes_exactly
 
 # Lengths vary and several are shorter than the action horizon of 4 (one is a single step).
 VARIED = dict(num_episodes=11, episode_lengths=(1, 2, 3, 7, 12, 5, 3, 9, 2, 6, 4),
@@ -183,7 +183,7 @@ def test_every_differing_field_is_named(varied):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.update(version=2), "'version': 2 is not a version"),
     (lambda s: s.update(epoch=True), "'epoch' must be an int"),
-    (lambda s: s.update(position=-1), r"'position' must be in \[0, 2\*\*63 - 1\]"),
+    (lambda s: s.update(position=-1), r"'position' must be in \[0, 2\*\*62 \(a counter\)\]"),
     (lambda s: s.pop("window"), r"missing fields \['window'\]"),
     (lambda s: s.update(extra=1), r"unknown fields \['extra'\]"),
     (lambda s: s["fingerprint"].update(seed="0"), "'fingerprint.seed' must be an int"),
@@ -197,13 +197,32 @@ def test_malformed_states_are_refused(varied, edit, message):
         dataset.load_state_dict(state)
 
 
-def test_a_position_past_the_window_is_refused_on_iteration(varied):
+def test_a_position_past_the_window_is_refused_on_load(varied, monkeypatch):
     dataset = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    iterator = iter(dataset)
+    for _ in range(3):
+        next(iterator)
     state = dataset.state_dict()
-    state["position"] = 10_000
-    dataset.load_state_dict(state)
-    with pytest.raises(ValueError, match="'position': 10000 is past the end of window 0"):
-        next(iter(dataset))
+    steps = sum(VARIED["episode_lengths"][e] for e in _order.window_episodes(
+        _order.reader_episodes(len(VARIED["episode_lengths"]), seed=0, epoch=0, shuffle=True,
+                               reader=0, num_readers=1), 0, 2))
+    for position in (steps + 1, 10_000):
+        with pytest.raises(ValueError, match=f"'position': {position} is past the end of "
+                                             f"window 0 of epoch 0 \\({steps} steps\\)"):
+            dataset.load_state_dict({**state, "position": position})
+    # The last position of the window loads, and the pass goes on with the next window.
+    reference = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    reference.load_state_dict({**state, "window": 1, "position": 0})
+    expected = next(iter(reference))
+    # Checking the position reads the window once: the pass that resumes there reuses it.
+    reads = []
+    read = torch_rlds.RLDSDataset._read_window
+    monkeypatch.setattr(torch_rlds.RLDSDataset, "_read_window",
+                        lambda self, episodes: reads.append(list(episodes)) or read(self, episodes))
+    dataset.load_state_dict({**state, "position": steps})
+    assert len(reads) == 1
+    assert_batches_equal(expected, next(iter(dataset)), "the first step of window 1")
+    assert len(reads) == 2  # window 1 only
 
 
 def test_state_is_small_and_does_not_grow(varied, write_dataset):

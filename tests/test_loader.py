@@ -319,7 +319,7 @@ def test_batches_seen_counts_handed_out_batches_and_is_restored(small_dataset):
     assert restored.batches_seen == 3
     next(iter(restored))
     assert restored.batches_seen == 4
-    with pytest.raises(ValueError, match="'batches_seen' must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"'batches_seen' must be in \[0, 2\*\*62"):
         restored.load_state_dict({**state, "torch_rlds": {"version": 1, "batches_seen": -1}})
     with pytest.raises(ValueError, match="'torch_rlds': expected version 1"):
         restored.load_state_dict({**state, "torch_rlds": {"version": 9, "batches_seen": 1}})
@@ -398,22 +398,52 @@ def test_dataset_states_of_a_loader_state(small_dataset):
         dataset_states({"something": 1})
 
 
-def test_workers_start_with_forkserver_once_jax_is_imported(small_dataset, monkeypatch):
+def _fake_jax(monkeypatch, running: bool) -> None:
+    """jax imported, with its backend started (``running``) or not."""
+    import types
+
+    bridge = types.ModuleType("jax._src.xla_bridge")
+    bridge.backends_are_initialized = lambda: running
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", bridge)
+
+
+def test_workers_start_with_forkserver_once_jax_runs_a_backend(small_dataset, monkeypatch):
+    import multiprocessing
     from multiprocessing import forkserver
 
+    from torch_rlds import _start
+
+    monkeypatch.setattr(_start, "_warned", False)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: None)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods",
+                        lambda: ["fork", "spawn", "forkserver"])
     monkeypatch.delitem(sys.modules, "jax", raising=False)
+    monkeypatch.delitem(sys.modules, "jax._src.xla_bridge", raising=False)
     assert default_start_method() is None
-    monkeypatch.setitem(sys.modules, "jax", object())
+    _fake_jax(monkeypatch, running=False)  # imported only: forking is safe
+    assert default_start_method() is None
+    _fake_jax(monkeypatch, running=True)
     monkeypatch.setattr(forkserver._forkserver, "_preload_modules", ["__main__", "users_own"])
     assert default_start_method() == "forkserver"
     # The fork server imports torch_rlds once, and keeps what was asked for before.
     assert forkserver._forkserver._preload_modules == [
         "__main__", "users_own", "torch_rlds", "tensorflow_datasets"]
     loader = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=4, num_workers=1)
-    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    with pytest.warns(RuntimeWarning, match="they start with 'forkserver' instead") as caught:
+        iterator = iter(loader)
+    assert len(caught) == 1
+    assert [w._start_method for w in iterator._workers] == ["forkserver"]
+    assert loader.multiprocessing_context is None  # still the caller's choice
+    assert next(iterator)["action"].shape == (4, 4, 7)
+    del iterator
     fork = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=4, num_workers=1,
                                  multiprocessing_context="fork")
     assert fork.multiprocessing_context.get_start_method() == "fork"
+    spawn = torch_rlds.DataLoader(_dataset(small_dataset), batch_size=4, num_workers=1)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+    assert default_start_method() is None  # the caller chose a safe method for the process
+    del spawn
 
 
 def test_every_step_once_per_epoch_through_the_loader(small_dataset, small_spec):

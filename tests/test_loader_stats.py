@@ -72,15 +72,20 @@ def test_a_long_run_keeps_sets_of_two_epochs_only():
     assert set(tracker._datasets[0]["recent"]) <= {10, 11}
 
 
-def test_start_method_follows_a_later_jax_import(small_dataset, monkeypatch):
+def test_start_method_follows_a_backend_started_later(small_dataset, monkeypatch):
+    import multiprocessing
     import sys
     import types
 
     dataset = torch_rlds.RLDSDataset(small_dataset, action_horizon=4)
-    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    monkeypatch.delitem(sys.modules, "jax._src.xla_bridge", raising=False)
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: None)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["fork", "spawn"])
     loader = torch_rlds.DataLoader(dataset, batch_size=2, num_workers=1)
-    assert loader.multiprocessing_context is None
-    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    bridge = types.ModuleType("jax._src.xla_bridge")
+    bridge.backends_are_initialized = lambda: True
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", bridge)
     iterator = iter(loader)
-    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert [w._start_method for w in iterator._workers] == ["forkserver"]
+    assert loader.multiprocessing_context is None
     assert next(iterator)["action"].shape == (2, 4, 7)

@@ -105,8 +105,11 @@ DATASET_EDITS = [
     (("version",), DELETE, "'version' is missing"),
     (("epoch",), True, "'epoch' must be an int"),
     (("epoch",), 3.0, "'epoch' must be an int"),
-    (("epoch",), -1, r"'epoch' must be in \[0, 2\*\*63 - 1\]"),
-    (("epoch",), 2**70, r"'epoch' must be in \[0, 2\*\*63 - 1\]"),
+    (("epoch",), -1, r"'epoch' must be in \[0, 2\*\*62 \(a counter\)\]"),
+    (("epoch",), 2**70, r"'epoch' must be in \[0, 2\*\*62 \(a counter\)\]"),
+    # Counters load with 2**62 of headroom: a loaded state can run on and be saved again.
+    (("epoch",), 2**62 + 1, r"'epoch' must be in \[0, 2\*\*62 \(a counter\)\]"),
+    (("position",), 10_000, "'position': 10000 is past the end of window 0 of epoch 0"),
     (("epoch",), "/etc/passwd", "'epoch' must be an int"),
     (("epoch",), None, "'epoch' must be an int"),
     (("window",), False, "'window' must be an int"),
@@ -208,18 +211,16 @@ LOADER_EDITS_0 = [
     # dataset and saves None there).
     (("_sampler_iter_state",), {"samples_yielded": 1.5},
      "'_sampler_iter_state.samples_yielded'"),
-    (("_sampler_iter_state",), {"samples_yielded": 3, "sampler_state": {}},
-     r"unknown fields \['sampler_state'\]"),
     (("fetcher_state",), [], "'fetcher_state' must be a dict"),
     (("fetcher_state", "fetcher_ended"), "no", "'fetcher_state.fetcher_ended' must be a bool"),
     (("fetcher_state", "dataset_iter_state"), {"x": 1}, "'fetcher_state.dataset_iter_state'"),
-    (("fetcher_state", "extra"), 1, r"'fetcher_state': unknown fields \['extra'\]"),
-    (("extra",), None, r"loader state: unknown fields \['extra'\]"),
+    (("fetcher_state", "fetcher_ended"), True, "'fetcher_ended' is true, but the stream of "
+                                               "a repeat=True dataset never ends"),
     (("torch_rlds",), None, "'torch_rlds' must be a dict"),
     (("torch_rlds", "version"), 2, "'torch_rlds': expected version 1"),
     (("torch_rlds", "version"), True, "'torch_rlds': expected version 1"),
-    (("torch_rlds", "batches_seen"), True, "'batches_seen' must be an int >= 0"),
-    (("torch_rlds", "batches_seen"), 2**64, "'batches_seen' must be an int >= 0"),
+    (("torch_rlds", "batches_seen"), True, "'batches_seen' must be an int"),
+    (("torch_rlds", "batches_seen"), 2**64, r"'batches_seen' must be in \[0, 2\*\*62"),
     (("torch_rlds", "batches_seen"), DELETE, r"missing fields \['batches_seen'\]"),
     (("torch_rlds", "path"), "/x", r"'torch_rlds': unknown fields \['path'\]"),
 ]
@@ -243,12 +244,26 @@ LOADER_EDITS_2 = [
     ((S, W, "worker_0", "fetcher_state"), None, "'_snapshot._worker_snapshots.worker_0."
                                                 "fetcher_state' must be a dict"),
     ((S, W, "worker_0", "dataset_state"), None, "worker 0: dataset state must be a dict"),
-    ((S, "_extra"), 0, r"'_snapshot': unknown fields \['_extra'\]"),
-    (("_steps_since_snapshot",), 1, "'_steps_since_snapshot': 1 batches since the last snapshot"),
+    # torchdata replays the batches since its last snapshot: never more than were handed out.
+    (("_steps_since_snapshot",), 3, "'_steps_since_snapshot': 3 batches to replay, but "
+                                    "'batches_seen' says 2"),
     (("_steps_since_snapshot",), 2**62, "'_steps_since_snapshot'"),
     (("_steps_since_snapshot",), 2**70, "'_steps_since_snapshot' must be in"),
     (("_iterator_finished",), "false", "'_iterator_finished' must be a bool"),
-    (("_num_yielded",), 0, r"loader state: unknown fields \['_num_yielded'\]"),
+    ((S, W, "worker_1", "fetcher_state", "fetcher_ended"), True,
+     "worker 1: state field 'fetcher_ended' is true, but the stream of a repeat=True dataset"),
+    ((S, W, "worker_0", "dataset_state", "position"), 9_999,
+     "worker 0: state field 'position': 9999 is past the end of window 0 of epoch 0"),
+]
+# What StatefulDataLoader accepts, torch_rlds does too: keys torchdata does not read.
+LOADER_ADDITIONS = [
+    (0, ("_sampler_iter_state",), {"samples_yielded": 6, "sampler_state": {}}),
+    (0, ("fetcher_state", "extra"), 1),
+    (0, ("extra",), None),
+    (2, (S, "_extra"), 0),
+    (2, (S, M, "_extra"), [1, 2]),
+    (2, (S, W, "worker_0", "_extra"), "x"),
+    (2, ("_num_yielded",), 0),
 ]
 
 
@@ -262,6 +277,19 @@ def test_a_malformed_loader_state_names_the_field(path, workers, where, value, m
     with pytest.raises(ValueError, match=message):
         loader.load_state_dict(state)
     assert loader.next_iter_state is None and loader.batches_seen == 0  # nothing half-loaded
+
+
+@pytest.mark.parametrize("workers, where, value", LOADER_ADDITIONS,
+                         ids=[f"{w}-{'.'.join(k)}" for w, k, _ in LOADER_ADDITIONS])
+def test_keys_torchdata_does_not_read_are_accepted(path, workers, where, value):
+    batches = 2
+    reference = _loader(path, workers)
+    reference.load_state_dict(_state_after(path, workers, batches))
+    expected = next(iter(reference))
+    loader = _loader(path, workers)
+    loader.load_state_dict(_edit(_state_after(path, workers, batches), where, value))
+    assert loader.batches_seen == batches
+    assert_batches_equal(expected, next(iter(loader)), "the batch after the state")
 
 
 def test_a_malformed_state_is_refused_before_torchdata_sees_it(path, monkeypatch):
@@ -279,20 +307,21 @@ def test_a_malformed_state_is_refused_before_torchdata_sees_it(path, monkeypatch
             _loader(path, 2).load_state_dict(_edit(state, where, value))
 
 
-def test_a_loader_that_snapshots_less_often_accepts_its_own_states(path):
-    make = lambda: _loader(path, 2, snapshot_every_n_steps=4)  # noqa: E731
-    loader = make()
+@pytest.mark.parametrize("saving, loading", [(4, 4), (4, 1), (1, 3), (5, None)])
+def test_a_state_resumes_under_another_snapshot_interval(path, saving, loading):
+    """torchdata replays the batches since the saving loader's last snapshot, whatever the
+    loading loader's interval."""
+    loader = _loader(path, 2, snapshot_every_n_steps=saving)
     iterator = iter(loader)
     for _ in range(6):
         next(iterator)
     state = _json(loader.state_dict())
-    assert state["_steps_since_snapshot"] == 2
-    expected = next(iterator)
-    restored = make()
+    assert state["_steps_since_snapshot"] == 6 % saving
+    expected = [next(iterator) for _ in range(3)]
+    restored = _loader(path, 2, snapshot_every_n_steps=loading)
     restored.load_state_dict(state)
-    assert_batches_equal(expected, next(iter(restored)))
-    with pytest.raises(ValueError, match="snapshots every 1"):
-        _loader(path, 2).load_state_dict(state)
+    for i, batch in enumerate(itertools.islice(restored, 3)):
+        assert_batches_equal(expected[i], batch, f"batch {6 + i}")
 
 
 # -- nothing is unpickled -------------------------------------------------------------------
@@ -339,7 +368,7 @@ def test_no_load_path_unpickles(path, tmp_path, monkeypatch, workers):
     sampler_key = ("_snapshot", "_main_snapshot") if workers else ()
     places = [(*dataset_key, "fingerprint", "dataset"), (*dataset_key, "epoch"), dataset_key,
               (*fetcher_key, "dataset_iter_state"), (*sampler_key, "_sampler_iter_state"),
-              (*sampler_key, "_shared_seed"), ("torch_rlds", "batches_seen"), ("extra",)]
+              (*sampler_key, "_shared_seed"), ("torch_rlds", "batches_seen")]
     file = tmp_path / "bad.json"
     calls = _refuse_unpickling(monkeypatch)
     for payload in PAYLOADS:
@@ -356,6 +385,9 @@ def test_no_load_path_unpickles(path, tmp_path, monkeypatch, workers):
         file.write_bytes(payload)  # a pickle where the JSON should be
         with pytest.raises(ValueError, match="not a JSON state"):
             _loader(path, workers).load_state(file)
+    # A key torchdata does not read is accepted, as torchdata accepts it, and never read.
+    file.write_text(json.dumps({**state, "extra": PAYLOADS[0].decode("latin-1")}))
+    _loader(path, workers).load_state(file)
     # A good state loads with every unpickler refused; without workers, so does the next batch.
     file.write_text(json.dumps(state))
     loader = _loader(path, workers)
@@ -452,7 +484,7 @@ def test_golden_files_of_another_version_are_refused(path, tmp_path, name, where
 
 
 # -- long runs ------------------------------------------------------------------------------
-@pytest.mark.parametrize("epoch", [10**6, 2**41, 2**63 - 2])
+@pytest.mark.parametrize("epoch", [10**6, 2**41, 2**62])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_late_epoch_round_trips_and_resumes(path, workers, epoch):
     state = _state_after(path, workers, 0)
@@ -511,3 +543,33 @@ def test_counters_past_2_40_round_trip(path, workers):
     restored = _loader(path, workers)
     restored.load_state_dict(saved)
     assert restored.batches_seen == big + 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_state_that_loads_iterates_and_saves_again(path, tmp_path, workers):
+    """Counters load up to 2**62, so a loaded state has 2**62 batches of headroom before the
+    format's 2**63 - 1: it iterates, and what it saves loads again. Past 2**62 it is refused
+    on load, rather than loading and failing at the next save."""
+    near = 2**62 - 10
+    state = _state_after(path, workers, 2)
+    state["torch_rlds"]["batches_seen"] = near
+    main = state["_snapshot"]["_main_snapshot"] if workers else state
+    main["_sampler_iter_yielded"] = near
+    if workers:
+        state["_snapshot"]["_snapshot_step"] = near
+    else:
+        state["_num_yielded"] = near
+    for dataset_state in dataset_states(state):
+        dataset_state["epoch"] = near
+    loader = _loader(path, workers)
+    loader.load_state_dict(_json(state))
+    assert len(list(itertools.islice(loader, 3))) == 3
+    file = loader.save_state(tmp_path / "state.json")
+    again = _loader(path, workers)
+    again.load_state(file)
+    assert again.batches_seen == near + 3
+    assert len(list(itertools.islice(again, 2))) == 2
+    for dataset_state in dataset_states(state):
+        dataset_state["epoch"] = 2**62 + 1
+    with pytest.raises(ValueError, match=r"'epoch' must be in \[0, 2\*\*62 \(a counter\)\]"):
+        _loader(path, workers).load_state_dict(_json(state))

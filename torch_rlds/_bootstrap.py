@@ -9,6 +9,7 @@ loader nor the cure, and the training process only sees its workers exit. These 
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 from typing import Any
 
@@ -28,16 +29,18 @@ def refuse_inside_bootstrap() -> None:
                            + GUARD_ADVICE.format(method=method))
 
 
-def explain_start_failure(error: BaseException, context: Any) -> RuntimeError | None:
+def explain_start_failure(error: RuntimeError, context: Any) -> RuntimeError | None:
     """A clearer error for torch's "worker exited unexpectedly" raised while workers start
     under ``forkserver`` or ``spawn`` (where a missing main guard is the common cause);
     ``None`` when that is not what ``error`` is."""
     method = _method_name(context)
     if method not in ("forkserver", "spawn") or "exited unexpectedly" not in str(error):
         return None
-    return RuntimeError(f"{error}: the DataLoader's workers died while starting, before their "
-                        "first batch (their own errors are printed above). If the main script "
-                        "has no main guard: " + GUARD_ADVICE.format(method=repr(method)))
+    explained = copy.copy(error)  # the same type (a WorkerError stays one), a longer message
+    explained.args = (f"{error}: the DataLoader's workers died while starting, before their "
+                      "first batch (their own errors are printed above). If the main script "
+                      "has no main guard: " + GUARD_ADVICE.format(method=repr(method)),)
+    return explained
 
 
 def _method_name(context: Any) -> str | None:

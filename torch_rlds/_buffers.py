@@ -20,15 +20,16 @@ tells a worker when a buffer is free again through a small shared table of flags
 * the first batch in a slot carries the buffer's handle, which the main process maps and keeps
   for as long as the loader's iterator lives; later batches in that slot carry only the slot's
   name, so they cost neither a handle nor a page fault;
-* the main process notes each batch's slot and sequence as it unpickles it; at each ``next()``
-  it frees (flag back to 0) every slot whose batch nothing references any more: no tensor,
-  view, numpy array or storage object of it is alive in the main process (batches torchdata
-  drops unseen, as when it skips ahead to a restored position, free their slots too);
+* the main process notes each batch's slot and sequence as it unpickles it, and hands the
+  batch out as fields of their own (:mod:`torch_rlds._fields`); at each ``next()`` it frees
+  (flag back to 0) every slot whose batch has no field held any more in the main process
+  (batches torchdata drops unseen, as when it skips ahead to a restored position, free their
+  slots too);
 * a worker with no free slot allocates a new buffer as before, so nothing ever waits, and a
   batch the caller keeps stays intact however long it is kept.
 
-A batch sent on from the main process to yet another process (a ``torch.multiprocessing``
-queue) is not seen there: clone it first, or build the loader with ``reuse_buffers=False``.
+A field sent on from the main process to yet another process (a ``torch.multiprocessing``
+queue) is copied into shared memory of its own as it goes, so the slot is free again.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ import contextlib
 import os
 import re
 import secrets
-import sys
 import weakref
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils.data
+
+from torch_rlds import _fields
 
 # Bytes before a pooled batch's first tensor: MAGIC, token, worker, slot, sequence (int64 each).
 HEADER = 64
@@ -51,8 +54,9 @@ _FIELDS = 5
 
 # The worker's pool, installed by :func:`install` at worker start.
 _pool: WorkerPool | None = None
-# Main process: per live Leases token, the slot buffers mapped so far and the sequence of the
-# batch last unpickled in each: {(worker, slot): [buffer, sequence]}.
+# Main process: per live Leases token, the slot buffers mapped so far, the sequence of the
+# batch last unpickled in each and its fields: {(worker, slot): [buffer, sequence, batch]}
+# (a buffer as a uint8 array over all of it, a _fields.Batch).
 _mapped: dict[int, dict[tuple[int, int], list[Any]]] = {}
 
 
@@ -97,23 +101,12 @@ def _remove_left_behind(error: BaseException) -> None:
             os.unlink(name)
 
 
-def storage_use_count(storage: torch.UntypedStorage) -> int | None:
-    """How many references (tensors, views, storage objects) hold ``storage``'s memory, or
-    ``None`` where torch does not say."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(storage._cdata)
-
-
-def supported() -> bool:
-    """Whether this torch can tell when the main process no longer uses a buffer."""
-    return storage_use_count(torch.UntypedStorage(1)) is not None
-
-
-def _header(storage: torch.UntypedStorage) -> list[int] | None:
-    """MAGIC, token, worker, slot, sequence of a pooled buffer; ``None`` for another one."""
-    if storage.nbytes() < HEADER or storage.device.type != "cpu":
+def _header(buffer: np.ndarray) -> list[int] | None:
+    """MAGIC, token, worker, slot, sequence of a pooled buffer (a uint8 array over all of it);
+    ``None`` for another one."""
+    if buffer.nbytes < HEADER:
         return None
-    header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,)).tolist()
+    header = buffer[:_FIELDS * 8].view(np.int64).tolist()
     return header if header[0] == MAGIC else None
 
 
@@ -131,33 +124,25 @@ class Leases:
         self._flags = self.flags.numpy()
         self._buffers = _mapped[self.token] = {}
         weakref.finalize(self, _mapped.pop, self.token, None)
-        # The Python references a buffer has when nothing but this table holds it, counted the
-        # way release() counts them (what sys.getrefcount reports differs between versions).
-        self._alone = _python_refs([object(), 0])
 
     def worker_args(self) -> tuple[torch.Tensor, int]:
         """What :func:`install` needs in a worker."""
         return self.flags, self.token
 
     def release(self) -> int:
-        """Free every slot whose batch, unpickled here, nothing references any more; returns
-        how many."""
+        """Free every slot whose batch, unpickled here, has no field held any more (and give
+        back the pages of the fields let go of where others are still held:
+        :meth:`torch_rlds._fields.Batch.settle`); returns how many slots were freed."""
         freed = 0
         for key, entry in self._buffers.items():
             seq = entry[1]
             if not seq or self._flags[key] != seq:
                 continue  # freed already, or a newer batch is on its way
-            # Tensors, views and numpy arrays count in the storage's use count; its own Python
-            # object (``tensor.untyped_storage()``, which is this table's) only in refcounts.
-            if storage_use_count(entry[0]) == 1 and _python_refs(entry) == self._alone:
+            if entry[2] is None or entry[2].settle():
                 entry[1] = 0
                 self._flags[key] = 0
                 freed += 1
         return freed
-
-
-def _python_refs(entry: list[Any]) -> int:
-    return sys.getrefcount(entry[0])
 
 
 class WorkerPool:
@@ -223,8 +208,9 @@ def pool() -> WorkerPool | None:
 def packed(batch: Any) -> Any:
     """``batch`` wrapped so that pickling it (a DataLoader worker sending it to the main
     process) sends the buffer its tensors share once (or, for a slot the main process has
-    mapped, only the slot's name) and the tensors as views of it; what unpickles is the plain
-    batch. Outside a DataLoader worker, ``batch`` itself."""
+    mapped, only the slot's name) and where each tensor lies in it; what unpickles is the
+    plain batch, each tensor on a storage of its own over its bytes of the buffer
+    (:mod:`torch_rlds._fields`). Outside a DataLoader worker, ``batch`` itself."""
     if torch.utils.data.get_worker_info() is None:
         return batch
     return _Packed(batch)
@@ -309,12 +295,15 @@ def _holds_views(stripped: Any) -> bool:
 def _unpack(whole: torch.Tensor, views: list, skeleton: Any) -> Any:
     """Main process: a batch that brought its buffer's handle. A slot buffer is kept mapped
     for the batches that later come in the same slot."""
-    storage = whole.untyped_storage()
-    header = _header(storage)
+    buffer = whole.numpy()
+    header = _header(buffer)
     if header is not None and header[3] >= 0 and header[1] in _mapped:
         _, token, worker, slot, seq = header
-        _mapped[token][(worker, slot)] = [storage, seq]
-    return _fill(skeleton, storage, views)
+        entry = _mapped[token][(worker, slot)] = [buffer, seq, None]
+        tensors, entry[2] = _fields.split(buffer, views, loose=False)
+    else:
+        tensors, _ = _fields.split(buffer, views, loose=True)
+    return _put(skeleton, tensors)
 
 
 def _unpack_mapped(token: int, worker: int, slot: int, views: list, skeleton: Any) -> Any:
@@ -324,16 +313,10 @@ def _unpack_mapped(token: int, worker: int, slot: int, views: list, skeleton: An
         raise RuntimeError(f"torch_rlds: a batch of worker {worker} came in buffer slot {slot}, "
                            "which this process never received (the loader's iterator that "
                            "mapped it is gone)")
-    storage = entry[0]
-    header = _header(storage)
+    header = _header(entry[0])
     entry[1] = header[4] if header is not None else 0
-    return _fill(skeleton, storage, views)
-
-
-def _fill(tree: Any, storage: torch.UntypedStorage, views: list) -> Any:
-    tensors = [torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
-               for dtype, shape, stride, offset in views]
-    return _put(tree, tensors)
+    tensors, entry[2] = _fields.split(entry[0], views, loose=False)
+    return _put(skeleton, tensors)
 
 
 def _put(tree: Any, tensors: list[torch.Tensor]) -> Any:

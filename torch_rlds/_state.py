@@ -9,13 +9,16 @@ A dataset state is a flat-ish JSON object of ints and strings::
 It never holds data, so its size is fixed (a few hundred bytes) whatever the dataset, the
 shuffle window or the step count (ints are at most 19 digits). Loading checks every field's type
 and range and compares the fingerprint field by field; nothing in it is ever evaluated,
-unpickled or used as a path. ``skipped`` came within version 1: a state written before it
+unpickled or used as a path. Counters that grow as a run goes on (epochs, positions, batches)
+load up to :data:`MAX_COUNT`, half of the format's range, so that a loaded state can be
+iterated, and saved again, for longer than any run lasts. ``skipped`` came within version 1: a state written before it
 existed loads with ``skipped`` 0.
 
 A DataLoader state is what torchdata's ``StatefulDataLoader`` saves around one dataset state per
 worker, plus ``{"torch_rlds": {"version", "batches_seen"}}``. :func:`check_loader_state` checks
 its whole structure before torchdata reads it, so that a malformed state is a ``ValueError``
-naming the field rather than a ``KeyError`` or ``AssertionError`` inside torchdata or a worker.
+naming the field rather than a ``KeyError`` or ``AssertionError`` inside torchdata or a worker;
+it accepts what torchdata accepts (keys it does not read, in its own parts of the state).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from typing import Any
 
 STATE_VERSION = 1
 MAX_INT = 2**63 - 1
+# The most a growing counter may hold in a state that loads: 2**62 batches (or epochs) of
+# headroom before the format's limit, MAX_INT.
+MAX_COUNT = 2**62
 MAX_STRING = 1024
 
 FINGERPRINT_FIELDS: dict[str, type] = {
@@ -69,12 +75,13 @@ def make_state(fingerprint: dict[str, Any], cursor: Cursor) -> dict[str, Any]:
             **dataclasses.asdict(cursor)}
 
 
-def _check_int(value: Any, field: str, what: str = "state field") -> int:
+def _check_int(value: Any, field: str, what: str = "state field", limit: int = MAX_INT) -> int:
     if type(value) is not int:  # bool is an int subclass and must not pass
         raise ValueError(f"{what} {field!r} must be an int (got {type(value).__name__} "
                          f"{value!r:.100})")
-    if not 0 <= value <= MAX_INT:
-        raise ValueError(f"{what} {field!r} must be in [0, 2**63 - 1] (got {value})")
+    if not 0 <= value <= limit:
+        bound = "2**62 (a counter)" if limit == MAX_COUNT else "2**63 - 1"
+        raise ValueError(f"{what} {field!r} must be in [0, {bound}] (got {value})")
     return value
 
 
@@ -91,11 +98,11 @@ def _check_str(value: Any, field: str) -> str:
 
 
 def _check_keys(obj: Any, expected: set[str], where: str,
-                optional: frozenset[str] = frozenset()) -> None:
+                optional: frozenset[str] = frozenset(), extra_ok: bool = False) -> None:
     if not isinstance(obj, dict):
         raise ValueError(f"{where} must be a dict (got {type(obj).__name__})")
     missing = sorted(expected - optional - obj.keys())
-    extra = sorted(repr(k) for k in obj if k not in expected)
+    extra = [] if extra_ok else sorted(repr(k) for k in obj if k not in expected)
     if missing or extra:
         parts = []
         if missing:
@@ -132,7 +139,7 @@ def load_cursor(state: Any, expected: dict[str, Any]) -> Cursor:
     if differ:
         raise ValueError("state belongs to another dataset or configuration: "
                          + "; ".join(differ))
-    values = {field: _check_int(state[field], field) for field in CURSOR_FIELDS
+    values = {field: _check_int(state[field], field, limit=MAX_COUNT) for field in CURSOR_FIELDS
               if field in state}
     return Cursor(**values)
 
@@ -149,22 +156,41 @@ MAIN_SNAPSHOT = "_main_snapshot"
 WORKER_SNAPSHOTS = "_worker_snapshots"
 NUM_WORKERS = "_num_workers"
 NUM_YIELDED = "_num_yielded"
-_FETCHER_STATE = "fetcher_state"
+FETCHER_STATE = "fetcher_state"
+FETCHER_ENDED = "fetcher_ended"
 _SAMPLER_FIELDS = ("_index_sampler_state", "_sampler_iter_state")
+# Field kinds: "count" grows with the run (at most MAX_COUNT), "seed" is any int of the format,
+# a trailing "?" allows None.
 _COMMON_MAIN_FIELDS = {"_sampler_iter_yielded": "count", "_IterableDataset_len_called": "count?",
-                       "_shared_seed": "count?", **dict.fromkeys(_SAMPLER_FIELDS, "sampler")}
-_SINGLE_FIELDS = {**_COMMON_MAIN_FIELDS, NUM_YIELDED: "count", _FETCHER_STATE: "fetcher",
+                       "_shared_seed": "seed?", **dict.fromkeys(_SAMPLER_FIELDS, "sampler")}
+_SINGLE_FIELDS = {**_COMMON_MAIN_FIELDS, NUM_YIELDED: "count", FETCHER_STATE: "fetcher",
                   DATASET_STATE: "dataset", ITERATOR_FINISHED: "bool"}
 _MULTI_FIELDS = {SNAPSHOT: "snapshot", "_steps_since_snapshot": "count",
                  ITERATOR_FINISHED: "bool"}
-_SNAPSHOT_FIELDS = {"_snapshot_step": "count", "_last_yielded_worker_id": "count",
+_SNAPSHOT_FIELDS = {"_snapshot_step": "count", "_last_yielded_worker_id": "seed",
                     MAIN_SNAPSHOT: "main", WORKER_SNAPSHOTS: "workers"}
-_MAIN_FIELDS = {NUM_WORKERS: "count", "_base_seed": "count", **_COMMON_MAIN_FIELDS}
-_WORKER_FIELDS = {"worker_id": "count", DATASET_STATE: "dataset", _FETCHER_STATE: "fetcher"}
-_FETCHER_FIELDS = {"dataset_iter_state": "iter", "fetcher_ended": "bool"}
+_MAIN_FIELDS = {NUM_WORKERS: "seed", "_base_seed": "seed", **_COMMON_MAIN_FIELDS}
+_WORKER_FIELDS = {"worker_id": "seed", DATASET_STATE: "dataset", FETCHER_STATE: "fetcher"}
+_FETCHER_FIELDS = {"dataset_iter_state": "iter", FETCHER_ENDED: "bool"}
 # What an RLDSDataset's loader saves as its sampler states: none (batch_size=None), or the
 # count of torchdata's batch sampler over torch's infinite constant sampler.
 _RLDS_SAMPLER_FIELDS = {"samples_yielded": "count"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderState:
+    """What :func:`check_loader_state` found in a DataLoader state.
+
+    Attributes:
+      batches_seen: the ``torch_rlds`` entry's count, ``None`` in a plain ``StatefulDataLoader``
+        state.
+      datasets: the dataset states, one per worker in worker order (one without workers).
+      ended: per worker (or the one fetcher), whether its iterator had ended.
+    """
+
+    batches_seen: int | None
+    datasets: list[Any]
+    ended: list[bool]
 
 
 def saved_num_workers(state: dict[str, Any]) -> int:
@@ -187,19 +213,22 @@ def saved_num_workers(state: dict[str, Any]) -> int:
                      f"{sorted(map(str, state))[:10]})")
 
 
-def check_loader_state(state: Any, *, num_workers: int, snapshot_every_n_steps: int | None,
-                       rlds: bool) -> tuple[int | None, list[Any]]:
+def check_loader_state(state: Any, *, num_workers: int, rlds: bool) -> LoaderState:
     """Check the structure of a whole DataLoader state before torchdata reads it.
 
-    ``state`` must have the layout torchdata saves for ``num_workers``: every key present, no
-    other key, counters ints in [0, 2**63 - 1], flags bools, worker ids in range. With
-    ``rlds`` (the dataset is an :class:`~torch_rlds.RLDSDataset`) the sampler and iterator
-    states must be what such a loader saves; otherwise they are the dataset's business and pass
-    as they are. The dataset states are not checked here (the dataset checks its own).
+    ``state`` must have the layout torchdata saves for ``num_workers``: every key torchdata
+    reads present, counters ints in [0, 2**62], seeds in [0, 2**63 - 1], flags bools, worker
+    ids in range. Keys torchdata does not read are accepted in its parts, as torchdata itself
+    accepts them (a state of another torchdata version, or one a caller annotated); the
+    ``torch_rlds`` entry is checked exactly. With ``rlds`` (the dataset is a torch_rlds one)
+    the sampler and iterator states must also be what such a loader saves; otherwise they are
+    the dataset's business and pass as they are. The dataset states are not checked here (each
+    torch_rlds dataset checks its own, exactly). The batches since the last snapshot, which
+    torchdata replays on load, may be more than this loader's ``snapshot_every_n_steps`` (the
+    saving loader's interval counts, or an out-of-order loader's lag), but not more than the
+    state's ``batches_seen`` says were handed out.
 
-    Returns ``(batches_seen, dataset states)``: ``batches_seen`` is ``None`` for a state without
-    the ``torch_rlds`` entry (a plain ``StatefulDataLoader`` state); the dataset states come one
-    per worker, in worker order. Raises ``ValueError`` naming the field and the value found.
+    Raises ``ValueError`` naming the field and the value found.
     """
     if not isinstance(state, dict):
         raise ValueError(f"loader state must be a dict (got {type(state).__name__})")
@@ -213,17 +242,21 @@ def check_loader_state(state: Any, *, num_workers: int, snapshot_every_n_steps: 
     checker = _LoaderStateChecker(num_workers, rlds)
     if num_workers == 0:
         checker.check(state, _SINGLE_FIELDS, "")
-        return batches_seen, [state[DATASET_STATE]]
+        return LoaderState(batches_seen, [state[DATASET_STATE]], [_ended(state[FETCHER_STATE])])
     checker.check(state, _MULTI_FIELDS, "")
     steps = state["_steps_since_snapshot"]
-    if snapshot_every_n_steps and steps >= snapshot_every_n_steps:
-        # torchdata replays these batches on load: a large count would be a replay from far back
-        raise ValueError(f"loader state field '_steps_since_snapshot': {steps} batches since the "
-                         f"last snapshot, but this loader snapshots every "
-                         f"{snapshot_every_n_steps} (snapshot_every_n_steps differs from the "
-                         "saving loader's, or the state was edited)")
+    if batches_seen is not None and steps > batches_seen:
+        # torchdata replays these on load: never more than were handed out
+        raise ValueError(f"loader state field '_steps_since_snapshot': {steps} batches to "
+                         f"replay, but 'batches_seen' says {batches_seen} were handed out")
     workers = state[SNAPSHOT][WORKER_SNAPSHOTS]
-    return batches_seen, [workers[f"worker_{i}"][DATASET_STATE] for i in range(num_workers)]
+    snapshots = [workers[f"worker_{i}"] for i in range(num_workers)]
+    return LoaderState(batches_seen, [w[DATASET_STATE] for w in snapshots],
+                       [_ended(w[FETCHER_STATE]) for w in snapshots])
+
+
+def _ended(fetcher: Any) -> bool:
+    return isinstance(fetcher, dict) and fetcher.get(FETCHER_ENDED) is True
 
 
 def _check_ours(ours: Any) -> int:
@@ -235,11 +268,7 @@ def _check_ours(ours: Any) -> int:
         raise ValueError(f"{where}: expected version {LOADER_STATE_VERSION}, got "
                          f"{ours!r:.200}")
     _check_keys(ours, {"version", "batches_seen"}, where)
-    seen = ours["batches_seen"]
-    if type(seen) is not int or not 0 <= seen <= MAX_INT:
-        raise ValueError(f"loader state field 'batches_seen' must be an int >= 0 and <= "
-                         f"2**63 - 1 (got {type(seen).__name__} {seen!r:.100})")
-    return seen
+    return _check_int(ours["batches_seen"], "batches_seen", "loader state field", MAX_COUNT)
 
 
 class _LoaderStateChecker:
@@ -249,9 +278,10 @@ class _LoaderStateChecker:
         self.num_workers = num_workers
         self.rlds = rlds
 
-    def check(self, obj: Any, fields: dict[str, str], prefix: str) -> None:
+    def check(self, obj: Any, fields: dict[str, str], prefix: str, *,
+              exact: bool = False) -> None:
         where = f"loader state field {prefix[:-1]!r}" if prefix else "loader state"
-        _check_keys(obj, set(fields), where)
+        _check_keys(obj, set(fields), where, extra_ok=not exact)
         for name, kind in fields.items():
             getattr(self, f"_{kind.rstrip('?')}")(obj[name], f"{prefix}{name}",
                                                    kind.endswith("?"))
@@ -261,6 +291,11 @@ class _LoaderStateChecker:
                          f"{type(value).__name__} {value!r:.100})")
 
     def _count(self, value: Any, field: str, optional: bool) -> None:
+        if value is None and optional:
+            return
+        _check_int(value, field, "loader state field", MAX_COUNT)
+
+    def _seed(self, value: Any, field: str, optional: bool) -> None:
         if value is None and optional:
             return
         _check_int(value, field, "loader state field")
@@ -276,12 +311,13 @@ class _LoaderStateChecker:
         if not self.rlds or value is None:
             return
         if field.endswith("_index_sampler_state"):
-            self._fail(field, "None for an RLDSDataset", value)
+            self._fail(field, "None for a torch_rlds dataset", value)
         self.check(value, _RLDS_SAMPLER_FIELDS, f"{field}.")
 
     def _iter(self, value: Any, field: str, optional: bool) -> None:
         if self.rlds and value is not None:
-            self._fail(field, "None for an RLDSDataset (its iterator keeps no state)", value)
+            self._fail(field, "None for a torch_rlds dataset (its iterator keeps no state)",
+                       value)
 
     def _fetcher(self, value: Any, field: str, optional: bool) -> None:
         if value is None and not self.rlds:
@@ -299,8 +335,9 @@ class _LoaderStateChecker:
         self.check(value, _MAIN_FIELDS, f"{field}.")
 
     def _workers(self, value: Any, field: str, optional: bool) -> None:
+        # Worker ids, not fields: torchdata refuses any other set of them.
         self.check(value, {f"worker_{i}": "worker" for i in range(self.num_workers)},
-                   f"{field}.")
+                   f"{field}.", exact=True)
 
     def _worker(self, value: Any, field: str, optional: bool) -> None:
         self.check(value, _WORKER_FIELDS, f"{field}.")

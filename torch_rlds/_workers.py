@@ -1,11 +1,14 @@
 """DataLoader workers that die or go silent: found, named, stopped, and reported from
-``next()`` only."""
+``next()`` only; and workers that outlive the training process: none do."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import select
 import signal
+import threading
 import time
 import weakref
 from typing import Any
@@ -17,6 +20,10 @@ import torch.utils.data
 class WorkerError(RuntimeError):
     """A DataLoader worker died (killed by a signal, crashed, exited) or, under the loader's
     ``timeout``, sent no batch in time.
+
+    A ``RuntimeError``, as torch raises, and its message starts with torch's own words
+    (``DataLoader worker (pid N) is killed by signal: ...``, ``... exited unexpectedly``,
+    ``DataLoader timed out after N seconds``), so code that matches torch's keeps working.
 
     ``worker`` is its index, ``pid`` its process id, ``exitcode`` its exit status (negative: the
     signal that killed it; ``None``: still running when the loader gave up on it). The pass
@@ -83,11 +90,10 @@ def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
                 if code is None:
                     process.join(timeout=1.0)  # torch saw it die before its exit was collected
                     code = process.exitcode
-                return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) "
-                                   f"{_describe_exit(code)}; the loader stopped its other "
-                                   "workers. Its state still ends at the last batch handed "
-                                   "out: iter() again resumes there with fresh workers", worker,
-                                   process.pid, code)
+                return WorkerError(f"{_describe_exit(process.pid, code)} (worker {worker}); "
+                                   "the loader stopped its other workers. Its state still ends "
+                                   "at the last batch handed out: iter() again resumes there "
+                                   "with fresh workers", worker, process.pid, code)
         if time.monotonic() >= deadline or str(error).startswith(_TORCH_TIMEOUT):
             break
         time.sleep(0.01)
@@ -96,24 +102,26 @@ def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
         if task:
             worker = task[0]
             process = workers[worker]
-            return WorkerError(f"DataLoader worker {worker} (pid {process.pid}) sent no batch "
-                               f"within the loader's timeout of {inner._timeout} s (stuck or too "
-                               "slow); the loader stopped it and its other workers. Its state "
-                               "still ends at the last batch handed out: iter() again resumes "
-                               "there with fresh workers", worker, process.pid, None)
+            return WorkerError(f"DataLoader timed out after {inner._timeout} seconds: worker "
+                               f"{worker} (pid {process.pid}) sent no batch in time (stuck or "
+                               "too slow); the loader stopped it and its other workers. Its "
+                               "state still ends at the last batch handed out: iter() again "
+                               "resumes there with fresh workers", worker, process.pid, None)
     return None
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "exited (exit code unknown)"
-    if code < 0:
+def _describe_exit(pid: int, code: int | None) -> str:
+    """What happened to worker ``pid``, in torch's words first."""
+    if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited unexpectedly with exit code {code}"
+        text = signal.strsignal(-code) or name
+        return f"DataLoader worker (pid {pid}) is killed by signal: {text}. ({name}, exit code " \
+               f"{code})"
+    known = "unknown" if code is None else code
+    return f"DataLoader worker (pid(s) {pid}) exited unexpectedly (exit code {known})"
 
 
 def stop_workers(inner: Any, stuck: int | None) -> None:
@@ -162,3 +170,54 @@ def report_deaths_from_next(iterator: Any) -> None:
                 return success, data
 
     iterator._try_get_data = try_get_data
+
+
+# How often a worker checks that the training process lives, where the system cannot say at
+# once (no pidfd).
+_WATCH_S = 0.5
+
+
+def watch_training_process(pid: int) -> None:
+    """Make this worker exit as soon as process ``pid`` (the training process) is gone.
+
+    torch's workers watch their parent, which with ``forkserver`` is the fork server; and the
+    fork server outlives a training process killed without cleanup (SIGKILL, a SIGTERM without
+    a handler, ``os._exit``), because every worker holds its lifeline open. So each worker
+    watches the training process itself, in a daemon thread (on Linux through a pidfd, woken
+    the moment it exits; elsewhere by polling), and leaves with ``os._exit``: nothing of a
+    process that nobody reads from is worth unwinding. Once the workers are gone, the fork
+    server and the resource tracker see their last client go, exit, and remove the named
+    semaphores they kept.
+    """
+    if pid == os.getpid():
+        return
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # already gone
+    except (AttributeError, OSError):
+        handle = None
+    threading.Thread(target=_watch, args=(pid, handle), name="torch_rlds-watch-training",
+                     daemon=True).start()
+
+
+def _watch(pid: int, handle: int | None) -> None:
+    if handle is not None:
+        poller = select.poll()
+        poller.register(handle, select.POLLIN)
+        while not poller.poll():
+            pass
+    else:
+        while _exists(pid):
+            time.sleep(_WATCH_S)
+    os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,16 +21,20 @@ def collate(samples: Sequence[Any]) -> Any:
 
     Dicts are collated key by key; numpy arrays, numpy scalars, Python numbers and bools become
     torch tensors with a leading batch axis (dtypes kept: a uint8 image stays uint8, a bool mask
-    stays bool); torch tensors are stacked; strings become a list; lists and tuples are
-    collated position by position into a list. Every sample must have the same keys, shapes and
-    dtypes: a mismatch raises ``ValueError`` naming the key path, the sample and both values,
-    rather than broadcasting or casting.
+    stays bool); torch tensors are stacked (a tensor that requires grad keeps its graph);
+    strings and bytes are kept in a list (a tuple inside a tuple, as ``default_collate``
+    has it); lists and tuples are collated position by position into a list. Containers keep their type as torch's ``default_collate`` keeps it: a named tuple
+    stays that named tuple, a ``Mapping`` subclass (``OrderedDict``...) stays that class. Every
+    sample must have the same keys, shapes and dtypes: a mismatch raises ``ValueError`` naming
+    the key path, the sample and both values, rather than broadcasting or casting (Python
+    numbers excepted: ints among floats become floats, as numpy has it).
 
-    All tensors of a batch are views of one buffer. Inside a DataLoader worker that buffer is
-    allocated in shared memory, so the whole batch crosses to the main process as one handle
-    (one shared-memory segment per batch rather than one per tensor, which costs about a
-    millisecond each), without a copy through a pipe. A tensor of the batch keeps the whole
-    buffer alive.
+    Inside a DataLoader worker all tensors of a batch are laid out in one buffer of shared
+    memory, so that the whole batch crosses to the main process as one handle (one
+    shared-memory segment per batch rather than one per tensor, which costs about a
+    millisecond each), without a copy through a pipe; a :class:`torch_rlds.DataLoader` then
+    hands each field out as a tensor of its own (:mod:`torch_rlds._fields`). Outside a worker
+    each tensor has memory of its own.
     """
     if len(samples) == 0:
         raise ValueError("collate needs at least one sample")
@@ -42,16 +47,19 @@ def collate(samples: Sequence[Any]) -> Any:
 
 
 def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
-    """Empty tensors of the given ``(shape, dtype)``, all views of one new buffer.
+    """Empty tensors of the given ``(shape, dtype)``.
 
-    Each starts on a 64-byte boundary. Inside a DataLoader worker the buffer is shared memory,
-    so a batch made of these tensors crosses to the main process as one handle; in a worker of
-    a :class:`torch_rlds.DataLoader` it is one the worker reuses once the main process holds no
-    tensor of its previous batch (see :mod:`torch_rlds._buffers`). The tensors' contents are
-    whatever the buffer held: fill every element.
+    Inside a DataLoader worker they are views of one new buffer of shared memory, each on a
+    64-byte boundary, so a batch made of them crosses to the main process as one handle; in a
+    worker of a :class:`torch_rlds.DataLoader` it is a buffer the worker reuses once the main
+    process holds no tensor of its previous batch (see :mod:`torch_rlds._buffers`). Outside a
+    worker each has memory of its own (one buffer would gain nothing there, and would make
+    each tensor hold all of them). The tensors' contents are whatever the memory held: fill
+    every element.
     """
-    in_worker = torch.utils.data.get_worker_info() is not None
-    pool = _buffers.pool() if in_worker else None
+    if torch.utils.data.get_worker_info() is None:
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
+    pool = _buffers.pool()
     offsets = []
     offset = _buffers.HEADER if pool is not None else 0
     for shape, dtype in specs:
@@ -60,10 +68,8 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
         offset += math.prod(shape) * dtype.itemsize
     if pool is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
         storage = pool.take(offset - _buffers.HEADER)
-    elif in_worker:
-        storage = _buffers.new_shared(max(offset, 1))  # as default_collate does
     else:
-        storage = torch.UntypedStorage(max(offset, 1))
+        storage = _buffers.new_shared(max(offset, 1))  # as default_collate does
     return [torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
             for (shape, dtype), start in zip(specs, offsets)]
 
@@ -79,13 +85,18 @@ class _Leaf:
 
     def fill(self, out: torch.Tensor) -> None:
         if isinstance(self.values[0], torch.Tensor):
-            torch.stack(list(self.values), out=out)
+            torch.stack([v.detach() for v in self.values], out=out)
         else:
             target = out.numpy()
             for i, value in enumerate(self.values):
                 target[i] = value
         self.tensor = out
         self.values = ()
+
+
+# torch's words for a batch of nested tensors (code matching them keeps working).
+_NESTED = ("Batches of nested tensors are not currently supported by the default collate_fn; "
+           "please provide a custom collate_fn to handle them appropriately.")
 
 
 def _plan(samples: Sequence[Any], where: str, leaves: list[_Leaf]) -> Any:
@@ -99,21 +110,29 @@ def _plan(samples: Sequence[Any], where: str, leaves: list[_Leaf]) -> Any:
                     type(sample).__name__)
                 raise ValueError(f"collate: {where}: sample {i} has keys {found} / sample 0 "
                                  f"has {sorted(map(str, keys))}")
-        return {key: _plan([s[key] for s in samples], f"{where}/{key}", leaves) for key in keys}
-    if isinstance(first, str):
-        _check_all(samples, str, where)
-        return [str(s) for s in samples]
+        return _Node(type(first), [(key, _plan([s[key] for s in samples], f"{where}/{key}",
+                                               leaves)) for key in keys], first)
+    if isinstance(first, (str, bytes)):
+        _check_all(samples, type(first), where)
+        return samples  # as default_collate: the sequence they came in (a tuple in a tuple)
     if isinstance(first, torch.Tensor):
         _check_all(samples, torch.Tensor, where)
+        if any(s.is_nested for s in samples):
+            raise RuntimeError(f"collate: {where}: {_NESTED}")
         for i, s in enumerate(samples):
             if s.shape != first.shape or s.dtype != first.dtype:
                 raise ValueError(f"collate: {where}: sample {i} is {s.dtype}{tuple(s.shape)} / "
                                  f"sample 0 is {first.dtype}{tuple(first.shape)}")
-        leaf = _Leaf([s.detach().cpu() for s in samples], first.dtype, tuple(first.shape))
+        if any(s.requires_grad for s in samples) or first.device.type != "cpu":
+            return torch.stack(list(samples))  # its graph (or device) stays: not in a buffer
+        leaf = _Leaf(list(samples), first.dtype, tuple(first.shape))
         leaves.append(leaf)
         return leaf
     if isinstance(first, (np.ndarray, np.generic, bool, int, float)):
         arrays = [np.asarray(v) for v in samples]
+        if all(type(v) in (int, float) for v in samples) and any(type(v) is float
+                                                                  for v in samples):
+            arrays = [np.asarray(float(v)) for v in samples]  # ints among floats: floats
         head = arrays[0]
         if head.dtype == object or head.dtype.kind in "USV":
             raise TypeError(f"collate: {where}: cannot batch arrays of dtype {head.dtype}")
@@ -133,9 +152,48 @@ def _plan(samples: Sequence[Any], where: str, leaves: list[_Leaf]) -> Any:
             if len(s) != len(first):
                 raise ValueError(f"collate: {where}: sample {i} has {len(s)} entries / sample 0 "
                                  f"has {len(first)}")
-        return [_plan(list(group), f"{where}[{j}]", leaves)
-                for j, group in enumerate(zip(*samples))]
+        items = [(j, _plan(group, f"{where}[{j}]", leaves))
+                 for j, group in enumerate(zip(*samples))]
+        # A named tuple stays one; other sequences become lists, as default_collate has it.
+        kind = type(first) if isinstance(first, tuple) and hasattr(first, "_fields") else list
+        return _Node(kind, items, first)
     raise TypeError(f"collate: {where}: cannot batch values of type {type(first).__name__}")
+
+
+class _Node:
+    """A container of the batch: its type, its (key, subtree) items and the first sample's
+    container (a ``Mapping`` subclass is rebuilt from a copy of it, as default_collate does)."""
+
+    def __init__(self, kind: type, items: list[tuple[Any, Any]], first: Any) -> None:
+        self.kind = kind
+        self.items = items
+        self.first = first
+
+    def build(self) -> Any:
+        values = [(key, _build(value)) for key, value in self.items]
+        if self.kind is dict:
+            return dict(values)
+        if self.kind is list:
+            return [value for _, value in values]
+        if issubclass(self.kind, tuple):  # a named tuple
+            return self.kind(*(value for _, value in values))
+        return _mapping(self.kind, self.first, values)
+
+
+def _mapping(kind: type, first: Any, values: list[tuple[Any, Any]]) -> Any:
+    """A ``Mapping`` of ``kind`` holding ``values``: a copy of ``first`` updated where it can
+    be (keeps what its constructor would not), else ``kind`` built from a dict, else a dict."""
+    if isinstance(first, MutableMapping):
+        try:
+            clone = copy.copy(first)
+            clone.update(values)
+            return clone
+        except (TypeError, AttributeError):
+            pass
+    try:
+        return kind(dict(values))
+    except TypeError:
+        return dict(values)
 
 
 def _check_all(samples: Sequence[Any], kind: type | tuple[type, ...], where: str) -> None:
@@ -148,9 +206,6 @@ def _check_all(samples: Sequence[Any], kind: type | tuple[type, ...], where: str
 def _build(tree: Any) -> Any:
     if isinstance(tree, _Leaf):
         return tree.tensor
-    if isinstance(tree, dict):
-        return {key: _build(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [_build(value) for value in tree]
+    if isinstance(tree, _Node):
+        return tree.build()
     return tree
-

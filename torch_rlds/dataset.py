@@ -278,6 +278,12 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         """The reader's position (see the class docstring); JSON-serialisable."""
         return make_state(self.fingerprint(), self._progress.cursor)
 
+    def _state_mark(self) -> Callable[[], dict[str, Any]]:
+        """What :meth:`state_dict` returns now, made when called: a loader takes one before
+        each batch, at no cost, and uses it only when the batch fails half way."""
+        cursor = self._progress.cursor
+        return lambda: make_state(self.fingerprint(), cursor)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch.
 
@@ -287,9 +293,18 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._progress.cursor = self._check_state(state_dict, *self._reader()[2:])
         self._progress.resume = True
 
-    def _check_state(self, state_dict: Any, num_workers: int, worker_index: int) -> Cursor:
+    def _check_state(self, state_dict: Any, num_workers: int, worker_index: int,
+                     ended: bool = False) -> Cursor:
         """The cursor of ``state_dict`` if it belongs to worker ``worker_index`` of
-        ``num_workers``; raises ``ValueError`` naming every field that differs."""
+        ``num_workers`` and names a step of the stream; raises ``ValueError`` naming every
+        field that differs, or the field out of range.
+
+        ``ended``: the state's iterator had ended (torchdata's ``fetcher_ended``), which only a
+        one-pass dataset's reader at the end of its epoch can be. A cursor inside a window is
+        checked against the window's steps, which takes reading the window: it is kept for
+        the pass that resumes from the state in this process (or in a worker forked from it),
+        so a restore still reads it once.
+        """
         cursor = load_cursor(state_dict, self._fingerprint(num_workers, worker_index))
         reader, num_readers = self._reader_of(num_workers, worker_index)
         windows = _order.num_windows(
@@ -298,6 +313,22 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"state field 'window': {cursor.window} (position "
                              f"{cursor.position}) is past the end of reader {reader}'s "
                              f"{windows} windows")
+        if ended and (self.repeat or cursor.window < windows):
+            what = ("the stream of a repeat=True dataset never ends" if self.repeat else
+                    f"reader {reader} is in window {cursor.window} of {windows}")
+            raise ValueError(f"state field 'fetcher_ended' is true, but {what}")
+        if cursor.position > 0:
+            key = (reader, num_readers, cursor.epoch, cursor.window)
+            episodes = _order.window_episodes(
+                self._episodes(cursor.epoch, reader, num_readers), cursor.window,
+                self.shuffle_window)
+            window = self._read_window(episodes)
+            steps = sum(s.num_steps for s in window[0])
+            if cursor.position > steps:
+                raise ValueError(f"state field 'position': {cursor.position} is past the end "
+                                 f"of window {cursor.window} of epoch {cursor.epoch} ({steps} "
+                                 "steps)")
+            self._progress.windows[key] = window
         return cursor
 
     def batched(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
@@ -397,7 +428,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             episodes = self._episodes(epoch, reader, num_readers)
             emitted = 0
             for window in range(first_window, windows):
-                samplers, corrupt = reads.get((epoch, window), _order.window_episodes(
+                checked = self._progress.take_window((reader, num_readers, epoch, window))
+                samplers, corrupt = checked or reads.get((epoch, window), _order.window_episodes(
                     episodes, window, self.shuffle_window))
                 if window + 1 < windows:
                     following = (epoch, window + 1), _order.window_episodes(
@@ -577,12 +609,26 @@ class RLDSDataset(torch.utils.data.IterableDataset):
 
 
 class _Progress:
-    """Where a dataset's next pass starts: the cursor, and whether it was loaded (resumed)
-    rather than reached."""
+    """Where a dataset's next pass starts: the cursor, whether it was loaded (resumed) rather
+    than reached, and the windows that checking loaded states read (by reader, reader count,
+    epoch and window), for the pass that starts there."""
 
     def __init__(self, cursor: Cursor | None = None, resume: bool = False) -> None:
         self.cursor = cursor if cursor is not None else Cursor()
         self.resume = resume
+        self.windows: dict[tuple[int, int, int, int], tuple[list[EpisodeSampler], int]] = {}
+
+    def take_window(self, key: tuple[int, int, int, int]
+                    ) -> tuple[list[EpisodeSampler], int] | None:
+        """The window ``key`` if a check read it; the others are dropped (a worker forked
+        after the checks holds every worker's)."""
+        window = self.windows.pop(key, None)
+        self.windows.clear()
+        return window
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Read windows stay in this process: a worker started by pickling reads its own.
+        return {**self.__dict__, "windows": {}}
 
 
 class _WindowReads:

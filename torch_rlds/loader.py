@@ -1,26 +1,26 @@
-"""``DataLoader``: torchdata's ``StatefulDataLoader`` with torch_rlds defaults and file I/O."""
+"""``DataLoader``: torchdata's ``StatefulDataLoader``, the same for any dataset, with
+torch_rlds's batching, exact passes and state files for its own datasets."""
 
 from __future__ import annotations
 
-import copy
 import functools
-import multiprocessing
 import os
-import sys
-import traceback
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.utils.data
 from etils import epath
-from torchdata.stateful_dataloader import Stateful, StatefulDataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torch_rlds import _buffers
 from torch_rlds._bootstrap import explain_start_failure, refuse_inside_bootstrap
+from torch_rlds._fields import to_numpy
 from torch_rlds._loader_stats import LoaderStats, StatsTracker
+from torch_rlds._pass import MultiProcessIter, Run, SingleProcessIter
+from torch_rlds._start import default_start_method, init_worker, start_method_for
 from torch_rlds._state import (
     DATASET_STATE,
     ITERATOR_FINISHED,
@@ -34,184 +34,239 @@ from torch_rlds._state import (
     saved_num_workers,
 )
 from torch_rlds._state_file import read_json, write_json_atomic
-from torch_rlds._workers import (
-    WorkerError,
-    diagnose,
-    report_deaths_from_next,
-    stop_workers,
-    summary,
-)
+from torch_rlds._workers import WorkerError
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
+from torch_rlds.mixture import MixtureDataset
+from torch_rlds.transforms import TransformedDataset
+
+__all__ = ["DataLoader", "WorkerError", "dataset_states", "default_start_method",
+           "is_rlds_dataset", "to_numpy"]
 
 # torchdata 0.11 calls a torch API that newer torch deprecates, once per iterator.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
-
-# Imported once by the fork server rather than by every worker it starts: a worker that
-# imports torch itself takes seconds to start.
-_FORKSERVER_PRELOAD = ("torch_rlds", "tensorflow_datasets")
+_T_co = TypeVar("_T_co", covariant=True)
 
 
-def default_start_method() -> str | None:
-    """``forkserver`` once jax is imported (forking a process in which jax has started its
-    backend threads can deadlock the child), else the platform default.
-
-    With ``forkserver`` it also asks the fork server, if it has not started yet, to import
-    torch_rlds and tensorflow_datasets (neither imports jax or tensorflow) before it forks
-    workers, keeping any modules already asked for.
-    """
-    if "jax" not in sys.modules:
-        return None
-    from multiprocessing import forkserver
-
-    asked = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
-    missing = [m for m in _FORKSERVER_PRELOAD if m not in asked]
-    if missing:
-        multiprocessing.set_forkserver_preload(asked + missing)
-    return "forkserver"
+def is_rlds_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` is one of torch_rlds's streams: an :class:`~torch_rlds.RLDSDataset`,
+    a :class:`~torch_rlds.TransformedDataset` of one, or a :class:`~torch_rlds.MixtureDataset`
+    of such. Their state is a cursor that resumes the stream exactly."""
+    if isinstance(dataset, RLDSDataset):
+        return True
+    if isinstance(dataset, TransformedDataset):
+        return is_rlds_dataset(dataset.dataset)
+    if isinstance(dataset, MixtureDataset):
+        return all(map(is_rlds_dataset, dataset.datasets))
+    return False
 
 
-class DataLoader(StatefulDataLoader):
-    """A drop-in ``StatefulDataLoader`` with defaults for RLDS training.
+class DataLoader(StatefulDataLoader[_T_co]):
+    """torchdata's ``StatefulDataLoader``, with torch_rlds's batching and passes for its own
+    datasets.
 
-    Differences from ``StatefulDataLoader``:
+    **Any other dataset** is loaded exactly as ``StatefulDataLoader`` loads it: the same
+    arguments (positional ones included), batches (torch's ``default_collate``), ``iter()``
+    semantics, errors (a dataset's error passes and the pass goes on) and states (it loads
+    every state ``StatefulDataLoader`` loads, and only checks their types and ranges first).
+    What it adds there: :attr:`batches_seen`, :meth:`stats`, :meth:`save_state` /
+    :meth:`load_state`, ``as_numpy``, workers that never outlive the training process, and
+    dead or silent workers named by :class:`WorkerError` (a ``RuntimeError`` in torch's
+    words), raised from ``next()`` only; the pass ends with it (its other workers are stopped
+    at once, where torchdata's iterator would be left unusable), and ``iter()`` again starts
+    a new pass with fresh workers.
 
-    * over an :class:`~torch_rlds.RLDSDataset`, with ``batch_size`` and no ``collate_fn``, the
-      dataset makes the batches ("Batches" there): each frame is decoded straight into its row
-      of the batch, with no per-sample Python in between. The batches are those
-      :func:`torch_rlds.collate` makes of the same samples, bit for bit. :attr:`dataset` is
-      a batching view of the dataset given (:meth:`RLDSDataset.batching_view`: one cursor for
-      both, so ``set_epoch`` or ``load_state_dict`` on either applies), and ``batch_size``
-      and ``drop_last`` read as given. A dataset that emits batches already is taken as it is
-      with ``batch_size=None`` or its own batch size (another raises ``ValueError``). Pass
-      ``collate_fn=torch_rlds.collate`` to have samples collated one by one instead;
-    * otherwise ``collate_fn`` defaults to :func:`torch_rlds.collate` (a batch is one buffer
-      of shared memory; strings as lists); with ``batch_size=None`` to torch's, which turns
-      each sample's arrays into tensors;
-    * a batch built by torch_rlds crosses from a worker as one handle for its whole buffer
-      (torch would send one per tensor). With ``reuse_buffers`` (the default) each worker
-      writes its batches into a few buffers of shared memory that it reuses once the main
-      process holds no tensor, view, numpy array or storage object of the batch in them, and a
-      batch in a buffer the main process has mapped crosses by the buffer's name (see
-      :mod:`torch_rlds._buffers`): a fresh buffer costs a page fault per 4 KiB, which on a
-      virtual machine can take as long as decoding the batch. A batch the caller keeps is
-      never written over. One handed on to another process is not tracked there: clone it
-      first, or pass ``reuse_buffers=False``. Off with ``pin_memory`` (pinned batches are
-      copies) and with a ``collate_fn`` of the caller's own;
-    * ``as_numpy=True`` hands out numpy views of the batch tensors, without a copy;
-    * workers start with ``forkserver`` when jax is imported in the parent
-      (:func:`default_start_method`, decided again at every ``iter()``), unless
-      ``multiprocessing_context`` is given;
-    * :attr:`batches_seen` counts the batches handed to the caller and is restored with the
-      state; :meth:`save_state` / :meth:`load_state` write and read the state as JSON,
-      atomically (temporary file, then rename), locally or on ``gs://``;
-    * :meth:`load_state_dict` checks the whole state before torchdata or a worker reads it: a
-      state of another worker count, one that does not belong to the dataset, or one malformed
-      anywhere (a missing or unknown key, a bool, float or negative number where a count
-      belongs, a worker id out of range) raises ``ValueError`` naming the field. No load path
-      unpickles anything;
-    * a worker that dies (killed, crashed, ``os._exit``) or, under ``timeout``, sends no batch
-      in time raises :class:`WorkerError` naming the worker, its pid and exit code, from
-      ``next()`` (within a fraction of a second; never from elsewhere in the main thread, as
-      torch's SIGCHLD handler would);
-    * any error ends the pass (torchdata would go on without the reader that raised, silently
-      short of its steps): the workers are stopped at once, later ``next()`` calls say so,
-      ``state_dict()`` is the state after the last batch handed out, and ``iter()`` again
-      resumes right there, with fresh workers;
-    * iteration is one stream whatever ``num_workers`` and ``persistent_workers``: an
-      ``iter()`` after an unfinished pass (a ``break``) continues right after the last batch
-      handed out (``StatefulDataLoader`` would drop what its workers had prefetched, or start
-      over); an ``iter()`` after a finished pass of a one-pass :class:`~torch_rlds.RLDSDataset`
-      starts the next epoch (``StatefulDataLoader`` without persistent workers would repeat the
-      first one);
-    * :meth:`stats` reports throughput, the time the caller waited for data, epoch progress
-      and what was served per dataset.
+    **A torch_rlds dataset** (:func:`is_rlds_dataset`: an :class:`~torch_rlds.RLDSDataset`,
+    a transformed one, a mixture of them) gets, besides:
+
+    * *batches built by the dataset*: over an :class:`~torch_rlds.RLDSDataset` with
+      ``batch_size`` and no ``collate_fn``, each frame is decoded straight into its row of the
+      batch, with no per-sample Python in between; the batches are those
+      :func:`torch_rlds.collate` makes of the same samples, bit for bit. :attr:`dataset` is a
+      batching view of the dataset given (:meth:`RLDSDataset.batching_view`: one cursor for
+      both, so ``set_epoch`` or ``load_state_dict`` on either applies), and ``batch_size`` and
+      ``drop_last`` read as given. A dataset that emits batches already is taken as it is with
+      ``batch_size=None`` or its own batch size (another raises ``ValueError``). Over other
+      torch_rlds datasets ``collate_fn`` defaults to :func:`torch_rlds.collate`;
+    * *one buffer per batch*: a batch built by torch_rlds crosses from a worker as one handle
+      for its whole buffer (torch would send one per tensor). With ``reuse_buffers`` (the
+      default) each worker writes its batches into a few buffers of shared memory that it
+      reuses once the main process holds no field of the batch in them, and a batch in a
+      buffer the main process has mapped crosses by the buffer's name (see
+      :mod:`torch_rlds._buffers`). Each field the caller receives is a tensor of its own:
+      ``torch.save`` of it writes that field only, sending it to another process copies that
+      field only, and a field kept after the rest of its batch is dropped keeps only its own
+      pages of shared memory (:mod:`torch_rlds._fields`). Off with ``pin_memory`` (pinned
+      batches are copies) and with a ``collate_fn`` of the caller's own;
+    * *one stream over passes*, with ``continue_passes`` (on by default for these datasets,
+      and off with ``in_order=False`` and workers, where torchdata's state lags the batches
+      handed out): an ``iter()`` after an unfinished pass (a ``break``) continues right after
+      the last batch handed out, whatever ``num_workers`` and ``persistent_workers``
+      (``StatefulDataLoader`` would drop what its workers had prefetched, or start over), and
+      an ``iter()`` after a finished pass of a one-pass :class:`~torch_rlds.RLDSDataset` starts
+      the next epoch (``StatefulDataLoader`` without persistent workers would repeat the first
+      one). ``continue_passes=False`` gives ``StatefulDataLoader``'s passes;
+    * *an error ends the pass*: the dataset's stream in the reader that raised is closed, so
+      going on (as torchdata does) would silently leave out the rest of that reader's share.
+      The workers are stopped at once, later ``next()`` calls say so, ``state_dict()`` is the
+      state after the last batch handed out, and ``iter()`` again resumes right there, with
+      fresh workers. (A ``collate_fn`` error ends it too: the loader cannot tell it apart.)
+    * *strict states*: :meth:`load_state_dict` checks each worker's dataset state against the
+      dataset (fingerprint, cursor in range, a stream that cannot end marked as ended) and the
+      sampler and iterator states against what such a loader saves, before torchdata or a
+      worker reads them; a mismatch raises ``ValueError`` naming the field and both values.
+
+    Workers start with ``forkserver`` rather than ``fork`` when jax has started its backend in
+    this process and ``multiprocessing_context`` is ``None`` (:func:`default_start_method`,
+    decided at every ``iter()``, with a warning the first time); ``multiprocessing_context``
+    itself keeps what the caller set. Every worker exits as soon as the training process is
+    gone, however it died.
 
     The state is what ``StatefulDataLoader`` saves (each worker's dataset state gathered with
     the batch it produced, so prefetched batches never leak into it) plus
-    ``{"torch_rlds": {"version", "batches_seen"}}``. It survives a JSON round trip.
+    ``{"torch_rlds": {"version", "batches_seen"}}``. It survives a JSON round trip. Any state
+    loads only into a loader of the same ``num_workers``, and no load path unpickles anything.
     Not thread-safe: one thread iterates and saves.
+
+    Args (besides ``StatefulDataLoader``'s):
+      as_numpy: hand out numpy views of the batch tensors, without a copy.
+      reuse_buffers: see "one buffer per batch".
+      continue_passes: see "one stream over passes" (``None``: on for torch_rlds datasets
+        where it is exact).
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int | None = 1, *,
-                 as_numpy: bool = False, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 multiprocessing_context: Any = None, reuse_buffers: bool = True,
-                 **kwargs: Any) -> None:
-        self._choose_start_method = multiprocessing_context is None
-        if multiprocessing_context is None and kwargs.get("num_workers", 0) > 0:
-            multiprocessing_context = default_start_method()
-        workers = kwargs.get("num_workers", 0) > 0
+    def __init__(self, dataset: torch.utils.data.Dataset[_T_co], batch_size: int | None = 1,
+                 shuffle: bool | None = None,
+                 sampler: torch.utils.data.Sampler | Iterable | None = None,
+                 batch_sampler: torch.utils.data.Sampler | Iterable | None = None,
+                 num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None,
+                 pin_memory: bool = False, drop_last: bool = False, timeout: float = 0,
+                 worker_init_fn: Callable[[int], None] | None = None,
+                 multiprocessing_context: Any = None, generator: torch.Generator | None = None,
+                 *, prefetch_factor: int | None = None, persistent_workers: bool = False,
+                 pin_memory_device: str = "", in_order: bool = True,
+                 snapshot_every_n_steps: int | None = 1, as_numpy: bool = False,
+                 reuse_buffers: bool = True, continue_passes: bool | None = None) -> None:
+        rlds = is_rlds_dataset(dataset)
+        workers = isinstance(num_workers, int) and num_workers > 0
         asked = None
-        if (isinstance(dataset, RLDSDataset) and collate_fn is None
-                and kwargs.get("batch_sampler") is None
+        if (isinstance(dataset, RLDSDataset) and collate_fn is None and batch_sampler is None
                 and (batch_size is not None or dataset.batch_size is not None)):
-            # Whole batches built by the dataset, in its workers: see "Batches".
+            # Whole batches built by the dataset, in its workers: see "batches built by the
+            # dataset".
             if batch_size is not None:
-                asked = (batch_size, bool(kwargs.pop("drop_last", False)))
+                asked = (batch_size, bool(drop_last))
                 dataset = _batching(dataset, *asked)
+                drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
-        elif batch_size is not None and collate_fn in (None, collate):
-            # (without batching torch's default converts each sample)
+        elif batch_size is not None and (collate_fn is collate or (collate_fn is None and rlds)):
             collate_fn = _collate if workers else collate
-        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn,
-                         multiprocessing_context=multiprocessing_context, **kwargs)
+        super().__init__(dataset, batch_size, shuffle, sampler, batch_sampler, num_workers,
+                         collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
+                         multiprocessing_context, generator, prefetch_factor=prefetch_factor,
+                         persistent_workers=persistent_workers,
+                         pin_memory_device=pin_memory_device, in_order=in_order,
+                         snapshot_every_n_steps=snapshot_every_n_steps)
         if asked is not None:
             # What was asked for, as torch reports it; the dataset makes the batches.
             object.__setattr__(self, "batch_size", asked[0])
             object.__setattr__(self, "drop_last", asked[1])
+        exact = num_workers == 0 or in_order
+        if continue_passes is None:
+            continue_passes = rlds and exact
+        elif continue_passes and not exact:
+            raise ValueError("continue_passes=True needs in_order=True with workers (out of "
+                             "order, torchdata's state lags the batches handed out, so a "
+                             "continued pass would repeat or skip some)")
+        self.continue_passes = bool(continue_passes)
         self.reuse_buffers = reuse_buffers
         self.as_numpy = as_numpy
-        self.batches_seen = 0
-        # (torchdata iterator, its state after the last batch handed out) for a pass that
-        # ended with an error: see _CountingIterator.
-        self._failed_pass: tuple[Any, dict[str, Any]] | None = None
-        self._stats = StatsTracker(_episodes_per_epoch(dataset))
+        self._rlds = rlds
+        self._run = Run(StatsTracker(_episodes_per_epoch(dataset) if rlds else None),
+                        as_numpy=as_numpy, ends_on_error=rlds)
 
+    @property
+    def as_numpy(self) -> bool:
+        """Whether batches are handed out as numpy views of their tensors."""
+        return self._as_numpy
+
+    @as_numpy.setter
+    def as_numpy(self, value: bool) -> None:
+        self._as_numpy = bool(value)
+        run = getattr(self, "_run", None)
+        if run is not None:
+            run.as_numpy = self._as_numpy
+
+    @property
+    def batches_seen(self) -> int:
+        """Batches handed to the caller since the start of the stream (restored with the
+        state)."""
+        return self._run.batches_seen
+
+    @batches_seen.setter
+    def batches_seen(self, value: int) -> None:
+        self._run.batches_seen = value
+
+    # -- passes ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         refuse_inside_bootstrap()
-        if (self._choose_start_method and self.num_workers > 0
-                and self.multiprocessing_context is None and "jax" in sys.modules):
-            # jax was imported after this loader was built: workers must not be forked now.
-            self.multiprocessing_context = default_start_method()
-        self._prepare_pass()
-        return _CountingIterator(self, super().__iter__())
+        previous = self._iterator
+        if previous is not None and previous.ended:
+            # A pass that ended with an error (its workers are stopped): a torch_rlds stream
+            # goes on from its state; another dataset gets a new pass, with fresh workers.
+            if self._rlds:
+                self.load_state_dict(previous.state_dict())
+            else:
+                self._iterator = None
+                self._initial_iter_for_state_dict = False
+        elif self.continue_passes:
+            self._continue_pass()
+        return super().__iter__()
 
     def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            iterator = SingleProcessIter(self, self.next_iter_state, self._run)
+            self.next_iter_state = None
+            return iterator
+        self.check_worker_number_rationality()
         leases = None
-        if (self.num_workers > 0 and self.reuse_buffers and not self.pin_memory
-                and self.collate_fn in (_whole_batch, _collate) and _buffers.supported()):
+        if (self.reuse_buffers and not self.pin_memory
+                and self.collate_fn in (_whole_batch, _collate)):
             leases = _buffers.Leases(self.num_workers, (self.prefetch_factor or 0)
                                      + _SPARE_BUFFERS)
-        init = self.worker_init_fn
-        if leases is not None:
-            self.worker_init_fn = functools.partial(_init_worker, *leases.worker_args(), init)
+        init, method = self.worker_init_fn, start_method_for(self)
+        self.worker_init_fn = functools.partial(
+            init_worker, os.getpid(), leases.worker_args() if leases is not None else None,
+            init)
+        if method is not None:
+            self.multiprocessing_context = method
         try:
-            iterator = super()._get_iterator()
+            iterator = MultiProcessIter(self, self.next_iter_state, self._run, leases)
         except RuntimeError as error:
-            explained = explain_start_failure(error, self.multiprocessing_context)
+            explained = explain_start_failure(error, method or self.multiprocessing_context)
             if explained is None:
                 raise
             raise explained from error
         finally:
             self.worker_init_fn = init
-        iterator._torch_rlds_leases = leases  # freed slots: see _CountingIterator
-        if getattr(iterator, "_worker_pids_set", False):
-            report_deaths_from_next(iterator)
-        queues = getattr(iterator, "_index_queues", None)
-        if queues:
-            # torch stops workers by sending None down their index queues. When the iterator
-            # is collected as part of a reference cycle (an exception's traceback makes one
-            # easily), the collector first closes those queues (their finalizers are weakref
-            # callbacks), so the None never arrives and shutting down waits 5 s per worker
-            # before killing it. Holding the queues from outside the cycle until the iterator
-            # is gone keeps them open for its shutdown.
-            weakref.finalize(iterator, _drop, queues).atexit = False
+            if method is not None:
+                self.multiprocessing_context = None
+        self.next_iter_state = None
+        for part in _rlds_parts(self.dataset):
+            part._progress.windows.clear()  # read by the checks for the workers, now forked
+        # torch stops workers by sending None down their index queues. When the iterator is
+        # collected as part of a reference cycle (an exception's traceback makes one easily),
+        # the collector first closes those queues (their finalizers are weakref callbacks),
+        # so the None never arrives and shutting down waits 5 s per worker before killing it.
+        # Holding the queues from outside the cycle until the iterator is gone keeps them
+        # open for its shutdown.
+        weakref.finalize(iterator, _drop, iterator._index_queues).atexit = False
         return iterator
 
-    def _prepare_pass(self) -> None:
+    def _continue_pass(self) -> None:
         """Make the iterator ``StatefulDataLoader.__iter__`` is about to build continue the
-        stream (see the class docstring)."""
+        stream (see "one stream over passes")."""
         previous = self._iterator
         if self.next_iter_state is not None:
             pending = self.next_iter_state  # a loaded state: the next iterator resumes it
@@ -240,16 +295,13 @@ class DataLoader(StatefulDataLoader):
     def stats(self) -> LoaderStats:
         """Throughput, time the caller waited for data, epoch progress and steps and episodes
         served per dataset, since this loader was built (see :class:`LoaderStats`)."""
-        return self._stats.snapshot()
+        return self._run.stats.snapshot()
 
+    # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loader's state (see the class docstring); after a pass that ended with an error,
         the state after the last batch it handed out."""
-        failed = self._failed_pass
-        if failed is not None and failed[0] is self._iterator:
-            state = copy.deepcopy(failed[1])
-        else:
-            state = dict(super().state_dict())
+        state = dict(super().state_dict())
         state[LOADER_STATE_KEY] = {"version": LOADER_STATE_VERSION,
                                    "batches_seen": self.batches_seen}
         return state
@@ -257,32 +309,31 @@ class DataLoader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict`` on the next ``iter()``.
 
-        Checks the whole state first (:func:`torch_rlds._state.check_loader_state`) and, for
-        an :class:`~torch_rlds.RLDSDataset`, every worker's dataset state against the dataset:
-        a state of another worker count, of another dataset or configuration, or one malformed
-        anywhere raises ``ValueError`` naming the field (and, for a mismatch, both values).
-        ``{}`` is torchdata's "nothing to restore".
+        Checks the whole state first (:func:`torch_rlds._state.check_loader_state`: a state of
+        another worker count, or one whose counters, seeds or flags have the wrong type or
+        range, raises ``ValueError`` naming the field) and, for a torch_rlds dataset, every
+        worker's dataset state against the dataset (of another dataset or configuration, a
+        cursor out of range, an endless stream marked as ended: ``ValueError`` naming the
+        field and, for a mismatch, both values). ``{}`` is torchdata's "nothing to restore".
         """
         if not isinstance(state_dict, dict):
             raise ValueError(f"loader state must be a dict (got {type(state_dict).__name__})")
-        self._failed_pass = None
         if not state_dict:
             super().load_state_dict({})
             return
-        rlds = isinstance(self.dataset, RLDSDataset)
-        seen, datasets = check_loader_state(
-            state_dict, num_workers=self.num_workers, rlds=rlds,
-            snapshot_every_n_steps=self.snapshot_every_n_steps)
-        if rlds:
-            for worker, dataset_state in enumerate(datasets):
+        found = check_loader_state(state_dict, num_workers=self.num_workers, rlds=self._rlds)
+        if self._rlds:
+            for worker, (dataset_state, ended) in enumerate(zip(found.datasets, found.ended)):
                 try:
-                    self.dataset._check_state(dataset_state, self.num_workers, worker)
+                    self.dataset._check_state(dataset_state, self.num_workers, worker, ended)
                 except ValueError as e:
+                    if type(e) is not ValueError:  # the data's own error, reading a window
+                        raise
                     where = f"worker {worker}: " if self.num_workers else ""
                     raise ValueError(f"{where}{e}") from None
         super().load_state_dict({k: v for k, v in state_dict.items() if k != LOADER_STATE_KEY})
-        if seen is not None:
-            self.batches_seen = seen
+        if found.batches_seen is not None:
+            self.batches_seen = found.batches_seen
 
     def save_state(self, path: str | os.PathLike) -> epath.Path:
         """Write the state as JSON to ``path`` atomically; returns the path.
@@ -332,97 +383,9 @@ def dataset_states(state: dict[str, Any]) -> list[Any]:
     return out
 
 
-class _CountingIterator:
-    """Counts the batches handed out, and ends the pass at the first error.
-
-    torchdata would go on after an error in a dataset or transform, but the reader that raised
-    is finished by then (a generator that raised is closed), and the rest of its share would be
-    silently missing from the pass. So any error ends the pass: the workers are stopped at once
-    (rather than whenever the garbage collector gets to the iterator, which takes torch five
-    seconds per worker), every later ``next()`` says so, and the loader keeps the state after
-    the last batch handed out for ``state_dict()`` and the next ``iter()``. Without workers
-    the dataset has already moved past the steps of the batch that failed, so its state is
-    taken before each batch.
-    """
-
-    def __init__(self, loader: DataLoader, inner: Iterator[Any]) -> None:
-        self._loader = loader
-        self._inner = inner
-        # The message later next() calls repeat (not the error: its traceback would keep the
-        # frames of the failed call alive, with whatever they held).
-        self._ended: WorkerError | str | None = None
-        self._leases: _buffers.Leases | None = getattr(inner, "_torch_rlds_leases", None)
-        dataset = getattr(inner, "_dataset", None)
-        self._dataset_state = (dataset.state_dict if loader.num_workers == 0
-                               and isinstance(dataset, Stateful) else None)
-
-    def __iter__(self) -> _CountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._ended is not None:
-            raise self._ended_error()
-        tracker = self._loader._stats
-        started = tracker.started()
-        before = self._dataset_state() if self._dataset_state is not None else None
-        if self._leases is not None:
-            self._leases.release()
-        try:
-            batch = next(self._inner)
-        except StopIteration:
-            raise
-        except BaseException as e:
-            failure = diagnose(self._inner, e) if isinstance(e, Exception) else None
-            self._end_pass(failure or e, before)
-            if failure is not None:
-                # torch's frames may hold open temporary files (its check of the fd limit);
-                # a worker forked later must not inherit them.
-                traceback.clear_frames(e.__traceback__)
-                raise failure from e
-            raise
-        self._loader.batches_seen += 1
-        tracker.served(batch, started)
-        return to_numpy(batch) if self._loader.as_numpy else batch
-
-    def _end_pass(self, error: BaseException, dataset_state: Any) -> None:
-        self._ended = (WorkerError(str(error), error.worker, error.pid, error.exitcode)
-                       if isinstance(error, WorkerError) else summary(error))
-        try:
-            state = self._inner.state_dict()  # with workers: as of the last batch handed out
-            if dataset_state is not None:
-                state = {**state, DATASET_STATE: dataset_state}
-            self._loader._failed_pass = (self._loader._iterator, state)
-        finally:
-            stuck = (error.worker if isinstance(error, WorkerError) and error.exitcode is None
-                     else None)
-            stop_workers(self._inner, stuck)
-
-    def _ended_error(self) -> BaseException:
-        ended = self._ended
-        if isinstance(ended, WorkerError):
-            return WorkerError(f"this pass already ended: {ended}", ended.worker, ended.pid,
-                               ended.exitcode)
-        return RuntimeError(f"this pass of the loader already ended with {ended}; iter(loader) "
-                            "resumes after the last batch handed out")
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 # Buffers a worker keeps beyond its prefetched batches: the batch the caller holds, the one
 # it held before (still referenced while the next is asked for), and one in reserve.
 _SPARE_BUFFERS = 3
-
-
-def _init_worker(flags: torch.Tensor, token: int, init: Callable[[int], None] | None,
-                 worker_id: int) -> None:
-    """Worker start: install the worker's buffer pool, then the caller's ``worker_init_fn``."""
-    _buffers.install(flags, token, worker_id)
-    if init is not None:
-        init(worker_id)
 
 
 def _batching(dataset: RLDSDataset, batch_size: int, drop_last: bool) -> RLDSDataset:
@@ -459,20 +422,22 @@ def _drop(*_: Any) -> None:
     have held its arguments."""
 
 
+def _rlds_parts(dataset: Any) -> Iterator[RLDSDataset]:
+    """The RLDS datasets inside a torch_rlds dataset."""
+    if isinstance(dataset, RLDSDataset):
+        yield dataset
+    elif isinstance(dataset, TransformedDataset):
+        yield from _rlds_parts(dataset.dataset)
+    elif isinstance(dataset, MixtureDataset):
+        for part in dataset.datasets:
+            yield from _rlds_parts(part)
+
+
 def _episodes_per_epoch(dataset: Any) -> int | None:
-    source = getattr(dataset, "source", None)
-    count = getattr(dataset, "process_count", 1)
-    if source is None or not isinstance(count, int) or count < 1:
+    """The episodes of this process's share of an epoch of an RLDS dataset (transformed or
+    not), or ``None`` (a mixture)."""
+    while isinstance(dataset, TransformedDataset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, RLDSDataset):
         return None
-    return -(-len(source) // count)
-
-
-def to_numpy(tree: Any) -> Any:
-    """Replace every tensor in ``tree`` with a numpy view of it (no copy)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.numpy()
-    if isinstance(tree, dict):
-        return {k: to_numpy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and tree and isinstance(tree[0], torch.Tensor):
-        return type(tree)(to_numpy(v) for v in tree)
-    return tree
+    return -(-len(dataset.source) // dataset.process_count)

@@ -141,18 +141,45 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """The mixture's position and every dataset's state; JSON-serialisable."""
-        return {
+        return self._state_mark()()
+
+    def _state_mark(self) -> Any:
+        """What :meth:`state_dict` returns now, made when called (each dataset's own mark where
+        it has one, else its state now)."""
+        samples, exhausted = self._samples, [int(e) for e in self._exhausted]
+        marks = [_mark(d) for d in self.datasets]
+        return lambda: {
             "version": MIXTURE_STATE_VERSION,
             "fingerprint": self.fingerprint(),
-            "samples": self._samples,
-            "exhausted": [int(e) for e in self._exhausted],
+            "samples": samples,
+            "exhausted": list(exhausted),
             "weights": [repr(float(w)) for w in self.weights],
-            "datasets": [d.state_dict() for d in self.datasets],
+            "datasets": [mark() for mark in marks],
         }
+
+    def _check_state(self, state_dict: Any, num_workers: int, worker_index: int,
+                     ended: bool = False) -> None:
+        """Check ``state_dict`` as worker ``worker_index`` of ``num_workers`` would load it,
+        without loading it (each dataset checks its own part); ``ended``: its iterator had
+        ended, which only a mixture whose every dataset ended can be."""
+        self._parse(state_dict, lambda i, d, state: d._check_state(state, num_workers,
+                                                                   worker_index))
+        if ended and not all(state_dict["exhausted"]):
+            raise ValueError("state field 'fetcher_ended' is true, but mixture datasets "
+                             f"{[i for i, e in enumerate(state_dict['exhausted']) if not e]} "
+                             "have not ended")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from ``state_dict`` on the next ``iter()``; raises ``ValueError`` naming the
         field on a malformed state or another mixture's."""
+        samples, exhausted = self._parse(state_dict,
+                                         lambda i, d, state: d.load_state_dict(state))
+        self._samples = samples
+        self._exhausted = [bool(e) for e in exhausted]
+
+    def _parse(self, state_dict: Any, each: Any) -> tuple[int, list[int]]:
+        """Check ``state_dict``'s own fields, then hand each dataset its state with
+        ``each(index, dataset, state)``; returns ``(samples, exhausted)``."""
         if not isinstance(state_dict, dict):
             raise ValueError(f"mixture state must be a dict (got {type(state_dict).__name__})")
         version = state_dict.get("version")
@@ -186,11 +213,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"mixture state field 'datasets' must be a list of {n} states")
         for i, (dataset, state) in enumerate(zip(self.datasets, states)):
             try:
-                dataset.load_state_dict(state)
+                each(i, dataset, state)
             except ValueError as e:
                 raise ValueError(f"mixture dataset {i}: {e}") from e
-        self._samples = samples
-        self._exhausted = [bool(e) for e in exhausted]
+        return samples, exhausted
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -215,6 +241,15 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         weights = ", ".join(f"{w:.4g}" for w in self.weights)
         return (f"MixtureDataset({len(self.datasets)} datasets, weights=[{weights}], "
                 f"seed={self.seed})")
+
+
+def _mark(dataset: Any) -> Any:
+    """``dataset``'s state as of now, made when called: its own mark, else its state now."""
+    mark = getattr(dataset, "_state_mark", None)
+    if mark is not None:
+        return mark()
+    state = dataset.state_dict()
+    return lambda: state
 
 
 __all__ = ["MixtureDataset"]
