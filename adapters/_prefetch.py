@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import queue
 import threading
@@ -11,6 +12,26 @@ from typing import Any
 _END = object()
 _POLL_S = 0.1
 _JOIN_TIMEOUT_S = 300.0
+# At interpreter exit, how long each prefetch thread still running gets to stop.
+_EXIT_JOIN_S = 10.0
+# The prefetch threads running now, with their stop events: stopped at interpreter exit,
+# before the libraries they call into (jax's runtime) are torn down under them; a daemon thread
+# still inside XLA at that point aborts the process ("terminate called without an active
+# exception").
+_running: dict[threading.Thread, threading.Event] = {}
+_running_lock = threading.Lock()
+
+
+def _stop_running() -> None:
+    with _running_lock:
+        running = list(_running.items())
+    for _, stop in running:
+        stop.set()
+    for thread, _ in running:
+        thread.join(_EXIT_JOIN_S)
+
+
+atexit.register(_stop_running)
 
 
 class _Failure:
@@ -20,6 +41,15 @@ class _Failure:
 
 def _produce(loader: Any, transform: Callable[[Any], Any], iterator: Any, out: queue.Queue,
              stop: threading.Event) -> None:
+    try:
+        _run(loader, transform, iterator, out, stop)
+    finally:
+        with _running_lock:
+            _running.pop(threading.current_thread(), None)
+
+
+def _run(loader: Any, transform: Callable[[Any], Any], iterator: Any, out: queue.Queue,
+         stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             batch = next(iterator)
@@ -132,6 +162,8 @@ class StatefulPrefetcher:
             target=_produce,
             args=(self.loader, self._transform, self._iterator, self._queue, self._stop),
             name=f"torch_rlds-{self._name}", daemon=True)
+        with _running_lock:
+            _running[self._thread] = self._stop
         self._thread.start()
 
     def _get(self) -> Any:

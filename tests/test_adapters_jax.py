@@ -326,3 +326,32 @@ def test_a_single_process_cannot_restore_a_two_process_checkpoint(two_hosts):
         manager.restore(SAVE_AT, args=ocp.args.Composite(
             data_loader=DataLoaderRestore(config.make_loader(0, 1))))
 
+
+
+def test_prefetch_threads_stop_at_interpreter_exit(tmp_path):
+    # A daemon thread still inside jax when the interpreter tears jax down aborts the
+    # process; the prefetcher stops its threads first. An exit hook registered before the
+    # prefetcher's own (so it runs after it) reports whether the thread still runs.
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, threading, time\n"
+        "def report():\n"
+        "    alive = [t.name for t in threading.enumerate() if t.name.startswith('torch_rlds')]\n"
+        "    print('alive' if alive else 'stopped', flush=True)\n"
+        "atexit.register(report)\n"
+        "from torch_rlds.adapters._prefetch import StatefulPrefetcher\n"
+        "class Slow:\n"
+        "    def __iter__(self):\n"
+        "        for i in range(10**6):\n"
+        "            time.sleep(0.02)\n"
+        "            yield i\n"
+        "    def state_dict(self): return {}\n"
+        "p = StatefulPrefetcher(Slow(), lambda b: b, prefetch=2)\n"
+        "print(next(iter(p)), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "stopped"]
