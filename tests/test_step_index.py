@@ -37,7 +37,8 @@ def dataset(request, tmp_path_factory):
 def _index(source):
     features = indexed_features(source.features)
     records = [index_record(source.read(e), features) for e in range(len(source))]
-    return ShardStepIndex.from_records(features, records)
+    return ShardStepIndex.from_records(features, records,
+                                       [len(source.read(e)) for e in range(len(source))])
 
 
 def test_ranges_hold_the_values_of_their_steps(dataset):

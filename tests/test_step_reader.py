@@ -66,7 +66,7 @@ def test_lengths_are_cached_per_shard_and_follow_the_shard(dataset, tmp_path):
     source = torch_rlds.RLDSSource(dataset)
     files = StepFiles(source, tmp_path / "steps")
     lengths = files.lengths(progress=False)
-    assert all(files.lengths_path(s).exists() for s in range(len(files.shards)))
+    assert all(files.lengths_path(s).exists() for s in range(files.num_shards))
     probed = []
     files.probe = lambda shard: probed.append(shard)  # the cache answers now
     assert np.array_equal(StepFiles.lengths(files, progress=False), lengths)

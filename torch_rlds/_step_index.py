@@ -40,8 +40,9 @@ from torch_rlds._features import EpisodeDecodeError
 # the index stays about 8 bytes per block.
 BLOCK_BYTES = 2048
 _MAX_BLOCK_STEPS = 64
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _MAGIC = b"TRSI"  # torch_rlds step index
+_MAX_PROBLEM = 300  # characters of a record's problem kept in the index
 
 # Wire kinds of a tf.train.Feature (its oneof field numbers).
 BYTES, FLOATS, INT64S = 1, 2, 3
@@ -331,6 +332,14 @@ class RecordBlocks:
     offsets: list[np.ndarray]
     crcs: list[np.ndarray]
 
+    @classmethod
+    def whole(cls, num_features: int, num_steps: int = -1) -> RecordBlocks:
+        """A record the index does not cut into blocks: it is read whole (one that is corrupt,
+        or laid out otherwise than the index covers)."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(num_steps, [0] * num_features, [empty] * num_features,
+                   [np.zeros(0, dtype=np.uint32)] * num_features)
+
 
 def index_record(record: memoryview | bytes, features: Sequence[IndexedFeature], *,
                  name: str = "record") -> RecordBlocks:
@@ -385,26 +394,38 @@ class ShardStepIndex:
     """The step index of one tfrecord shard: for record ``r`` and feature ``f`` (in the order
     of the index's ``features``), ``num_steps[r]``, the block size ``block_steps[r, f]`` and the
     blocks ``offsets[first[r, f] : first[r, f] + n + 1]`` (payload offsets; the last is the
-    run's end) with ``crcs[first[r, f] : ... + n]``, ``n`` blocks.
+    run's end) with ``crcs[first[r, f] : ... + n]``, ``n`` blocks. ``sizes[r]`` is the payload
+    size the index was built from (an index whose sizes differ from the shard's is stale). A
+    record with a block size of 0 is read whole: ``problems`` says why (it is corrupt, or laid
+    out otherwise than the index covers).
 
     Immutable (arrays are read-only, often memory-mapped), so thread-safe.
     """
 
     def __init__(self, features: Sequence[IndexedFeature], num_steps: np.ndarray,
                  block_steps: np.ndarray, first: np.ndarray, offsets: np.ndarray,
-                 crcs: np.ndarray) -> None:
+                 crcs: np.ndarray, sizes: np.ndarray,
+                 problems: dict[int, str] | None = None) -> None:
         self.features = tuple(features)
         self.num_steps = num_steps
         self.block_steps = block_steps
         self.first = first
         self.offsets = offsets
         self.crcs = crcs
+        self.sizes = sizes
+        self.problems = dict(problems or {})
         self._position = {f.name: i for i, f in enumerate(self.features)}
 
+    def whole(self, record: int) -> bool:
+        """Whether ``record`` is read whole (see the class docstring)."""
+        return bool(self.block_steps.shape[1]) and int(self.block_steps[record, 0]) == 0
+
     @classmethod
-    def from_records(cls, features: Sequence[IndexedFeature],
-                     records: Sequence[RecordBlocks]) -> ShardStepIndex:
-        """Assemble the index of a shard from its records' blocks, in record order."""
+    def from_records(cls, features: Sequence[IndexedFeature], records: Sequence[RecordBlocks],
+                     sizes: Sequence[int], problems: dict[int, str] | None = None
+                     ) -> ShardStepIndex:
+        """Assemble the index of a shard from its records' blocks and payload sizes, in record
+        order (``problems``: why each record built with :meth:`RecordBlocks.whole` is)."""
         num_features = len(features)
         num_steps = np.asarray([r.num_steps for r in records], dtype=np.int64)
         block_steps = np.asarray([r.block_steps for r in records],
@@ -416,9 +437,11 @@ class ShardStepIndex:
             for f in range(num_features):
                 first[r, f] = cursor
                 offsets.append(blocks.offsets[f])
-                crcs.append(np.append(blocks.crcs[f], np.uint32(0)))
+                if len(blocks.offsets[f]):  # the run's end offset has no block, so no CRC
+                    crcs.append(np.append(blocks.crcs[f], np.uint32(0)))
                 cursor += len(blocks.offsets[f])
-        return cls(features, num_steps, block_steps, first, _join(offsets), _join(crcs))
+        return cls(features, num_steps, block_steps, first, _join(offsets), _join(crcs),
+                   np.asarray(sizes, dtype=np.int64), problems)
 
     # -- reading -------------------------------------------------------------------------------
     def feature(self, name: str) -> int:
@@ -459,6 +482,7 @@ class ShardStepIndex:
         header = json.dumps({
             "version": INDEX_VERSION,
             "features": [dataclasses.asdict(f) for f in self.features],
+            "problems": {str(r): why[:_MAX_PROBLEM] for r, why in self.problems.items()},
             "arrays": {name: [str(a.dtype), list(a.shape)] for name, a in arrays.items()},
         }, sort_keys=True).encode()
         pad = (-(len(_MAGIC) + 8 + len(header))) % 8
@@ -468,7 +492,8 @@ class ShardStepIndex:
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"num_steps": self.num_steps, "block_steps": self.block_steps,
-                "first": self.first, "offsets": self.offsets, "crcs": self.crcs}
+                "first": self.first, "offsets": self.offsets, "crcs": self.crcs,
+                "sizes": self.sizes}
 
     @classmethod
     def from_bytes(cls, data: memoryview | bytes, where: str = "step index") -> ShardStepIndex:
@@ -486,10 +511,11 @@ class ShardStepIndex:
                 raise ValueError(f"version {header.get('version')!r}")
             features = [IndexedFeature(**f) for f in header["features"]]
             layout = header["arrays"]
+            problems = {int(r): str(why) for r, why in header.get("problems", {}).items()}
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where}: unreadable header ({e})") from None
         arrays, pos = {}, 12 + size
-        for name in ("num_steps", "block_steps", "first", "offsets", "crcs"):
+        for name in ("num_steps", "block_steps", "first", "offsets", "crcs", "sizes"):
             try:
                 dtype, shape = np.dtype(layout[name][0]), tuple(int(d) for d in layout[name][1])
             except (KeyError, TypeError, ValueError) as e:
@@ -502,17 +528,19 @@ class ShardStepIndex:
             pos += nbytes
         if pos != data.nbytes:
             raise ValueError(f"{where}: {data.nbytes - pos} bytes after the arrays")
-        index = cls(features, **arrays)
+        index = cls(features, **arrays, problems=problems)
         index._check(where)
         return index
 
     def _check(self, where: str) -> None:
         records, num_features = self.first.shape if self.first.ndim == 2 else (-1, -1)
         if (num_features != len(self.features) or self.block_steps.shape != self.first.shape
-                or self.num_steps.shape != (records,) or self.crcs.shape != self.offsets.shape):
+                or self.num_steps.shape != (records,) or self.crcs.shape != self.offsets.shape
+                or self.sizes.shape != (records,)):
             raise ValueError(f"{where}: arrays of inconsistent shapes")
-        if records and (int(self.first.min()) < 0 or int(self.first.max()) >= len(self.offsets)
-                        or int(self.block_steps.min()) < 1 or int(self.num_steps.min()) < 0):
+        if records and num_features and (
+                int(self.first.min()) < 0 or int(self.first.max()) > len(self.offsets)
+                or int(self.block_steps.min()) < 0 or int(self.num_steps.min()) < -1):
             raise ValueError(f"{where}: block positions out of range")
 
     def __len__(self) -> int:

@@ -36,7 +36,7 @@ from torch_rlds._cache import cache_root
 from torch_rlds._features import EpisodeDecodeError, FeatureLeaf
 from torch_rlds._images import EncodedImages
 from torch_rlds._step_index import (
-    NotStepAddressable,
+    RecordBlocks,
     ShardStepIndex,
     decode_values,
     index_record,
@@ -44,6 +44,7 @@ from torch_rlds._step_index import (
     probe_steps,
     verify_blocks,
 )
+from torch_rlds._tfrecord import CorruptRecordError
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +76,25 @@ class StepFiles:
     def __init__(self, source: Any, cache_dir: str | os.PathLike | None = None) -> None:
         self.source = source
         self.features = indexed_features(source.features)
-        self.shards, self.shard_of, self.record_of = source.tfrecord_shards()
+        self._shards, self.shard_of, self.record_of = source.tfrecord_shards()
         self._folder = _folder(cache_dir)
         self._digest = _digest(self.features)
 
+    @property
+    def num_shards(self) -> int:
+        """The shards holding the source's episodes."""
+        return len(self._shards)
+
+    def shard(self, shard: int) -> Any:
+        """The record index of ``shard`` as the source holds it now."""
+        return self.source.record_index(*self._shards[shard])
+
+    def _sizes(self, shard: int) -> np.ndarray:
+        offsets = self.shard(shard).offsets
+        return np.diff(offsets) - 16  # payload sizes: each record has 16 bytes of framing
+
     def _path(self, shard: int, suffix: str) -> Path:
-        index = self.shards[shard]
+        index = self.shard(shard)
         label = os.path.basename(index.path)[:80]
         return self._folder / f"{label}.{index.cache_key}.{self._digest}.{suffix}"
 
@@ -96,7 +110,7 @@ class StepFiles:
         """The step index of ``shard`` from the cache, or ``None`` (none yet, or unreadable: an
         index that does not fit its shard is left for the builder to replace)."""
         path = self.index_path(shard)
-        records = self.shards[shard].num_records
+        records = self.shard(shard).num_records
         try:
             data = _files.read_regular(os.fspath(path), 64 * (1 << 20) + records * 4096)
         except (OSError, _files.SpecialFileError):
@@ -108,9 +122,16 @@ class StepFiles:
         except ValueError as e:
             logger.warning("torch_rlds: ignoring the step index %s (%s)", path, e)
             return None
-        if len(index) != records or index.features != self.features:
-            return None
+        if (len(index) != records or index.features != self.features
+                or not np.array_equal(index.sizes, self._sizes(shard))):
+            return None  # of another version of the shard: rebuilt by the builder
         return index
+
+    def discard_index(self, shard: int) -> None:
+        """Remove the step index file of ``shard`` (found stale: a range did not match its
+        CRC), for the builder to build again."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.index_path(shard))
 
     def save(self, path: Path, data: bytes) -> bool:
         """Write ``data`` to ``path`` atomically; ``False`` (with one warning per folder) where
@@ -139,39 +160,51 @@ class StepFiles:
         """The steps of every record of ``shard``: from its step index or lengths file, else
         probed (and cached)."""
         index = self.load_index(shard)
-        if index is not None:
+        if index is not None and (index.num_steps >= 0).all():
             return np.asarray(index.num_steps, dtype=np.int64)
         path = self.lengths_path(shard)
-        records = self.shards[shard].num_records
+        sizes = self._sizes(shard)
+        records = len(sizes)
         try:
-            data = _files.read_regular(os.fspath(path), 8 * records + 64)
+            data = _files.read_regular(os.fspath(path), 16 * records + 64)
         except (OSError, _files.SpecialFileError):
             data = None
-        if data is not None and len(data) == 8 * records:
-            lengths = np.frombuffer(data, dtype="<i8").astype(np.int64)
-            if (lengths >= 0).all():
-                return lengths
+        if data is not None and len(data) == 16 * records:
+            both = np.frombuffer(data, dtype="<i8").astype(np.int64).reshape(2, records)
+            # The payload sizes it was probed from, then the lengths: of this shard, or stale.
+            if np.array_equal(both[0], sizes) and (both[1] >= -1).all():
+                return both[1]
         lengths = self.probe(shard)
-        self.save(path, lengths.astype("<i8").tobytes())
+        self.save(path, np.concatenate([sizes, lengths]).astype("<i8").tobytes())
         return lengths
 
     def probe(self, shard: int) -> np.ndarray:
-        """The steps of every record of ``shard``, probed from their headers."""
-        index = self.shards[shard]
+        """The steps of every record of ``shard``, probed from their headers; -1 for a record
+        whose headers do not parse (a corrupt one: see :meth:`lengths`)."""
+        from torch_rlds._corrupt import CORRUPT_ERRORS
+
+        index = self.shard(shard)
         out = np.empty(index.num_records, dtype=np.int64)
         for record in range(index.num_records):
             size = index.record_size(record)
-            out[record], _ = probe_steps(
-                lambda offset, length, r=record: index.read_range(r, offset, length), size,
-                self.features, name=f"{index.path} record {record}")
+            try:
+                out[record], _ = probe_steps(
+                    lambda offset, length, r=record: index.read_range(r, offset, length), size,
+                    self.features, name=f"{index.path} record {record}")
+            except CORRUPT_ERRORS as e:
+                logger.warning("torch_rlds: %s record %d: its steps cannot be counted (%s)",
+                               index.path, record, e)
+                out[record] = -1
         return out
 
     def lengths(self, *, progress: bool = True) -> np.ndarray:
-        """The steps of every episode of the source, in source order."""
+        """The steps of every episode of the source, in source order; -1 for an episode whose
+        record's headers do not parse (which the dataset refuses, or skips with
+        ``on_corrupt="skip"``)."""
         from tqdm import tqdm
 
         per_shard = [self.shard_lengths(s) for s in tqdm(
-            range(len(self.shards)), desc="Counting steps", unit="shard", delay=1.0,
+            range(self.num_shards), desc="Counting steps", unit="shard", delay=1.0,
             leave=False, disable=not progress)]
         return np.asarray([per_shard[s][r] for s, r in zip(self.shard_of.tolist(),
                                                            self.record_of.tolist())],
@@ -179,19 +212,55 @@ class StepFiles:
 
     # -- building -------------------------------------------------------------------------------
     def build_index(self, shard: int) -> ShardStepIndex:
-        """The step index of ``shard``, read from every record of it (CRCs checked), saved."""
-        index = self.shards[shard]
-        records = []
+        """The step index of ``shard``, saved: every record is read whole (its CRCs checked)
+        and decoded (every feature, image headers too), so a corrupt record is found here and
+        marked to be read whole, where it raises as it would without an index."""
+        from torch_rlds._corrupt import CORRUPT_ERRORS
+        from torch_rlds._images import EncodedImages
+
+        index = self.shard(shard)
+        decoder = self.source.decoder
+        records, problems = [], {}
         for record in range(index.num_records):
-            records.append(index_record(index.read_view(record), self.features,
-                                        name=f"{index.path} record {record}"))
-        built = ShardStepIndex.from_records(self.features, records)
+            name = f"{index.path} record {record}"
+            try:
+                payload = index.read_view(record)
+                episode = decoder.decode(payload, name=name)
+                for leaf in decoder.leaves:
+                    if leaf.kind == "image":
+                        value: Any = episode
+                        for part in leaf.path:
+                            value = value[part]
+                        if isinstance(value, EncodedImages):
+                            value.check_headers()
+                records.append(index_record(payload, self.features, name=name))
+            except CORRUPT_ERRORS as e:
+                problems[record] = f"{type(e).__name__}: {e}"
+                records.append(RecordBlocks.whole(len(self.features),
+                                                  int(self.shard_lengths_probed(shard)[record])))
+        built = ShardStepIndex.from_records(self.features, records, self._sizes(shard), problems)
         self.save(self.index_path(shard), built.to_bytes())
         return built
 
+    def shard_lengths_probed(self, shard: int) -> np.ndarray:
+        """The probed steps of every record of ``shard`` (the lengths file, else a probe)."""
+        if getattr(self, "_probed", None) is None or self._probed[0] != shard:
+            path = self.lengths_path(shard)
+            sizes = self._sizes(shard)
+            try:
+                data = _files.read_regular(os.fspath(path), 16 * len(sizes) + 64)
+            except (OSError, _files.SpecialFileError):
+                data = None
+            if data is not None and len(data) == 16 * len(sizes):
+                lengths = np.frombuffer(data, dtype="<i8").astype(np.int64)[len(sizes):]
+            else:
+                lengths = self.probe(shard)
+            self._probed = (shard, lengths)
+        return self._probed[1]
+
     def missing(self) -> list[int]:
         """The shards without a step index file."""
-        return [s for s in range(len(self.shards)) if not self.index_path(s).exists()]
+        return [s for s in range(self.num_shards) if not self.index_path(s).exists()]
 
 
 _warned: set[str] = set()
@@ -237,13 +306,15 @@ class IndexBuilder:
                 if self._stop.is_set():
                     return
                 try:
-                    self.files.build_index(shard)
-                except (EpisodeDecodeError, ValueError, OSError) as e:
+                    built = self.files.build_index(shard)
+                except (ValueError, OSError) as e:  # the shard itself does not read
                     self.failed[shard] = f"{type(e).__name__}: {e}"
                     logger.warning("torch_rlds: shard %s keeps whole-record reads (%s)",
-                                   self.files.shards[shard].path, e)
-                    if isinstance(e, NotStepAddressable):
-                        return  # the dataset's layout, not a shard's: the others fare the same
+                                   self.files.shard(shard).path, e)
+                else:
+                    for record, why in built.problems.items():
+                        logger.warning("torch_rlds: %s record %d is read whole: %s",
+                                       self.files.shard(shard).path, record, why)
                 bar.update(1)
 
     def stop(self) -> None:
@@ -327,10 +398,30 @@ class StepReader:
         steps = int(self.lengths[episode])
         index = self._index(shard)
         name = self.files.source.describe(episode)
-        if index is None:
+        if index is None or index.whole(record):
             return self._from_record(episode, wants, steps, name)
+        if int(index.num_steps[record]) != steps:
+            raise EpisodeDecodeError(f"{name}: {int(index.num_steps[record])} steps in the step "
+                                     f"index, {steps} counted (the shard changed)")
+        try:
+            return self._by_range(index, shard, record, wants, steps, name)
+        except (CorruptRecordError, IndexError) as error:
+            # The index does not fit the shard as it is now (rewritten behind the cache):
+            # read the record whole, which checks its CRCs, and have the index built again.
+            logger.warning("torch_rlds: the step index of %s does not fit it (%s); reading "
+                           "whole records until it is built again",
+                           self.files.shard(shard).path, error)
+            with self._lock:
+                self._indexes.pop(shard, None)
+                self._absent[shard] = time.monotonic()
+            self.files.discard_index(shard)
+            return self._from_record(episode, wants, steps, name)
+
+    def _by_range(self, index: ShardStepIndex, shard: int, record: int,
+                  wants: Mapping[str, tuple[int, int]], steps: int,
+                  name: str) -> dict[str, Any]:
         leaves, dtypes = self._specs()
-        shard_index = self.files.shards[shard]
+        shard_index = self.files.shard(shard)
         episode_tree: dict[str, Any] = {}
         for key, (first, last) in wants.items():
             f = index.feature(key)

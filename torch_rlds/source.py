@@ -101,14 +101,15 @@ class RLDSSource:
         name, episode = self.locate(index)
         return self._readers[name].read(episode)
 
-    def tfrecord_shards(self) -> tuple[list[RecordIndex], np.ndarray, np.ndarray]:
-        """The record indexes of the shards holding this source's episodes, and for each episode
-        ``(shard, record)``: its shard's position in that list and its record there. Raises
-        ``ValueError`` for array_record datasets (their records are no byte ranges of a file)."""
+    def tfrecord_shards(self) -> tuple[list[tuple[str, int]], np.ndarray, np.ndarray]:
+        """The shards holding this source's episodes, as ``(split name, shard)`` (see
+        :meth:`record_index`), and for each episode ``(shard, record)``: its shard's position
+        in that list and its record there. Raises ``ValueError`` for array_record datasets
+        (their records are no byte ranges of a file)."""
         if self.info.file_format != "tfrecord":
             raise ValueError(f"{self.info.path}: {self.info.file_format} shards are read by "
                              "record, not by byte range")
-        shards: list[RecordIndex] = []
+        shards: list[tuple[str, int]] = []
         position: dict[tuple[str, int], int] = {}
         shard_of = np.empty(len(self), dtype=np.int64)
         record_of = np.empty(len(self), dtype=np.int64)
@@ -119,10 +120,15 @@ class RLDSSource:
                 shard, record = reader._shard_of(episode)
                 if (name, shard) not in position:
                     position[name, shard] = len(shards)
-                    shards.append(reader.indexes[shard])
+                    shards.append((name, shard))
                 shard_of[first], record_of[first] = position[name, shard], record
                 first += 1
         return shards, shard_of, record_of
+
+    def record_index(self, split: str, shard: int) -> RecordIndex:
+        """The record index of shard ``shard`` of split ``split`` as it is now (a reader
+        replaces an index it found stale: see :meth:`read`)."""
+        return self._readers[split].indexes[shard]
 
     def describe(self, index: int) -> str:
         """``file @ offset`` (tfrecord) or ``file #record`` of episode ``index``, for messages."""
