@@ -363,13 +363,18 @@ def test_a_loader_without_workers_inside_a_worker_hands_out_plain_batches(small_
     assert kinds == ["dict", "dict"]
 
 
-def test_the_loader_dataset_is_a_view_of_the_dataset_given(small_dataset):
-    dataset = _dataset(small_dataset, repeat=False)
+@pytest.mark.parametrize("order", ["window", "global"])
+def test_the_loader_dataset_is_a_view_of_the_dataset_given(small_dataset, order):
+    dataset = _dataset(small_dataset, repeat=False, order=order)
     loader = torch_rlds.DataLoader(dataset, batch_size=3)
     dataset.set_epoch(3)
     assert next(iter(loader))["meta"]["epoch"].tolist() == [3, 3, 3]
-    state = dataset.state_dict()
-    assert state["epoch"] == 3 and state["position"] > 0  # the loader moved the one cursor
+    state = dataset.state_dict()  # the loader moved the one cursor
+    if order == "window":
+        assert state["epoch"] == 3 and state["position"] > 0
+    else:
+        steps = state["fingerprint"]["num_steps"]
+        assert (state["start"], state["done"], state["batch_size"]) == (3 * steps, 1, 3)
     again = torch_rlds.DataLoader(loader.dataset, batch_size=loader.batch_size)
     assert next(iter(again))["action"].shape == (3, 4, 7)
     with pytest.raises(ValueError, match=r"emits batches already \(batch_size=3, drop_last="

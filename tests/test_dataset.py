@@ -35,6 +35,11 @@ def equal(write_dataset):
     return write_dataset(**EQUAL)
 
 
+def _window(*args, **options):
+    """A dataset in the window order, whose mechanics (windows, readers) the test checks."""
+    return torch_rlds.RLDSDataset(*args, order="window", **options)
+
+
 def _ids(samples) -> list[tuple[int, int]]:
     return [(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])) for s in samples]
 
@@ -83,7 +88,7 @@ def test_more_readers_than_episodes_in_one_pass(write_dataset):
 
 def test_repeat_with_more_readers_than_episodes_is_refused(write_dataset):
     path = write_dataset(num_episodes=3, episode_lengths=(2, 1, 3), cameras=(), num_shards=1)
-    dataset = torch_rlds.RLDSDataset(path, process_index=0, process_count=4)
+    dataset = _window(path, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="4 readers .* 3 episodes"):
         iter(dataset)
 
@@ -162,18 +167,18 @@ def _other_dataset(write_dataset):
 def test_a_state_of_another_configuration_is_refused(varied, write_dataset, field, change,
                                                      saved, current):
     options = dict(source=varied, seed=0, shuffle_window=2)
-    state = torch_rlds.RLDSDataset(**options).state_dict()
+    state = _window(**options).state_dict()
     if change.get("source") == "other":
         change = {"source": _other_dataset(write_dataset)}
-    dataset = torch_rlds.RLDSDataset(**{**options, **change})
+    dataset = _window(**{**options, **change})
     with pytest.raises(ValueError, match=f"{field} in checkpoint: {saved} / in this dataset: "
                                          f"{current}"):
         dataset.load_state_dict(state)
 
 
 def test_every_differing_field_is_named(varied):
-    state = torch_rlds.RLDSDataset(varied, seed=0, shuffle_window=2).state_dict()
-    dataset = torch_rlds.RLDSDataset(varied, seed=4, shuffle_window=3)
+    state = _window(varied, seed=0, shuffle_window=2).state_dict()
+    dataset = _window(varied, seed=4, shuffle_window=3)
     with pytest.raises(ValueError) as error:
         dataset.load_state_dict(state)
     assert "seed in checkpoint: 0 / in this dataset: 4" in str(error.value)
@@ -190,7 +195,7 @@ def test_every_differing_field_is_named(varied):
     (lambda s: s.update(window=99), "'window': 99 .* past the end"),
 ])
 def test_malformed_states_are_refused(varied, edit, message):
-    dataset = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    dataset = _window(varied, shuffle_window=2)
     state = json.loads(json.dumps(dataset.state_dict()))
     edit(state)
     with pytest.raises(ValueError, match=message):
@@ -198,7 +203,7 @@ def test_malformed_states_are_refused(varied, edit, message):
 
 
 def test_a_position_past_the_window_is_refused_on_load(varied, monkeypatch):
-    dataset = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    dataset = _window(varied, shuffle_window=2)
     iterator = iter(dataset)
     for _ in range(3):
         next(iterator)
@@ -211,14 +216,17 @@ def test_a_position_past_the_window_is_refused_on_load(varied, monkeypatch):
                                              f"window 0 of epoch 0 \\({steps} steps\\)"):
             dataset.load_state_dict({**state, "position": position})
     # The last position of the window loads, and the pass goes on with the next window.
-    reference = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    reference = _window(varied, shuffle_window=2)
     reference.load_state_dict({**state, "window": 1, "position": 0})
     expected = next(iter(reference))
     # Checking the position reads the window once: the pass that resumes there reuses it.
     reads = []
-    read = torch_rlds.RLDSDataset._read_window
-    monkeypatch.setattr(torch_rlds.RLDSDataset, "_read_window",
-                        lambda self, episodes: reads.append(list(episodes)) or read(self, episodes))
+    from torch_rlds._window_stream import WindowStream
+
+    read = WindowStream.read_window
+    monkeypatch.setattr(WindowStream, "read_window",
+                        lambda self, ds, episodes: reads.append(list(episodes))
+                        or read(self, ds, episodes))
     dataset.load_state_dict({**state, "position": steps})
     assert len(reads) == 1
     assert_batches_equal(expected, next(iter(dataset)), "the first step of window 1")
@@ -226,9 +234,9 @@ def test_a_position_past_the_window_is_refused_on_load(varied, monkeypatch):
 
 
 def test_state_is_small_and_does_not_grow(varied, write_dataset):
-    dataset = torch_rlds.RLDSDataset(varied, shuffle_window=2)
+    dataset = _window(varied, shuffle_window=2)
     small = json.dumps(dataset.state_dict())
-    wide = json.dumps(torch_rlds.RLDSDataset(varied, shuffle_window=4000).state_dict())
+    wide = json.dumps(_window(varied, shuffle_window=4000).state_dict())
     iterator = iter(dataset)
     for _ in range(5 * sum(VARIED["episode_lengths"])):  # five epochs in
         next(iterator)
@@ -271,14 +279,14 @@ class _CountingSource:
 def test_resume_reads_at_most_one_window(varied, fraction, monkeypatch):
     window = 3
     total = sum(VARIED["episode_lengths"])
-    dataset = torch_rlds.RLDSDataset(varied, shuffle_window=window, seed=5)
+    dataset = _window(varied, shuffle_window=window, seed=5)
     iterator = iter(dataset)
     for _ in range(int(fraction * total)):
         next(iterator)
     state = dataset.state_dict()
     expected = next(iterator)
 
-    restored = torch_rlds.RLDSDataset(varied, shuffle_window=window, seed=5)
+    restored = _window(varied, shuffle_window=window, seed=5)
     counting = _CountingSource(restored.source)
     monkeypatch.setattr(restored, "source", counting)
     restored.load_state_dict(state)
@@ -320,25 +328,25 @@ def test_batches_mix_about_shuffle_window_episodes(equal, window):
     n, batch = 10, 8
     expected = (n - 1) / (window * n - 1)
     for seed in (0, 1):
-        samples = list(torch_rlds.RLDSDataset(equal, repeat=False, shuffle_window=window,
+        samples = list(_window(equal, repeat=False, shuffle_window=window,
                                               seed=seed))
         assert abs(_same_episode_share(samples, batch) - expected) < 0.07
     # Without shuffling, or with a window of one episode, batches are mostly one episode.
-    unshuffled = list(torch_rlds.RLDSDataset(equal, repeat=False, shuffle=False))
-    single = list(torch_rlds.RLDSDataset(equal, repeat=False, shuffle_window=1))
+    unshuffled = list(_window(equal, repeat=False, shuffle=False))
+    single = list(_window(equal, repeat=False, shuffle_window=1))
     assert _same_episode_share(unshuffled, batch) > 0.7
     assert _same_episode_share(single, batch) > 0.7
 
 
 def test_steps_of_a_window_are_emitted_in_a_shuffled_order(equal):
-    samples = list(itertools.islice(torch_rlds.RLDSDataset(equal, shuffle_window=4), 40))
+    samples = list(itertools.islice(_window(equal, shuffle_window=4), 40))
     steps = [int(s["meta"]["step_index"]) for s in samples]
     assert steps != sorted(steps)
     assert len({int(s["meta"]["episode_index"]) for s in samples}) == 4
 
 
 def test_fingerprint_and_repr(varied):
-    dataset = torch_rlds.RLDSDataset(varied, seed=7, shuffle_window=2)
+    dataset = _window(varied, seed=7, shuffle_window=2)
     fingerprint = dataset.fingerprint()
     assert fingerprint["dataset"] == "synthetic_rlds"
     assert fingerprint["num_episodes"] == VARIED["num_episodes"]
@@ -393,7 +401,7 @@ def test_a_corrupt_episode_raises_naming_file_and_offset(varied, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_leaves_out_a_corrupt_episode_and_counts_it(varied, tmp_path, workers, caplog):
     corrupt, shard = _corrupt_copy(varied, tmp_path)
-    dataset = torch_rlds.RLDSDataset(corrupt, repeat=False, shuffle_window=3, seed=2,
+    dataset = _window(corrupt, repeat=False, shuffle_window=3, seed=2,
                                      on_corrupt="skip")
     loader = torch_rlds.DataLoader(dataset, batch_size=4, num_workers=workers)
     with caplog.at_level("WARNING", logger="torch_rlds.dataset"):
@@ -409,12 +417,14 @@ def test_skip_leaves_out_a_corrupt_episode_and_counts_it(varied, tmp_path, worke
 
 
 @pytest.mark.parametrize("workers, batch_size", [(0, 3), (2, 4)])
-def test_skip_resumes_exactly(varied, tmp_path, workers, batch_size):
+@pytest.mark.parametrize("order", ["window", "global"])
+def test_skip_resumes_exactly(varied, tmp_path, workers, batch_size, order):
     corrupt, _ = _corrupt_copy(varied, tmp_path)
 
     def make():
         return torch_rlds.DataLoader(
-            torch_rlds.RLDSDataset(corrupt, shuffle_window=3, seed=1, on_corrupt="skip"),
+            torch_rlds.RLDSDataset(corrupt, shuffle_window=3, seed=1, on_corrupt="skip",
+                                   order=order),
             batch_size=batch_size, num_workers=workers)
 
     epoch = sum(VARIED["episode_lengths"]) - 1  # steps left in an epoch
@@ -441,11 +451,11 @@ def test_skip_checks_every_frame_header(varied, monkeypatch):
 
     monkeypatch.setattr(_images, "check_header", failing)
     lengths = VARIED["episode_lengths"]
-    skipping = torch_rlds.RLDSDataset(varied, repeat=False, on_corrupt="skip")
+    skipping = _window(varied, repeat=False, on_corrupt="skip")
     assert sorted(_ids(skipping)) == [(e, t) for e, t in _all_steps(lengths) if e != 4]
     assert skipping.state_dict()["skipped"] == 1
     # "raise" reads headers only to decode, and these decode.
-    assert sorted(_ids(torch_rlds.RLDSDataset(varied, repeat=False))) == _all_steps(lengths)
+    assert sorted(_ids(_window(varied, repeat=False))) == _all_steps(lengths)
 
 
 def test_on_corrupt_is_checked(varied):

@@ -709,7 +709,9 @@ def test_a_damaged_record_is_reindexed_once_and_its_error_stands(png_dataset, tm
 
 
 # -- 11. every content defect is a named error the skip policy covers -----------------------
-def test_content_defects_are_named_errors_and_skip_serves_the_rest(png_dataset, tmp_path):
+@pytest.mark.parametrize("order", ["window", "global"])
+def test_content_defects_are_named_errors_and_skip_serves_the_rest(png_dataset, tmp_path,
+                                                                   order):
     path = _copy(png_dataset, tmp_path)
 
     def change(episode, parsed):
@@ -730,9 +732,14 @@ def test_content_defects_are_named_errors_and_skip_serves_the_rest(png_dataset, 
     for episode, message in messages.items():
         with pytest.raises(EpisodeDecodeError, match=message):
             source.episode(episode)
-    served = torch_rlds.RLDSDataset(path, repeat=False, on_corrupt="skip")
-    assert {e for e, _ in _steps(served)} == {1}
-    assert served.state_dict()["skipped"] == 3
+    served = torch_rlds.RLDSDataset(path, repeat=False, on_corrupt="skip", order=order)
+    steps = _steps(served)
+    assert {e for e, _ in steps} == {1}
+    if order == "window":  # the corrupt episodes are left out
+        assert served.state_dict()["skipped"] == 3
+    else:  # each of their samples is replaced by a healthy one: the epoch keeps its size
+        healthy = len(source.episode(1)["steps"]["is_first"])
+        assert served.state_dict()["skipped"] >= served.num_steps - healthy
 
 
 def test_a_feature_missing_from_every_record_is_named(png_dataset, tmp_path):

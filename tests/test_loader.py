@@ -42,8 +42,10 @@ def varied(write_dataset):
 
 
 def _dataset(path, **options):
+    """A dataset in the window order unless ``order`` says otherwise: most tests here check
+    its per-reader states; those marked with ``order`` run in both."""
     return torch_rlds.RLDSDataset(path, **{"obs_window": 2, "action_horizon": 4,
-                                           "shuffle_window": 2, **options})
+                                           "shuffle_window": 2, "order": "window", **options})
 
 
 def _maker(path, *, loader=torch_rlds.DataLoader, dataset=None, **options):
@@ -56,13 +58,17 @@ def _epochs(batch) -> list[int]:
     return batch["meta"]["epoch"].tolist()
 
 
-def _first_epoch1_batches(lengths, workers, batch_size, shuffle):
+def _first_epoch1_batches(lengths, workers, batch_size, shuffle, order="window"):
     """For each worker, the loader batch in which its first step of epoch 1 arrives.
 
-    Worker w's share of epoch 0 has ``n_w`` steps (the order is a pure function), its batches
-    reach the loader in turn (batch i comes from worker i mod W), so its j-th batch is loader
-    batch ``j * W + w`` and the first to hold an epoch-1 step is ``j = n_w // batch_size``.
+    Window order: worker w's share of epoch 0 has ``n_w`` steps (the order is a pure
+    function), its batches reach the loader in turn (batch i comes from worker i mod W), so its
+    j-th batch is loader batch ``j * W + w`` and the first to hold an epoch-1 step is
+    ``j = n_w // batch_size``. Global order: loader batch j holds samples ``j B .. (j+1) B - 1``
+    of one stream, whatever the workers, so the first to hold one of epoch 1 is ``N // B``.
     """
+    if order == "global":
+        return [sum(lengths) // batch_size]
     readers = max(workers, 1)
     firsts = []
     for w in range(readers):
@@ -73,13 +79,14 @@ def _first_epoch1_batches(lengths, workers, batch_size, shuffle):
     return firsts
 
 
-@pytest.mark.parametrize("workers, batch_size, shuffle",
-                         list(itertools.product([0, 1, 2, 3], [1, 7, 32], [True, False])))
-def test_resume_matrix(tiny, workers, batch_size, shuffle):
+@pytest.mark.parametrize("workers, batch_size, shuffle, order",
+                         list(itertools.product([0, 1, 2, 3], [1, 7, 32], [True, False],
+                                                ["window", "global"])))
+def test_resume_matrix(tiny, workers, batch_size, shuffle, order):
     lengths = TINY["episode_lengths"]
-    firsts = _first_epoch1_batches(lengths, workers, batch_size, shuffle)
+    firsts = _first_epoch1_batches(lengths, workers, batch_size, shuffle, order)
     num_batches = max(firsts) + max(workers, 1) + 1  # every worker passes the end of epoch 0
-    make = _maker(tiny, dataset={"shuffle": shuffle}, batch_size=batch_size,
+    make = _maker(tiny, dataset={"shuffle": shuffle, "order": order}, batch_size=batch_size,
                   num_workers=workers)
     if workers == 0:
         points = None  # without workers a restore is cheap: restore after every batch
@@ -89,10 +96,11 @@ def test_resume_matrix(tiny, workers, batch_size, shuffle):
         points = sorted({0, min(firsts) - 1, min(firsts), max(firsts), num_batches - 1}
                         - {-1})
     reference = assert_resumes_exactly(make, num_batches, restore_points=points)
+    before = max(workers, 1) if order == "window" else 1  # the batch before, of that reader
     for first in firsts:  # the run does cross the epoch where predicted
         assert max(_epochs(reference[first])) >= 1
-        if first >= max(workers, 1):
-            assert max(_epochs(reference[first - max(workers, 1)])) == 0
+        if first >= before:
+            assert max(_epochs(reference[first - before])) == 0
 
 
 @pytest.mark.parametrize("workers, options", [
@@ -166,9 +174,10 @@ def _pass_ids(loader):
 
 
 @pytest.mark.parametrize("workers, persistent", [(0, False), (2, False), (2, True)])
-def test_passes_are_successive_epochs(varied, workers, persistent):
+@pytest.mark.parametrize("order", ["window", "global"])
+def test_passes_are_successive_epochs(varied, workers, persistent, order):
     lengths = VARIED["episode_lengths"]
-    loader = torch_rlds.DataLoader(_dataset(varied, repeat=False), batch_size=3,
+    loader = torch_rlds.DataLoader(_dataset(varied, repeat=False, order=order), batch_size=3,
                                    num_workers=workers, persistent_workers=persistent)
     orders = []
     for epoch in range(3):
@@ -178,15 +187,16 @@ def test_passes_are_successive_epochs(varied, workers, persistent):
         orders.append(ids)
     assert orders[0] != orders[1] != orders[2]
     # The same passes whatever the worker setup: the order is a function of (seed, epoch, reader).
-    single = torch_rlds.DataLoader(_dataset(varied, repeat=False), batch_size=3,
+    single = torch_rlds.DataLoader(_dataset(varied, repeat=False, order=order), batch_size=3,
                                    num_workers=workers)
     assert [_pass_ids(single)[0] for _ in range(3)] == orders
 
 
 @pytest.mark.parametrize("workers, persistent", [(0, False), (2, False), (2, True)])
-def test_a_finished_pass_restores_into_the_next_epoch(varied, workers, persistent):
+@pytest.mark.parametrize("order", ["window", "global"])
+def test_a_finished_pass_restores_into_the_next_epoch(varied, workers, persistent, order):
     def make():
-        return torch_rlds.DataLoader(_dataset(varied, repeat=False), batch_size=3,
+        return torch_rlds.DataLoader(_dataset(varied, repeat=False, order=order), batch_size=3,
                                      num_workers=workers, persistent_workers=persistent)
 
     loader = make()
@@ -201,10 +211,13 @@ def test_a_finished_pass_restores_into_the_next_epoch(varied, workers, persisten
     assert len(resumed) == len(second)
     for i, (a, b) in enumerate(zip(second, resumed)):
         assert_batches_equal(a, b, f"batch {i} of epoch 1")
-    # get_state right after loading a finished state, then iterate: still the next epoch.
+    # get_state right after loading a finished state, then iterate: still the next epoch
+    # (the window order keeps torchdata's finished iterator; the global order moves to the
+    # next epoch's start at once).
     again = make()
     again.load_state_dict(state)
-    assert again.state_dict()["_iterator_finished"] is True
+    if order == "window":
+        assert again.state_dict()["_iterator_finished"] is True
     assert {e for b in again for e in _epochs(b)} == {1}
 
 

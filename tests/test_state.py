@@ -35,7 +35,8 @@ GOLDEN_DIR = Path(__file__).with_name("golden")
 GOLDEN = dict(num_episodes=6, episode_lengths=(4, 7, 3, 9, 5, 6), num_shards=2,
               cameras=(synthetic.Camera("image", 32, 32),))
 GOLDEN_BATCHES = 5
-DATASET_OPTIONS = dict(obs_window=2, action_horizon=4, shuffle_window=2)
+# The golden files are states of the window order; the global order's are in test_global.py.
+DATASET_OPTIONS = dict(obs_window=2, action_horizon=4, shuffle_window=2, order="window")
 DELETE = object()
 
 

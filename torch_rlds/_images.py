@@ -271,10 +271,13 @@ class EncodedImages:
 
     def check_headers(self) -> None:
         """Raise :class:`ImageDecodeError` naming the first frame whose header does not parse,
-        is of another format, or declares another size or bit depth (see :func:`check_header`)."""
+        is of another format, or declares another size or bit depth (see :func:`check_header`).
+        Frames that were not read (``None``: a step read by byte range holds only the frames
+        its sample uses) are passed over."""
         for t, data in enumerate(self.encoded):
-            check_header(data, self.shape, f"{self.name}[{t}]", format=self.format,
-                         dtype=self.dtype)
+            if data is not None:
+                check_header(data, self.shape, f"{self.name}[{t}]", format=self.format,
+                             dtype=self.dtype)
 
     def __repr__(self) -> str:
         return f"EncodedImages({self.name}, frames={len(self)}, shape={self.shape}, {self.dtype})"

@@ -112,6 +112,38 @@ def _check_keys(obj: Any, expected: set[str], where: str,
         raise ValueError(f"{where}: " + "; ".join(parts))
 
 
+def _check_fingerprint(fingerprint: Any, fields: dict[str, type],
+                       expected: dict[str, Any]) -> None:
+    """Check a state's fingerprint field by field, then against ``expected``, naming every
+    field that differs with both values."""
+    _check_keys(fingerprint, set(fields), "state field 'fingerprint'")
+    for field, kind in fields.items():
+        check = _check_int if kind is int else _check_str
+        check(fingerprint[field], f"fingerprint.{field}")
+    differ = [f"{field} in checkpoint: {fingerprint[field]!r} / in this dataset: "
+              f"{expected[field]!r}"
+              for field in fields if fingerprint[field] != expected[field]]
+    if differ:
+        raise ValueError("state belongs to another dataset or configuration: "
+                         + "; ".join(differ))
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """The fingerprint fields of either order that name the data and the sample: dataset,
+    version, split, episodes, seed, shuffle, observation window and action horizon."""
+    info = dataset.source.info
+    return {
+        "dataset": info.name,
+        "dataset_version": info.version,
+        "split": dataset.source.split,
+        "num_episodes": len(dataset.source),
+        "seed": dataset.seed,
+        "shuffle": int(dataset.shuffle),
+        "obs_window": dataset.obs_window,
+        "action_horizon": dataset.action_horizon,
+    }
+
+
 def load_cursor(state: Any, expected: dict[str, Any]) -> Cursor:
     """Validate ``state`` against this reader's fingerprint and return its cursor.
 
@@ -128,20 +160,88 @@ def load_cursor(state: Any, expected: dict[str, Any]) -> Cursor:
                          f"torch_rlds reads (expected {STATE_VERSION})")
     _check_keys(state, {"version", "fingerprint", *CURSOR_FIELDS}, "dataset state",
                 optional=_ADDED_CURSOR_FIELDS)
-    fingerprint = state["fingerprint"]
-    _check_keys(fingerprint, set(FINGERPRINT_FIELDS), "state field 'fingerprint'")
-    for field, kind in FINGERPRINT_FIELDS.items():
-        check = _check_int if kind is int else _check_str
-        check(fingerprint[field], f"fingerprint.{field}")
-    differ = [f"{field} in checkpoint: {fingerprint[field]!r} / in this dataset: "
-              f"{expected[field]!r}"
-              for field in FINGERPRINT_FIELDS if fingerprint[field] != expected[field]]
-    if differ:
-        raise ValueError("state belongs to another dataset or configuration: "
-                         + "; ".join(differ))
+    _check_fingerprint(state["fingerprint"], FINGERPRINT_FIELDS, expected)
     values = {field: _check_int(state[field], field, limit=MAX_COUNT) for field in CURSOR_FIELDS
               if field in state}
     return Cursor(**values)
+
+
+# -- the global order's state ------------------------------------------------------------------
+# The global order's position does not depend on the hosts or workers that reached it, so its
+# fingerprint names none of them: a state loads under any other topology.
+GLOBAL_STATE_VERSION = 2
+GLOBAL_FINGERPRINT_FIELDS: dict[str, type] = {
+    "dataset": str,
+    "dataset_version": str,
+    "split": str,
+    "num_episodes": int,
+    "num_steps": int,
+    "seed": int,
+    "shuffle": int,
+    "obs_window": int,
+    "action_horizon": int,
+    "recipe": str,
+}
+GLOBAL_CURSOR_FIELDS = ("start", "batch_size", "done", "skipped")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalCursor:
+    """Where a reader of the global order stands.
+
+    The stream it reads starts at stream position ``start`` and is cut into global batches of
+    ``batch_size`` samples; ``done`` is the host batch after the last one this reader handed
+    out (0: none yet), so the loader's position is ``start + done * batch_size`` for the reader
+    that handed out the last batch. ``skipped`` counts the samples this reader replaced because
+    their episode was corrupt (``on_corrupt="skip"``).
+    """
+
+    start: int = 0
+    batch_size: int = 1
+    done: int = 0
+    skipped: int = 0
+
+    @property
+    def position(self) -> int:
+        """The stream position after this reader's last batch."""
+        return self.start + self.done * self.batch_size
+
+
+def make_global_state(fingerprint: dict[str, Any], cursor: GlobalCursor) -> dict[str, Any]:
+    """The JSON-serialisable state of a reader of the global order."""
+    return {"version": GLOBAL_STATE_VERSION, "order": "global", "fingerprint": dict(fingerprint),
+            **dataclasses.asdict(cursor)}
+
+
+def is_global_state(state: Any) -> bool:
+    """Whether ``state`` claims to be a global-order dataset state (it is checked on load)."""
+    return isinstance(state, dict) and state.get("order") == "global"
+
+
+def load_global_cursor(state: Any, expected: dict[str, Any]) -> GlobalCursor:
+    """Validate a global-order ``state`` against the dataset's fingerprint and return its
+    cursor; raises ``ValueError`` naming the field, or every fingerprint field that differs
+    with both values."""
+    if not isinstance(state, dict):
+        raise ValueError(f"dataset state must be a dict (got {type(state).__name__})")
+    version = state.get("version")
+    if type(version) is not int or version != GLOBAL_STATE_VERSION or not is_global_state(state):
+        raise ValueError(f"state of version {version!r:.100} and order "
+                         f"{state.get('order')!r:.100} is not one of the global order "
+                         f"(expected version {GLOBAL_STATE_VERSION}, order 'global'): a state "
+                         "saved under the window order resumes only under it")
+    _check_keys(state, {"version", "order", "fingerprint", *GLOBAL_CURSOR_FIELDS},
+                "dataset state")
+    _check_fingerprint(state["fingerprint"], GLOBAL_FINGERPRINT_FIELDS, expected)
+    values = {field: _check_int(state[field], field, limit=MAX_COUNT)
+              for field in GLOBAL_CURSOR_FIELDS}
+    if values["batch_size"] < 1:
+        raise ValueError(f"state field 'batch_size' must be >= 1 (got {values['batch_size']})")
+    cursor = GlobalCursor(**values)
+    if cursor.position > MAX_COUNT:
+        raise ValueError(f"state fields 'start' + 'done' * 'batch_size' = {cursor.position}: "
+                         "past 2**62 samples")
+    return cursor
 
 
 # -- the DataLoader's state ---------------------------------------------------------------------
@@ -186,11 +286,18 @@ class LoaderState:
         state.
       datasets: the dataset states, one per worker in worker order (one without workers).
       ended: per worker (or the one fetcher), whether its iterator had ended.
+      multi: whether it was saved with workers.
     """
 
     batches_seen: int | None
     datasets: list[Any]
     ended: list[bool]
+    multi: bool = False
+
+    @property
+    def num_workers(self) -> int:
+        """The worker count the state was saved with (0: none)."""
+        return len(self.datasets) if self.multi else 0
 
 
 def saved_num_workers(state: dict[str, Any]) -> int:
@@ -213,10 +320,11 @@ def saved_num_workers(state: dict[str, Any]) -> int:
                      f"{sorted(map(str, state))[:10]})")
 
 
-def check_loader_state(state: Any, *, num_workers: int, rlds: bool) -> LoaderState:
+def check_loader_state(state: Any, *, num_workers: int | None, rlds: bool) -> LoaderState:
     """Check the structure of a whole DataLoader state before torchdata reads it.
 
-    ``state`` must have the layout torchdata saves for ``num_workers``: every key torchdata
+    ``state`` must have the layout torchdata saves for ``num_workers`` (``None``: for the
+    worker count it was saved with, see :attr:`LoaderState.num_workers`): every key torchdata
     reads present, counters ints in [0, 2**62], seeds in [0, 2**63 - 1], flags bools, worker
     ids in range. Keys torchdata does not read are accepted in its parts, as torchdata itself
     accepts them (a state of another torchdata version, or one a caller annotated); the
@@ -237,7 +345,9 @@ def check_loader_state(state: Any, *, num_workers: int, rlds: bool) -> LoaderSta
     if LOADER_STATE_KEY in state:
         batches_seen = _check_ours(state.pop(LOADER_STATE_KEY))
     saved = saved_num_workers(state)
-    if saved != num_workers:
+    if num_workers is None:
+        num_workers = saved  # a state of any worker count (the global order's)
+    elif saved != num_workers:
         raise ValueError(f"num_workers in checkpoint: {saved} / in this loader: {num_workers}")
     checker = _LoaderStateChecker(num_workers, rlds)
     if num_workers == 0:
@@ -252,7 +362,7 @@ def check_loader_state(state: Any, *, num_workers: int, rlds: bool) -> LoaderSta
     workers = state[SNAPSHOT][WORKER_SNAPSHOTS]
     snapshots = [workers[f"worker_{i}"] for i in range(num_workers)]
     return LoaderState(batches_seen, [w[DATASET_STATE] for w in snapshots],
-                       [_ended(w[FETCHER_STATE]) for w in snapshots])
+                       [_ended(w[FETCHER_STATE]) for w in snapshots], multi=True)
 
 
 def _ended(fetcher: Any) -> bool:

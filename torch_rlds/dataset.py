@@ -7,20 +7,19 @@ import concurrent.futures
 import copy
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch.utils.data
 
-from torch_rlds import _order
 from torch_rlds._batch import BatchBuilder, Item
-from torch_rlds._features import EpisodeDecodeError
-from torch_rlds._images import ImageDecodeError
+from torch_rlds._global_stream import GlobalStream
 from torch_rlds._info import DatasetFormatError
-from torch_rlds._state import MAX_INT, Cursor, load_cursor, make_state
-from torch_rlds._tfrecord import TFRecordError
+from torch_rlds._state import MAX_INT
+from torch_rlds._step_index import NotStepAddressable
+from torch_rlds._step_reader import IndexBuilder, StepFiles
+from torch_rlds._window_stream import WindowStream, shutdown
 from torch_rlds._windows import EpisodeSampler
 from torch_rlds.source import RLDSSource
 
@@ -30,13 +29,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ON_CORRUPT = ("raise", "skip")
-# What makes an episode corrupt for on_corrupt="skip": a record that fails its CRC or ends early
-# (TFRecordError), an unreadable array_record record (DatasetFormatError), one that does not parse
-# under the features (EpisodeDecodeError), a frame whose header does not (ImageDecodeError).
-CORRUPT_ERRORS = (TFRecordError, DatasetFormatError, EpisodeDecodeError, ImageDecodeError)
+ORDERS = ("auto", "global", "window")
 # One step of the stream: (sampler, step, epoch, cursor after it). A sampler of None is a
 # marker: the cursor moves (past an empty window, at the end) without a sample.
-_Plan = tuple[EpisodeSampler | None, int, int, Cursor]
+_Plan = tuple[EpisodeSampler | None, int, int, Any]
 # Samples made ahead per decode thread: enough to keep the threads busy while the consumer
 # collates a batch of a few dozen.
 _LOOKAHEAD = 16
@@ -61,27 +57,46 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     the action chunk repeats the last action; the masks are ``True`` exactly on those repeated
     entries (repeating real values keeps padded inputs in range; losses should use the masks).
 
-    **Order.** A pure function of (seed, epoch, host, worker): each epoch permutes the episodes
-    (``shuffle=True``) and reader ``process_index * W + worker`` of ``process_count * W`` takes
-    every such episode in turn (``W`` is the DataLoader's worker count, 1 without workers). A
-    reader cuts its share into windows of ``shuffle_window`` episodes and emits every step of a
-    window in a seeded permutation. Every step of every episode appears exactly once per epoch
-    across all hosts and workers. Images are decoded only for the samples emitted, and only the
-    frames their observation windows use.
+    **Order** (``order``). Two, each a pure function of the seed and the data:
 
-    **State.** ``state_dict()`` is ``{"version", "fingerprint", "epoch", "window",
-    "position", "skipped"}``: ints and strings, JSON-serialisable, a few hundred bytes whatever
-    the window, the dataset or the step count. The cursor names the next step to emit: step
-    ``position`` of the permutation of window ``window`` of ``epoch``; ``skipped`` counts the
-    corrupt episodes this reader skipped so far (see "Corrupt episodes"; it only counts, the
-    order does not depend on it). Because the order does not depend on
-    progress, the cursors of all readers name exactly which steps of an epoch were consumed,
-    also for a later resume under another worker or host count. The fingerprint (dataset name,
-    version, split and episode count, seed, shuffle, obs_window, action_horizon,
-    shuffle_window, process index and count, worker count and index) must match on
-    ``load_state_dict``; every difference is named in the ``ValueError`` with both values.
-    Restoring reads one window of episodes, never a replay. The format is versioned; a state of
-    another version is refused, never misread.
+    * ``"global"``: every step of the split in one keyed permutation per epoch
+      (:mod:`torch_rlds._global_order`: i.i.d.-like shuffling at any dataset size, in O(1)
+      memory), cut into global batches of ``batch_size * process_count`` samples; host ``p``
+      takes its slice of each, and DataLoader worker ``w`` of ``W`` makes its host's batches
+      ``w, w + W, ...``, the order in which the DataLoader hands them out. The sequence of
+      global batches therefore does not depend on the hosts or workers, and a state saved
+      under one topology resumes under any other (bit-identical global batches with the same
+      global batch size; with another, every step of the epoch exactly once). A sample reads
+      only the steps it needs, by byte range, through the step index
+      (:mod:`torch_rlds._step_index`, built in the background the first time a dataset is
+      read; until then whole records are read, with the same result). Needs tfrecord shards.
+    * ``"window"``: each epoch permutes the episodes and reader ``process_index * W + worker``
+      of ``process_count * W`` takes every such episode in turn, cuts its share into windows
+      of ``shuffle_window`` episodes and emits every step of a window in a seeded permutation.
+      Episodes are read whole, once per window: the order for media where random reads are
+      slow (array_record shards, object stores). A state resumes under the same hosts and
+      workers only.
+    * ``"auto"`` (the default): ``"global"`` for local tfrecord datasets, else ``"window"``.
+
+    Either way every step of every episode appears exactly once per epoch across all hosts
+    and workers, and images are decoded only for the samples emitted, and only the frames
+    their observation windows use.
+
+    **State.** ``state_dict()`` holds ints and strings, JSON-serialisable, a few hundred bytes
+    whatever the dataset, the shuffle or the step count, versioned (a state of another version
+    is refused, never misread). Under the global order it is ``{"version": 2, "order":
+    "global", "fingerprint", "start", "batch_size", "done", "skipped"}``: the stream this reader
+    reads starts at sample ``start``, in global batches of ``batch_size``, and ``done`` is the
+    host batch after the last one it handed out; its fingerprint (dataset, version, split,
+    episode and step counts, seed, shuffle, obs_window, action_horizon, recipe) names no host
+    or worker. Under the window order it is ``{"version": 1, "fingerprint", "epoch",
+    "window", "position", "skipped"}``: step ``position`` of the permutation of window
+    ``window`` of ``epoch``, with a fingerprint that also names the process index and count
+    and the worker count and index. ``skipped`` counts the corrupt episodes (window order) or
+    samples (global order) this reader skipped (see "Corrupt episodes"). Every fingerprint
+    field must match on ``load_state_dict``; every difference is named in the ``ValueError``
+    with both values. Restoring reads one batch's samples (global order) or one window of
+    episodes (window order), never a replay.
 
     **Passes.** Every ``iter()`` is a pass. With ``repeat=True`` a pass is endless and continues
     from the cursor. With ``repeat=False`` a pass is (the rest of) one epoch: the first
@@ -113,11 +128,13 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     read raises: its file and byte offset are in the message. With ``on_corrupt="skip"`` an
     episode whose record fails its CRC, is truncated, does not parse, or holds a frame whose
     header does not parse or declares another size (every frame's header is checked when the
-    episode is read) is left out of the window it belongs to, logged with ``logging.warning``
-    naming file and offset, and counted in the state's ``skipped`` (once per epoch it is
-    skipped in). Which episodes are skipped is a function of the data, so the stream, and
-    resume, stay exact. A frame whose header is sound but whose compressed pixels are damaged
-    is found only when a sample decodes it, and raises under either policy.
+    episode is read) is logged with ``logging.warning`` naming file and offset, and counted in
+    the state's ``skipped``: under the window order it is left out of its window; under the
+    global order each of its samples is replaced by the sample at the same position of the next
+    epoch (of the epoch after, if that one is corrupt too). Which episodes are skipped is a
+    function of the data, so the stream, and resume, stay exact. A frame whose header is sound
+    but whose compressed pixels are damaged is found only when a sample decodes it, and raises
+    under either policy.
 
     Under ``torch.utils.data.DataLoader`` workers each hold a copy; one object is not meant to
     be iterated from two threads, nor by two live iterators, at once.
@@ -153,6 +170,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         ``None``: the CPUs this process may run on, divided by the DataLoader's worker count,
         at most 8.
       on_corrupt: ``"raise"`` or ``"skip"`` (see "Corrupt episodes").
+      order: ``"global"``, ``"window"`` or ``"auto"`` (see "Order"). ``shuffle_window`` applies
+        to the window order only.
     """
 
     def __init__(self, source: RLDSSource | str | os.PathLike, split: str = "train", *,
@@ -164,7 +183,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                  data_dir: str | os.PathLike | None = None, key_map: KeyMap | None = None,
                  sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  batch_size: int | None = None, drop_last: bool = False,
-                 decode_threads: int | None = None, on_corrupt: str = "raise") -> None:
+                 decode_threads: int | None = None, on_corrupt: str = "raise",
+                 order: str = "auto") -> None:
         super().__init__()
         _check_positive("obs_window", obs_window)
         if batch_size is not None:
@@ -213,8 +233,84 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self.observation_keys = tuple(observation_keys) if observation_keys is not None else (
                 self._default_observation_keys())
             self._check_keys(language_explicit=language_key != "language_instruction")
+        # Samples per host batch when this dataset emits samples (see sampling_view).
+        self._host_batch = 1
+        # What the configuration adds to the data in deciding the samples (a key map, for now):
+        # part of the global order's fingerprint.
+        self._recipe = key_map.digest() if key_map is not None else ""
+        self._stream = self._make_stream(order)
         # Where the next pass starts; a batching view shares it (see batching_view).
-        self._progress = _Progress()
+        self._progress = _Progress(self._stream.initial(self))
+
+    def _make_stream(self, order: str) -> WindowStream | GlobalStream:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {list(ORDERS)} (got {order!r})")
+        info = self.source.info
+        local = "://" not in os.fspath(info.path)
+        if order == "auto":
+            order = "global" if info.file_format == "tfrecord" and local else "window"
+        if order == "window":
+            return WindowStream()
+        if info.file_format != "tfrecord":
+            raise ValueError(f"order='global' reads steps by byte range, which "
+                             f"{info.file_format} shards do not allow ({info.path}); use "
+                             "order='window'")
+        try:
+            files = StepFiles(self.source)
+        except NotStepAddressable as e:
+            raise ValueError(f"order='global' cannot address the steps of {info.path} ({e}); "
+                             "use order='window'") from e
+        lengths = files.lengths()
+        unreadable = np.flatnonzero(lengths < 0)
+        if unreadable.size:
+            where = ", ".join(self.source.describe(int(e)) for e in unreadable[:5])
+            if self.on_corrupt == "raise":
+                raise DatasetFormatError(
+                    f"{unreadable.size} episodes of {info.path} do not say how many steps they "
+                    f"have (their records' headers do not parse): {where}; "
+                    "on_corrupt='skip' leaves them out")
+            logger.warning("torch_rlds: leaving out %d episodes whose steps cannot be counted: "
+                           "%s", unreadable.size, where)
+            lengths = np.maximum(lengths, 0)
+        stream = GlobalStream(files, lengths, seed=self.seed, shuffle=self.shuffle)
+        _start_index_build(files)
+        # The feature keys a sample reads, by the part of the sample they feed.
+        if self.key_map is not None:
+            km = self.key_map
+            self._global_observations = tuple(
+                [f"steps/{k}" for k in km.state_keys]
+                + [f"steps/{km.image_keys[role]}" for role in km.cameras()])
+            self._global_actions = tuple(f"steps/{k}" for k in km.action_keys)
+            self._global_language = None if km.language_key is None else f"steps/{km.language_key}"
+        else:
+            self._global_observations = tuple(f"steps/observation/{k}"
+                                              for k in self.observation_keys)
+            self._global_actions = (f"steps/{self.action_key}",)
+            self._global_language = (None if self.language_key is None
+                                     else f"steps/{self.language_key}")
+        return stream
+
+    @property
+    def order(self) -> str:
+        """The order this dataset reads in: ``"global"`` or ``"window"``."""
+        return self._stream.kind
+
+    @property
+    def num_steps(self) -> int:
+        """The steps of the split (global order: counted when the dataset is built)."""
+        if self._stream.kind != "global":
+            raise ValueError("num_steps is counted under the global order only (the window "
+                             "order reads episodes as it goes)")
+        return self._stream.num_steps
+
+    def epoch_after(self, states: list[dict[str, Any]]) -> int:
+        """The epoch after the one the reader states ``states`` (of one pass, checked) stood
+        in: where the next pass of a one-pass dataset starts once that one is finished."""
+        if not states:
+            return 0
+        if self._stream.kind == "global":
+            return max(s["start"] for s in states) // self._stream.num_steps + 1
+        return max(s["epoch"] for s in states) + 1
 
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")
@@ -253,36 +349,20 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     def fingerprint(self) -> dict[str, Any]:
         """What a state must match to be loaded into this dataset in this process."""
         _, _, workers, worker = self._reader()
-        return self._fingerprint(workers, worker)
-
-    def _fingerprint(self, num_workers: int, worker_index: int) -> dict[str, Any]:
-        info = self.source.info
-        return {
-            "dataset": info.name,
-            "dataset_version": info.version,
-            "split": self.source.split,
-            "num_episodes": len(self.source),
-            "seed": self.seed,
-            "shuffle": int(self.shuffle),
-            "obs_window": self.obs_window,
-            "action_horizon": self.action_horizon,
-            "shuffle_window": self.shuffle_window,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "num_workers": num_workers,
-            "worker_index": worker_index,
-        }
+        return self._stream.fingerprint(self, workers, worker)
 
     # -- Stateful protocol -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The reader's position (see the class docstring); JSON-serialisable."""
-        return make_state(self.fingerprint(), self._progress.cursor)
+        _, _, workers, worker = self._reader()
+        return self._stream.make_state(self, self._progress.cursor, workers, worker)
 
     def _state_mark(self) -> Callable[[], dict[str, Any]]:
         """What :meth:`state_dict` returns now, made when called: a loader takes one before
         each batch, at no cost, and uses it only when the batch fails half way."""
         cursor = self._progress.cursor
-        return lambda: make_state(self.fingerprint(), cursor)
+        _, _, workers, worker = self._reader()
+        return lambda: self._stream.make_state(self, cursor, workers, worker)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch.
@@ -294,42 +374,23 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._progress.resume = True
 
     def _check_state(self, state_dict: Any, num_workers: int, worker_index: int,
-                     ended: bool = False) -> Cursor:
+                     ended: bool = False) -> Any:
         """The cursor of ``state_dict`` if it belongs to worker ``worker_index`` of
-        ``num_workers`` and names a step of the stream; raises ``ValueError`` naming every
-        field that differs, or the field out of range.
+        ``num_workers`` (any reader, under the global order) and names a position of the
+        stream; raises ``ValueError`` naming every field that differs, or the field out of
+        range. ``ended``: the state's iterator had ended (torchdata's ``fetcher_ended``), which
+        only a one-pass dataset at the end of its epoch can be."""
+        return self._stream.check_state(self, state_dict, num_workers, worker_index, ended)
 
-        ``ended``: the state's iterator had ended (torchdata's ``fetcher_ended``), which only a
-        one-pass dataset's reader at the end of its epoch can be. A cursor inside a window is
-        checked against the window's steps, which takes reading the window: it is kept for
-        the pass that resumes from the state in this process (or in a worker forked from it),
-        so a restore still reads it once.
-        """
-        cursor = load_cursor(state_dict, self._fingerprint(num_workers, worker_index))
-        reader, num_readers = self._reader_of(num_workers, worker_index)
-        windows = _order.num_windows(
-            _order.share_size(len(self.source), reader, num_readers), self.shuffle_window)
-        if cursor.window > windows or (cursor.window == windows and cursor.position != 0):
-            raise ValueError(f"state field 'window': {cursor.window} (position "
-                             f"{cursor.position}) is past the end of reader {reader}'s "
-                             f"{windows} windows")
-        if ended and (self.repeat or cursor.window < windows):
-            what = ("the stream of a repeat=True dataset never ends" if self.repeat else
-                    f"reader {reader} is in window {cursor.window} of {windows}")
-            raise ValueError(f"state field 'fetcher_ended' is true, but {what}")
-        if cursor.position > 0:
-            key = (reader, num_readers, cursor.epoch, cursor.window)
-            episodes = _order.window_episodes(
-                self._episodes(cursor.epoch, reader, num_readers), cursor.window,
-                self.shuffle_window)
-            window = self._read_window(episodes)
-            steps = sum(s.num_steps for s in window[0])
-            if cursor.position > steps:
-                raise ValueError(f"state field 'position': {cursor.position} is past the end "
-                                 f"of window {cursor.window} of epoch {cursor.epoch} ({steps} "
-                                 "steps)")
-            self._progress.windows[key] = window
-        return cursor
+    def seek(self, position: int, skipped: int = 0) -> None:
+        """Go on from stream position ``position`` (a sample count since the start of epoch 0)
+        on the next ``iter()``: what a loader does with a state saved under another topology.
+        Global order only."""
+        if self._stream.kind != "global":
+            raise ValueError("seek() needs the global order (the window order's position is "
+                             "one per reader)")
+        self._progress.cursor = self._stream.at_position(self, position, skipped)
+        self._progress.resume = True
 
     def batched(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
         """A copy of this dataset that emits batches of ``batch_size`` samples (see "Batches"),
@@ -353,45 +414,48 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         out.drop_last = bool(drop_last)
         return out
 
+    def sampling_view(self, batch_size: int) -> RLDSDataset:
+        """This dataset emitting samples whose loader collates them ``batch_size`` at a time
+        (one cursor for both, as :meth:`batching_view`). Under the global order a reader then
+        takes the samples of whole host batches, so the loader's batches are those a
+        batching view makes, under any worker count. What :class:`torch_rlds.DataLoader`
+        iterates when given this dataset, a ``batch_size`` and a ``collate_fn``."""
+        _check_positive("batch_size", batch_size)
+        if self.batch_size is not None:
+            raise ValueError(f"the dataset emits batches (batch_size={self.batch_size}); a "
+                             "sampling view is of a dataset that emits samples")
+        out = copy.copy(self)
+        out._host_batch = batch_size
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor but
         the count of skipped episodes)."""
         if type(epoch) is not int or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
-        self._progress.cursor = Cursor(epoch=epoch, skipped=self._progress.cursor.skipped)
+        self._progress.cursor = self._stream.at_epoch(self, epoch, self._progress.cursor)
         self._progress.resume = False
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """A pass: see "Passes" in the class docstring. Where it starts is decided here."""
-        reader, num_readers, _, _ = self._reader()
-        num_episodes = len(self.source)
-        if self.repeat and num_episodes < num_readers:
-            raise ValueError(
-                f"{num_readers} readers (process_count {self.process_count} x workers) but the "
-                f"split has {num_episodes} episodes: reader {reader} would have none; use fewer "
-                "workers or processes"
-            )
-        windows = _order.num_windows(_order.share_size(num_episodes, reader, num_readers),
-                                     self.shuffle_window)
+        _, _, workers, worker = self._reader()
         cursor, resume = self._progress.cursor, self._progress.resume
         self._progress.resume = False
-        if not self.repeat and not resume and 0 < windows <= cursor.window:
-            # The previous pass finished this epoch: a new pass is the next epoch.
-            cursor = self._progress.cursor = Cursor(cursor.epoch + 1, skipped=cursor.skipped)
-        return self._steps(reader, num_readers, windows, cursor)
+        cursor = self._progress.cursor = self._stream.begin(self, cursor, resume, workers,
+                                                            worker)
+        return self._steps(cursor, workers, worker)
 
-    def _steps(self, reader: int, num_readers: int, windows: int,
-               cursor: Cursor) -> Iterator[Any]:
+    def _steps(self, cursor: Any, workers: int, worker: int) -> Iterator[Any]:
         threads = self._threads()
         pool = None
-        reads = _WindowReads(self._read_window)
-        stop = _shutdown  # the module's globals may be gone when a generator left open closes
+        reads = self._stream.reads(self)
+        stop = shutdown  # the module's globals may be gone when a generator left open closes
         try:
             if threads > 1:
                 pool = concurrent.futures.ThreadPoolExecutor(
                     threads, thread_name_prefix="torch_rlds-decode")
-            plans = self._plan(reader, num_readers, windows, cursor, reads)
+            plans = self._stream.plan(self, cursor, workers, worker, reads)
             if self.batch_size is None:
                 yield from self._samples(plans, pool, threads, reads)
             else:
@@ -414,74 +478,8 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         workers = info.num_workers if info is not None else 1
         return max(1, min(_MAX_THREADS, cpus // workers))
 
-    def _plan(self, reader: int, num_readers: int, windows: int, cursor: Cursor,
-              reads: _WindowReads) -> Iterator[_Plan]:
-        """The stream from ``cursor`` on: every step to emit, with the cursor after it.
-
-        It runs ahead of what was emitted (the caller decodes ahead), so it never touches
-        ``self._progress.cursor``; the caller sets that as it hands items out.
-        """
-        epoch, first_window, first_position = cursor.epoch, cursor.window, cursor.position
-        skipped = cursor.skipped
-        empty_epochs = 0
-        while True:
-            episodes = self._episodes(epoch, reader, num_readers)
-            emitted = 0
-            for window in range(first_window, windows):
-                checked = self._progress.take_window((reader, num_readers, epoch, window))
-                samplers, corrupt = checked or reads.get((epoch, window), _order.window_episodes(
-                    episodes, window, self.shuffle_window))
-                if window + 1 < windows:
-                    following = (epoch, window + 1), _order.window_episodes(
-                        episodes, window + 1, self.shuffle_window)
-                elif self.repeat:
-                    following = (epoch + 1, 0), _order.window_episodes(
-                        self._episodes(epoch + 1, reader, num_readers), 0, self.shuffle_window)
-                else:
-                    following = None
-                start = first_position if window == first_window else 0
-                # A window's skipped episodes count once it is opened: a cursor inside it (a
-                # position past 0) already holds them.
-                if start == 0:
-                    skipped += corrupt
-                which, steps = _order.window_steps(
-                    [s.num_steps for s in samplers], seed=self.seed, epoch=epoch,
-                    shuffle=self.shuffle, reader=reader, window=window)
-                if start > len(which):
-                    raise ValueError(f"state field 'position': {start} is past the end of "
-                                     f"window {window} of epoch {epoch} ({len(which)} steps)")
-                # The cursor names the next step; past a window's last step it names the next
-                # window, so a state never makes a resume read a consumed window.
-                after = self._after_window(epoch, window, windows, skipped)
-                last = len(which) - 1
-                # The next window is read once half of this one is out: early enough to be
-                # ready, late enough that a short-lived iterator (a restore that is checked
-                # and dropped) does not read it for nothing.
-                halfway = start + (len(which) - start) // 2
-                for position, (k, t) in enumerate(zip(which[start:].tolist(),
-                                                      steps[start:].tolist()), start):
-                    if position == halfway and following is not None:
-                        reads.prefetch(*following)
-                    yield (samplers[k], t, epoch,
-                           Cursor(epoch, window, position + 1, skipped=skipped)
-                           if position < last else after)
-                emitted += len(which) - start
-                yield None, 0, 0, after
-            if not self.repeat:
-                return
-            epoch, first_window, first_position = epoch + 1, 0, 0
-            empty_epochs = empty_epochs + 1 if emitted == 0 else 0
-            if empty_epochs > 1:
-                raise ValueError(f"reader {reader} of {num_readers} emitted no step in two "
-                                 "epochs: its episodes are all empty")
-
-    def _episodes(self, epoch: int, reader: int, num_readers: int) -> np.ndarray:
-        return _order.reader_episodes(len(self.source), seed=self.seed, epoch=epoch,
-                                      shuffle=self.shuffle, reader=reader,
-                                      num_readers=num_readers)
-
     def _samples(self, plans: Iterator[_Plan], pool: concurrent.futures.Executor | None,
-                 threads: int, reads: _WindowReads) -> Iterator[dict[str, Any]]:
+                 threads: int, reads: Any) -> Iterator[dict[str, Any]]:
         """Samples of ``plans``, made up to a few ahead on ``pool``, cursor set as emitted.
 
         The first sample is made alone, and the next window is read only once it is out, so
@@ -530,7 +528,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             depth = min(depth + 1, _LOOKAHEAD * threads) if pool is not None else 1
 
     def _batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
-                 reads: _WindowReads) -> Iterator[dict[str, Any]]:
+                 reads: Any) -> Iterator[dict[str, Any]]:
         """Batches of ``plans``; with a pool the next batch is decoding while one is handed
         out (from the second batch on, so that a restore waits for one batch only)."""
         pending: collections.deque = collections.deque()
@@ -571,36 +569,6 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 reads.start()
                 depth = 2 if builder.pool is not None else 1
 
-    def _after_window(self, epoch: int, window: int, windows: int, skipped: int) -> Cursor:
-        if window + 1 < windows:
-            return Cursor(epoch, window + 1, skipped=skipped)
-        # After the epoch's last window: an endless stream goes on with the next epoch; a
-        # one-pass dataset stays at the end of this one (see "Passes").
-        return (Cursor(epoch + 1, skipped=skipped) if self.repeat
-                else Cursor(epoch, windows, skipped=skipped))
-
-    def _read_window(self, episodes: np.ndarray) -> tuple[list[EpisodeSampler], int]:
-        """The samplers of ``episodes`` and how many were skipped as corrupt."""
-        samplers = []
-        for e in episodes.tolist():
-            try:
-                samplers.append(self._sampler(e))
-            except CORRUPT_ERRORS as error:
-                if self.on_corrupt == "raise":
-                    raise
-                logger.warning("torch_rlds: skipping corrupt episode %d of %s (%s): %s", e,
-                               self.source.info.name, self.source.describe(e), error)
-        return samplers, len(episodes) - len(samplers)
-
-    def _sampler(self, episode_index: int) -> EpisodeSampler:
-        episode = self.source.episode(episode_index)
-        name = self.source.describe(episode_index)
-        if self.key_map is not None:
-            episode = self.key_map.apply(episode, name=name)
-        return EpisodeSampler(episode, self.observation_keys, self.action_key, self.language_key,
-                              episode_index, name, check_images=self.on_corrupt == "skip",
-                              keep_recent=not self.shuffle and self.obs_window > 1)
-
     def __repr__(self) -> str:
         return (f"RLDSDataset({self.source!r}, obs_window={self.obs_window}, "
                 f"action_horizon={self.action_horizon}, shuffle={self.shuffle}, "
@@ -613,8 +581,8 @@ class _Progress:
     than reached, and the windows that checking loaded states read (by reader, reader count,
     epoch and window), for the pass that starts there."""
 
-    def __init__(self, cursor: Cursor | None = None, resume: bool = False) -> None:
-        self.cursor = cursor if cursor is not None else Cursor()
+    def __init__(self, cursor: Any, resume: bool = False) -> None:
+        self.cursor = cursor
         self.resume = resume
         self.windows: dict[tuple[int, int, int, int], tuple[list[EpisodeSampler], int]] = {}
 
@@ -631,57 +599,23 @@ class _Progress:
         return {**self.__dict__, "windows": {}}
 
 
-class _WindowReads:
-    """Reads windows of episodes with ``read``, the next one in a background thread.
-
-    :meth:`prefetch` names the window to read ahead; :meth:`start` (called as an item is
-    handed out) starts reading it; :meth:`get` returns a window, from that read when it is the
-    same key, else read here. What is read never depends on timing, and an error of the read
-    is raised by ``get``.
-    """
-
-    def __init__(self, read: Callable[[np.ndarray], Any]) -> None:
-        self._read = read
-        self._stop = _shutdown
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._next: tuple[Any, np.ndarray] | None = None
-        self._pending: tuple[Any, concurrent.futures.Future] | None = None
-
-    def get(self, key: Any, episodes: np.ndarray) -> Any:
-        pending, self._pending = self._pending, None
-        if self._next is not None and self._next[0] == key:
-            self._next = None
-        if pending is not None and pending[0] == key:
-            return pending[1].result()
-        if pending is not None:
-            pending[1].cancel()
-        return self._read(episodes)
-
-    def prefetch(self, key: Any, episodes: np.ndarray) -> None:
-        self._next = (key, episodes)
-
-    def start(self) -> None:
-        if self._next is None:
-            return
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="torch_rlds-read")
-        key, episodes = self._next
-        self._next = None
-        self._pending = (key, self._executor.submit(self._read, episodes))
-
-    def close(self) -> None:
-        self._next = self._pending = None
-        if self._executor is not None:
-            self._stop(self._executor)
+# The step index builds running in this process, one per dataset folder and split (a build is
+# started once, by the first dataset of that data to need it).
+_builds: dict[tuple[str, str], IndexBuilder] = {}
 
 
-def _shutdown(executor: concurrent.futures.Executor,
-              _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
-    """Stop ``executor`` without waiting; at interpreter exit, when the modules it needs may
-    be gone already, its threads are left to the interpreter."""
-    if not _finalizing():
-        executor.shutdown(wait=False, cancel_futures=True)
+def _start_index_build(files: StepFiles) -> None:
+    """Build the missing step indexes of ``files`` in the background (once per process and
+    data), unless ``TORCH_RLDS_STEP_INDEX=off``."""
+    if os.environ.get(STEP_INDEX_ENV, "") == "off":
+        return
+    key = (os.fspath(files.source.info.path), files.source.split)
+    build = _builds.get(key)
+    if build is None or build.join(0) and files.missing():
+        _builds[key] = IndexBuilder(files).start()
+
+
+STEP_INDEX_ENV = "TORCH_RLDS_STEP_INDEX"
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -3,6 +3,7 @@ torch_rlds's batching, exact passes and state files for its own datasets."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -160,8 +161,14 @@ class DataLoader(StatefulDataLoader[_T_co]):
                 dataset = _batching(dataset, *asked)
                 drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
-        elif batch_size is not None and (collate_fn is collate or (collate_fn is None and rlds)):
-            collate_fn = _collate if workers else collate
+        else:
+            if isinstance(dataset, RLDSDataset) and batch_size is not None \
+                    and dataset.batch_size is None and batch_sampler is None:
+                # Collated samples: under the global order a reader takes whole host batches.
+                dataset = dataset.sampling_view(batch_size)
+            if batch_size is not None and (collate_fn is collate
+                                           or (collate_fn is None and rlds)):
+                collate_fn = _collate if workers else collate
         super().__init__(dataset, batch_size, shuffle, sampler, batch_sampler, num_workers,
                          collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
                          multiprocessing_context, generator, prefetch_factor=prefetch_factor,
@@ -180,6 +187,8 @@ class DataLoader(StatefulDataLoader[_T_co]):
                              "order, torchdata's state lags the batches handed out, so a "
                              "continued pass would repeat or skip some)")
         self.continue_passes = bool(continue_passes)
+        # (batches_seen, state) of a global-order state just loaded: see _load_global.
+        self._loaded: tuple[int, dict[str, Any]] | None = None
         self.reuse_buffers = reuse_buffers
         self.as_numpy = as_numpy
         self._rlds = rlds
@@ -286,8 +295,8 @@ class DataLoader(StatefulDataLoader[_T_co]):
                 and not self.dataset.repeat):
             # StatefulDataLoader would start fresh workers from this process's copy of the
             # dataset, which never advanced: move that copy to the epoch after the finished one.
-            epochs = [s["epoch"] for s in dataset_states(pending) if isinstance(s, dict)]
-            self.dataset.set_epoch(max(epochs) + 1 if epochs else 0)
+            states = [s for s in dataset_states(pending) if isinstance(s, dict)]
+            self.dataset.set_epoch(self.dataset.epoch_after(states))
             self.next_iter_state = None
             self._iterator = None
             self._initial_iter_for_state_dict = False
@@ -301,6 +310,10 @@ class DataLoader(StatefulDataLoader[_T_co]):
     def state_dict(self) -> dict[str, Any]:
         """The loader's state (see the class docstring); after a pass that ended with an error,
         the state after the last batch it handed out."""
+        loaded = self._loaded
+        if loaded is not None and loaded[0] == self.batches_seen:
+            return copy.deepcopy(loaded[1])
+        self._loaded = None
         state = dict(super().state_dict())
         state[LOADER_STATE_KEY] = {"version": LOADER_STATE_VERSION,
                                    "batches_seen": self.batches_seen}
@@ -318,8 +331,12 @@ class DataLoader(StatefulDataLoader[_T_co]):
         """
         if not isinstance(state_dict, dict):
             raise ValueError(f"loader state must be a dict (got {type(state_dict).__name__})")
+        self._loaded = None
         if not state_dict:
             super().load_state_dict({})
+            return
+        if isinstance(self.dataset, RLDSDataset) and self.dataset.order == "global":
+            self._load_global(state_dict)
             return
         found = check_loader_state(state_dict, num_workers=self.num_workers, rlds=self._rlds)
         if self._rlds:
@@ -332,6 +349,45 @@ class DataLoader(StatefulDataLoader[_T_co]):
                     where = f"worker {worker}: " if self.num_workers else ""
                     raise ValueError(f"{where}{e}") from None
         super().load_state_dict({k: v for k, v in state_dict.items() if k != LOADER_STATE_KEY})
+        if found.batches_seen is not None:
+            self.batches_seen = found.batches_seen
+
+    def _load_global(self, state_dict: dict[str, Any]) -> None:
+        """Load a state of a dataset in the global order, saved under any worker count (and,
+        the state naming no host, under any host count): the stream's position is one number,
+        so the loader starts a fresh pass there rather than restoring each worker."""
+        found = check_loader_state(state_dict, num_workers=None, rlds=True)
+        cursors = []
+        for worker, (dataset_state, ended) in enumerate(zip(found.datasets, found.ended)):
+            try:
+                cursors.append(self.dataset._check_state(dataset_state, found.num_workers,
+                                                         worker, ended))
+            except ValueError as e:
+                if type(e) is not ValueError:
+                    raise
+                where = f"worker {worker}: " if found.num_workers else ""
+                raise ValueError(f"{where}{e}") from None
+        first = cursors[0]
+        if found.num_workers:
+            # The batches handed out in the pass the state was saved in: every worker's state
+            # names the pass's start and batch size; the snapshot counts the batches.
+            snapshot = state_dict[SNAPSHOT]
+            handed = snapshot["_snapshot_step"] + state_dict["_steps_since_snapshot"]
+            if any((c.start, c.batch_size) != (first.start, first.batch_size) for c in cursors):
+                raise ValueError("loader state: the workers' dataset states name different "
+                                 "starts or batch sizes of one pass")
+            position = first.start + handed * first.batch_size
+            skipped = sum(c.skipped for c in cursors)
+        else:
+            position, skipped = first.position, first.skipped
+        super().load_state_dict({})
+        # Until a batch is handed out, state_dict() is the state loaded, as torchdata's is.
+        self._loaded = (found.batches_seen or 0, copy.deepcopy(state_dict))
+        if state_dict.get(ITERATOR_FINISHED) is True and not self.dataset.repeat:
+            # The pass had ended: the next one is the next epoch, as it would have been.
+            self.dataset.set_epoch(first.start // self.dataset.num_steps + 1)
+        else:
+            self.dataset.seek(position, skipped)
         if found.batches_seen is not None:
             self.batches_seen = found.batches_seen
 

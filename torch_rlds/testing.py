@@ -51,7 +51,8 @@ def assert_batches_equal(a: Any, b: Any, where: str = "batch") -> None:
 
 def assert_resumes_exactly(make_loader: Callable[[], Any], num_batches: int, *,
                            restore_points: Sequence[int] | None = None,
-                           chained: bool = False, ends: bool = False) -> list[Any]:
+                           chained: bool = False, ends: bool = False,
+                           make_restored: Callable[[], Any] | None = None) -> list[Any]:
     """Check that a loader resumes bit for bit from a state saved after any batch.
 
     Runs ``make_loader()`` uninterrupted for ``num_batches`` batches, keeping the state after
@@ -68,6 +69,10 @@ def assert_resumes_exactly(make_loader: Callable[[], Any], num_batches: int, *,
 
     With ``ends=True`` the stream must end right after ``num_batches`` batches (a one-pass
     loader), uninterrupted and restored alike: a restore must not add batches either.
+
+    ``make_restored`` builds the loaders that restore (default ``make_loader``): a loader of
+    another topology, for a stream that resumes under any number of workers (the global
+    order), whose batches must equal the uninterrupted run's all the same.
 
     Returns the reference batches. ``make_loader`` must return a new loader (``state_dict``,
     ``load_state_dict``, iterable) built the same way each time. Raises ``AssertionError``
@@ -95,6 +100,8 @@ def assert_resumes_exactly(make_loader: Callable[[], Any], num_batches: int, *,
     if ends:
         _check_end(iterator, "the uninterrupted run", num_batches)
     del iterator, loader
+    if make_restored is not None:
+        make_loader = make_restored
     if chained:
         state = states[points[0]]
         stops = [*points[1:], num_batches]

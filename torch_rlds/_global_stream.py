@@ -1,0 +1,263 @@
+"""One reader's part of the global order: the samples of the host batches it makes, read by step.
+
+A reader (a DataLoader worker of one host, or the host itself without workers) makes host
+batches ``w, w + W, ...`` of the global stream (:mod:`torch_rlds._global_order`); for each
+sample it reads the steps its observation window and action chunk need
+(:class:`~torch_rlds._step_reader.StepReader`: byte ranges where the step index is built, else
+the whole record) into a sparse episode, maps it with the key map, and hands the sample's
+:class:`~torch_rlds._windows.EpisodeSampler` to the dataset's sample or batch emitter. The
+plan it yields is the same whatever the timing, the reader count or how far the step index
+build got.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from torch_rlds._corrupt import CORRUPT_ERRORS
+from torch_rlds._global_order import GlobalOrder, host_samples, worker_batches
+from torch_rlds._state import (
+    GlobalCursor,
+    data_fingerprint,
+    load_global_cursor,
+    make_global_state,
+)
+from torch_rlds._step_reader import StepFiles, StepReader
+from torch_rlds._windows import EpisodeSampler
+
+logger = logging.getLogger(__name__)
+
+# With on_corrupt="skip", how many later epochs' samples at the same stream position a corrupt
+# sample is replaced by, at most, before the error stands.
+_REPLACEMENTS = 64
+# Samples whose reads are grouped (see GlobalStream.plan), and how far apart two steps of one
+# episode may lie to share a read.
+_GROUP_SAMPLES = 64
+_NEAR_STEPS = 32
+
+
+class GlobalStream:
+    """The global order of one dataset and the reading of its samples.
+
+    Built once, in the process that builds the dataset (it counts the steps of every episode,
+    see :class:`~torch_rlds._step_reader.StepFiles`), and pickled to workers with it.
+
+    Args:
+      files: the source's step files.
+      lengths: steps of every episode of the source.
+      seed, shuffle: the order's.
+    """
+
+    def __init__(self, files: StepFiles, lengths: np.ndarray, *, seed: int,
+                 shuffle: bool) -> None:
+        self.files = files
+        self.order = GlobalOrder(lengths, seed=seed, shuffle=shuffle)
+        self.reader = StepReader(files, self.order.lengths)
+
+    kind = "global"
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of the split: samples per epoch."""
+        return self.order.num_steps
+
+    def epoch_end(self, position: int) -> int:
+        """The stream position where the epoch holding ``position`` ends."""
+        return (position // self.num_steps + 1) * self.num_steps
+
+    # -- identity and state --------------------------------------------------------------------
+    def initial(self, dataset: Any) -> GlobalCursor:
+        """The cursor of a stream that has not started."""
+        return GlobalCursor(0, global_batch_size(dataset), 0, 0)
+
+    def fingerprint(self, dataset: Any, num_workers: int = 0, worker: int = 0) -> dict[str, Any]:
+        """What a state must match to be loaded: the data and the configuration that decide
+        the sequence of samples, and nothing of the hosts and workers that read it."""
+        return {**data_fingerprint(dataset), "num_steps": self.num_steps,
+                "recipe": dataset._recipe}
+
+    def make_state(self, dataset: Any, cursor: GlobalCursor, num_workers: int,
+                   worker: int) -> dict[str, Any]:
+        """The JSON state of ``cursor`` (the same for every reader that stands there)."""
+        return make_global_state(self.fingerprint(dataset), cursor)
+
+    def check_state(self, dataset: Any, state: Any, num_workers: int, worker: int,
+                    ended: bool) -> GlobalCursor:
+        """The cursor of ``state`` if it is a state of this dataset's global order (saved under
+        any hosts and workers); ``ended`` (its iterator had ended) only at the end of a
+        one-pass epoch."""
+        cursor = load_global_cursor(state, self.fingerprint(dataset))
+        if ended and (dataset.repeat or cursor.position < self.epoch_end(cursor.start)):
+            what = ("the stream of a repeat=True dataset never ends" if dataset.repeat else
+                    f"it stands at sample {cursor.position}, before its epoch's end at "
+                    f"{self.epoch_end(cursor.start)}")
+            raise ValueError(f"state field 'fetcher_ended' is true, but {what}")
+        return cursor
+
+    def at_epoch(self, dataset: Any, epoch: int, cursor: GlobalCursor) -> GlobalCursor:
+        """The cursor of the start of ``epoch``."""
+        return GlobalCursor(epoch * self.num_steps, global_batch_size(dataset), 0,
+                            cursor.skipped)
+
+    def at_position(self, dataset: Any, position: int, skipped: int = 0) -> GlobalCursor:
+        """The cursor of a stream that goes on from sample ``position``."""
+        return GlobalCursor(position, global_batch_size(dataset), 0, skipped)
+
+    # -- a pass --------------------------------------------------------------------------------
+    def begin(self, dataset: Any, cursor: GlobalCursor, resume: bool, num_workers: int,
+              worker: int) -> GlobalCursor:
+        """Where a pass starts: ``cursor`` (a stream cut into batches of another size goes on
+        from the next sample it had not handed out); the next epoch when the previous pass of a
+        one-pass dataset finished this one."""
+        if self.num_steps == 0:
+            raise ValueError(f"{dataset.source.info.name} split {dataset.source.split!r} has "
+                             "no steps")
+        if cursor.batch_size != global_batch_size(dataset):
+            cursor = self.at_position(dataset, cursor.position, cursor.skipped)
+        if (not dataset.repeat and not resume and cursor.done
+                and cursor.position >= self.epoch_end(cursor.start)):
+            return self.at_epoch(dataset, cursor.start // self.num_steps + 1, cursor)
+        return cursor
+
+    def reads(self, dataset: Any) -> _NoReads:
+        """The read-ahead of a pass (the reading happens as the plan is consumed)."""
+        return _NoReads()
+
+    def plan(self, dataset: Any, cursor: GlobalCursor, num_workers: int, worker: int,
+             reads: Any = None) -> Iterator[tuple[EpisodeSampler | None, int, int,
+                                                  GlobalCursor]]:
+        """The stream of this reader from ``cursor`` on: ``(sampler, step, epoch, cursor
+        after)`` per sample, the cursor moving past a host batch with its last sample; a
+        sampler of ``None`` marks the end of a one-pass epoch (the cursor moves without a
+        sample)."""
+        batch_size = global_batch_size(dataset)
+        local = host_batch_size(dataset)
+        end = None if dataset.repeat else self.epoch_end(cursor.start)
+        batch = worker_batches(cursor.done, worker, num_workers)
+        stride = max(num_workers, 1)
+        # Host batches read together: samples of one episode among them share one read (and
+        # their frames one decode), which matters where consecutive samples are near steps of
+        # one episode (shuffle=False).
+        group = max(1, _GROUP_SAMPLES // local)
+        skipped = cursor.skipped
+        while True:
+            batches = [batch + i * stride for i in range(group)]
+            parts = []
+            for b in batches:
+                positions = host_samples(cursor.start, b, batch_size, dataset.process_index,
+                                         dataset.process_count)
+                if end is not None:
+                    positions = positions[positions < end]
+                parts.append(positions)
+            everything = np.concatenate(parts)
+            epochs, episodes, steps = (self.order.locate(everything) if everything.size
+                                       else (everything,) * 3)
+            items, replaced = self._items(dataset, everything, epochs, episodes, steps)
+            first = 0
+            for b, positions in zip(batches, parts):
+                if positions.size == 0:
+                    yield None, 0, 0, GlobalCursor(cursor.start, batch_size, b, skipped)
+                    return
+                last = first + positions.size
+                skipped += int(replaced[first:last].sum())
+                after = GlobalCursor(cursor.start, batch_size, b + 1, skipped)
+                middle = GlobalCursor(cursor.start, batch_size, b, skipped)
+                for i in range(first, last):
+                    sampler, step, epoch = items[i]
+                    yield sampler, step, epoch, after if i == last - 1 else middle
+                first = last
+            batch = batches[-1] + stride
+
+    def _items(self, dataset: Any, positions: np.ndarray, epochs: np.ndarray,
+               episodes: np.ndarray, steps: np.ndarray
+               ) -> tuple[list[tuple[EpisodeSampler, int, int]], np.ndarray]:
+        """The ``(sampler, step, epoch)`` of each sample, samples of one episode whose steps
+        lie close together sharing one sampler; and how many corrupt samples each replaced."""
+        items: list[Any] = [None] * len(positions)
+        replaced = np.zeros(len(positions), dtype=np.int64)
+        order = np.lexsort((steps, episodes))
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while (stop < len(order) and episodes[order[stop]] == episodes[order[start]]
+                   and steps[order[stop]] - steps[order[stop - 1]] <= _NEAR_STEPS):
+                stop += 1
+            members = order[start:stop].tolist()
+            episode = int(episodes[order[start]])
+            first, last = int(steps[order[start]]), int(steps[order[stop - 1]])
+            try:
+                sampler = self.sampler(dataset, episode, first, last)
+                for i in members:
+                    items[i] = (sampler, int(steps[i]), int(epochs[i]))
+            except CORRUPT_ERRORS:
+                if dataset.on_corrupt == "raise":
+                    raise
+                for i in members:  # each on its own: its replacement lies elsewhere
+                    items[i], replaced[i] = self._item(dataset, int(positions[i]),
+                                                       int(epochs[i]), episode, int(steps[i]))
+            start = stop
+        return items, replaced
+
+    def _item(self, dataset: Any, position: int, epoch: int, episode: int,
+              step: int) -> tuple[tuple[EpisodeSampler, int, int], int]:
+        """The sample at ``position``, or with ``on_corrupt="skip"`` the first healthy one at
+        the same position of a later epoch; returns it and how many were replaced."""
+        replaced = 0
+        while True:
+            try:
+                return (self.sampler(dataset, episode, step), step, epoch), replaced
+            except CORRUPT_ERRORS as error:
+                if dataset.on_corrupt == "raise" or replaced == _REPLACEMENTS:
+                    raise
+                logger.warning("torch_rlds: sample %d (step %d of episode %d, %s) is corrupt, "
+                               "replaced by the same position of the next epoch: %s", position,
+                               step, episode, self.files.source.describe(episode), error)
+            replaced += 1
+            position += self.num_steps
+            epochs, episodes, steps = self.order.locate(np.asarray([position]))
+            epoch, episode, step = int(epochs[0]), int(episodes[0]), int(steps[0])
+
+    def sampler(self, dataset: Any, episode: int, first: int,
+                last: int | None = None) -> EpisodeSampler:
+        """The sampler of steps ``first..last`` (or ``first`` alone) of ``episode``: the steps
+        their samples need, read."""
+        last = first if last is None else last
+        window = (first - dataset.obs_window + 1, last)
+        chunk = (first, last + dataset.action_horizon - 1)
+        wants = {name: window for name in dataset._global_observations}
+        wants.update({name: chunk for name in dataset._global_actions})
+        if dataset._global_language is not None:
+            wants[dataset._global_language] = (first, last)
+        episode_tree = self.reader.read(episode, wants)
+        name = self.files.source.describe(episode)
+        if dataset.key_map is not None:
+            episode_tree = dataset.key_map.apply(episode_tree, name=name)
+        return EpisodeSampler(episode_tree, dataset.observation_keys, dataset.action_key,
+                              dataset.language_key, episode, name,
+                              check_images=dataset.on_corrupt == "skip",
+                              keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+
+
+def global_batch_size(dataset: Any) -> int:
+    """Samples per global batch: the host batch (the dataset's ``batch_size``; when it emits
+    samples, the batch its loader collates, 1 when unknown) times the hosts."""
+    return host_batch_size(dataset) * dataset.process_count
+
+
+def host_batch_size(dataset: Any) -> int:
+    """Samples per host batch of ``dataset``."""
+    return dataset.batch_size or dataset._host_batch
+
+
+class _NoReads:
+    """The global order's read-ahead hooks, which have nothing to do."""
+
+    def start(self) -> None:
+        """Nothing is read ahead."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
