@@ -35,6 +35,20 @@ def loader_processes(loader: Any) -> tuple[int, int]:
     return process_info()
 
 
+def topology_free(loader: Any) -> bool:
+    """Whether ``loader``'s state resumes under any number of processes: a loader (or an
+    adapter around one, as ``.loader``) of a dataset in the global order, whose state names no
+    host, so one process's state serves any process of a run of another size."""
+    owner = loader
+    for _ in range(4):  # an openpi-style loader around a JaxLoader around a DataLoader
+        if owner is None:
+            return False
+        if getattr(getattr(owner, "dataset", None), "order", None) == "global":
+            return True
+        owner = getattr(owner, "loader", None)
+    return False
+
+
 def state_filename(process_index: int, process_count: int) -> str:
     """The name of the state file of one process: ``process_{i}-of-{n}.json``."""
     return f"process_{process_index}-of-{process_count}.json"
@@ -54,12 +68,14 @@ def saved_process_counts(directory: str | os.PathLike) -> dict[int, list[int]]:
 
 
 def state_path(directory: str | os.PathLike, process_index: int,
-               process_count: int) -> epath.Path:
+               process_count: int, *, any_process: bool = False) -> epath.Path:
     """The state file of this process in ``directory``; raises when it is not there.
 
     ``FileNotFoundError`` when ``directory`` holds no state file at all; ``ValueError`` naming
     both process counts when it holds the states of another number of processes (each state
-    belongs to one host's part of the data and cannot be split or merged).
+    of the window order belongs to one host's part of the data and cannot be split or
+    merged). With ``any_process`` (a loader whose state names no host:
+    :func:`topology_free`) any process's file serves: that of process 0 of the run saved.
     """
     path = epath.Path(directory) / state_filename(process_index, process_count)
     if path.exists():
@@ -67,6 +83,9 @@ def state_path(directory: str | os.PathLike, process_index: int,
     found = saved_process_counts(directory)
     if not found:
         raise FileNotFoundError(f"No checkpoint found in {directory}")
+    if any_process:
+        count, indices = max(found.items())
+        return epath.Path(directory) / state_filename(indices[0], count)
     if process_count not in found:
         saved = "; ".join(f"{count} process{'es' if count > 1 else ''} (files "
                           f"{', '.join(state_filename(i, count) for i in indices)})"

@@ -44,6 +44,7 @@ from torch_rlds.adapters._common import (
     loader_processes,
     state_filename,
     state_path,
+    topology_free,
 )
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
 from torch_rlds.loader import to_numpy
@@ -241,7 +242,8 @@ class OpenpiDataLoader:
         """
         if not self.persistent_iterator:
             raise ValueError(_PERSISTENT_ONLY)
-        path = state_path(directory, self.process_index, self.process_count)
+        path = state_path(directory, self.process_index, self.process_count,
+                          any_process=topology_free(self))
         self.load_state_dict(read_json(path))
         return self.get_batches_seen()
 

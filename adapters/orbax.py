@@ -41,6 +41,7 @@ from torch_rlds.adapters._common import (
     loader_processes,
     state_filename,
     state_path,
+    topology_free,
 )
 
 __all__ = [
@@ -75,7 +76,8 @@ class DataLoaderCheckpointHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataLoaderRestore) -> Any:
         """Load this process's state into ``args.loader`` and return the loader."""
         index, count = loader_processes(args.loader)
-        args.loader.load_state_dict(read_json(state_path(directory, index, count)))
+        path = state_path(directory, index, count, any_process=topology_free(args.loader))
+        args.loader.load_state_dict(read_json(path))
         return args.loader
 
 

@@ -19,7 +19,8 @@ and unpickles non-tensor values, so a plain dict would be neither per rank nor s
 
 The rank is the process the loader reads for (its dataset's ``process_index`` and
 ``process_count``, which :meth:`torch_rlds.config.Config.make_loader` takes from
-torch.distributed). Loading under another world size raises ``ValueError`` naming both sizes.
+torch.distributed). Loading under another world size raises ``ValueError`` naming both sizes,
+but for a loader in the global order, whose state names no rank: any rank's state serves it.
 
 What is unpickled, exactly: torch_rlds unpickles nothing. :func:`dcp_template` learns the saved
 entry's size from the checkpoint's ``.metadata`` by reading that pickle's opcodes as data
@@ -45,7 +46,7 @@ import torch
 from torch_rlds import _files
 from torch_rlds._state_file import loads_strict
 from torch_rlds.adapters import _inert_pickle
-from torch_rlds.adapters._common import loader_processes
+from torch_rlds.adapters._common import loader_processes, topology_free
 
 __all__ = ["dcp_key", "dcp_state", "dcp_template", "load_dcp_state", "load_loader_state",
            "loader_state"]
@@ -105,6 +106,10 @@ def dcp_template(checkpoint_id: str | os.PathLike, loader: Any,
         raise FileNotFoundError(f"{checkpoint_id} holds no data loader state (no "
                                 f"'{prefix}rank_<i>-of-<n>' entry)")
     size = saved.get((rank, world))
+    if size is None and topology_free(loader):
+        # A state that names no rank (the global order's): any rank's serves this one.
+        rank, world = min(saved, key=lambda key: (-key[1], key[0]))
+        size = saved[(rank, world)]
     if size is None:
         worlds = sorted({n for _, n in saved})
         raise ValueError(
@@ -176,6 +181,8 @@ def load_dcp_state(loader: Any, entry: dict[str, torch.Tensor]) -> None:
     """Resume ``loader`` from the ``data_loader`` entry that ``dcp.load`` filled."""
     rank, world = loader_processes(loader)
     key = dcp_key(rank, world)
+    if key not in entry and topology_free(loader) and len(entry) == 1:
+        key = next(iter(entry))  # dcp_template chose another rank's state, which serves
     if key not in entry:
         raise ValueError(f"no loader state for {key} in the loaded entry (keys: "
                          f"{sorted(entry)})")

@@ -147,14 +147,22 @@ def test_loading_from_a_directory_without_state(small_dataset, tmp_path):
         with pytest.raises(FileNotFoundError) as e:
             loader.load_dataloader_state(directory)
         assert str(e.value) == f"No checkpoint found in {directory}"
-    # The states of two processes cannot be loaded by one.
-    two = create_data_loader(_config(small_dataset, "process_count=2", "process_index=0"),
-                             persistent_iterator=True)
+    # Under the window order, the states of two processes cannot be loaded by one.
+    window = create_data_loader(_config(small_dataset, "data.order=window"),
+                                persistent_iterator=True)
+    two = create_data_loader(_config(small_dataset, "process_count=2", "process_index=0",
+                                     "data.order=window"), persistent_iterator=True)
     next(iter(two))
     two.save_dataloader_state(tmp_path / "two")
     with pytest.raises(ValueError, match=r"2 processes \(files process_0-of-2.json\), but this "
                                          "run has 1 process"):
-        loader.load_dataloader_state(tmp_path / "two")
+        window.load_dataloader_state(tmp_path / "two")
+    # Under the global order they can: a state names no process.
+    two = create_data_loader(_config(small_dataset, "process_count=2", "process_index=1"),
+                             persistent_iterator=True)
+    next(iter(two))
+    two.save_dataloader_state(tmp_path / "two-global")
+    assert loader.load_dataloader_state(tmp_path / "two-global") == 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -110,7 +110,9 @@ def test_openpi_style_save_state_and_restore_state(ocp, small_dataset, tmp_path)
 def test_a_restore_under_another_process_count_is_refused(ocp, small_dataset, tmp_path):
     from torch_rlds.adapters.orbax import DataLoaderRestore, restore_state, save_state
 
-    config = _config(small_dataset)
+    # The window order: each process's state holds its own part of the data. (The global
+    # order's restores under another count: test_a_global_order_state_restores_...)
+    config = _config(small_dataset, "data.order=window")
     two = config.make_loader(0, 2)  # process 0 of 2 (the other process writes its own file)
     _consume(two, 2)
     manager = ocp.CheckpointManager(tmp_path / "ckpt")
@@ -225,3 +227,39 @@ def test_a_restore_after_the_loop_took_a_batch_is_exact_or_refused(ocp, small_da
         restore_state(manager, _abstract(state), fresh)
     with pytest.raises(ValueError, match="resumed from checkpoint step 3 .* step 2 is being"):
         restore_state(manager, _abstract(state), resumed, step=2)
+
+
+def test_a_global_order_state_restores_under_another_process_count(small_dataset, tmp_path):
+    # The global order's state names no host: the states a run of 2 processes saved restore
+    # a run of 3, which goes on with the same global batches.
+    import torch_rlds
+    from torch_rlds.adapters.orbax import (
+        DataLoaderCheckpointHandler,
+        DataLoaderRestore,
+        DataLoaderSave,
+    )
+
+    def loader(index, count):
+        dataset = torch_rlds.RLDSDataset(small_dataset, order="global", action_horizon=4,
+                                         process_index=index, process_count=count)
+        return torch_rlds.DataLoader(dataset, batch_size=12 // count)
+
+    def ids(batch):
+        return list(zip(batch["meta"]["episode_index"].tolist(),
+                        batch["meta"]["step_index"].tolist()))
+
+    reference = [ids(b) for b in itertools.islice(loader(0, 1), 5)]
+    handler = DataLoaderCheckpointHandler()
+    for run in (loader(i, 2) for i in range(2)):
+        iterator = iter(run)
+        for _ in range(3):
+            next(iterator)
+        handler.save(tmp_path, DataLoaderSave(run))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["process_0-of-2.json",
+                                                         "process_1-of-2.json"]
+    restored = [loader(i, 3) for i in range(3)]
+    for run in restored:
+        handler.restore(tmp_path, DataLoaderRestore(run))
+    iterators = [iter(run) for run in restored]
+    for expected in reference[3:]:
+        assert [i for it in iterators for i in ids(next(it))] == expected

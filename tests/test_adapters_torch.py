@@ -108,16 +108,23 @@ def test_dcp_two_gloo_ranks_each_save_and_restore_their_own_state(small_dataset,
     keys = FileSystemReader(os.fspath(checkpoint)).read_metadata().state_dict_metadata
     assert {"data_loader.rank_0-of-2", "data_loader.rank_1-of-2"} <= set(keys)
 
-    # Here, a single process: rank 0 of 1 cannot take a state of world size 2.
-    config = load_config("demo", _overrides(small_dataset))
+    # Here, a single process: under the window order rank 0 of 1 cannot take a state of world
+    # size 2 (under the global order, the ranks' states name no rank and any one serves).
+    window = load_config("demo", [*_overrides(small_dataset), "data.order=window"])
     with pytest.raises(ValueError, match=r"world size 2 \(ranks \[0, 1\]\), but this is rank 0 "
                                          r"of 1: resume with the world size"):
-        dcp_template(checkpoint, config.make_loader(0, 1))
+        dcp_template(checkpoint, window.make_loader(0, 1))
+    config = load_config("demo", _overrides(small_dataset))
+    one = config.make_loader(0, 1)
+    entry = dcp_template(checkpoint, one)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"data_loader": entry}, checkpoint_id=checkpoint, no_dist=True)
+    load_dcp_state(one, entry)
+    assert one.batches_seen == 3
     # Rank 1 of 2 can, in a single process as well (DCP without a process group).
     loader = config.make_loader(1, 2)
     entry = dcp_template(checkpoint, loader)
-    import torch.distributed.checkpoint as dcp
-
     dcp.load({"data_loader": entry}, checkpoint_id=checkpoint, no_dist=True)
     load_dcp_state(loader, entry)
     assert loader.batches_seen == 3

@@ -21,6 +21,7 @@ from torch_rlds._rules import (
     STRINGS,
     TEXT,
     ConfigError,
+    choice_rule,
     check_fields,
     check_value,
     field,
@@ -70,7 +71,12 @@ class DataConfig:
                                      "the instruction under steps")
     shuffle: bool = field(True, BOOL, "permute episodes and steps")
     seed: int = field(0, int_rule(0), "the order's seed")
-    shuffle_window: int = field(16, int_rule(1), "episodes whose steps are mixed together")
+    order: str = field("auto", choice_rule(("auto", "global", "window")),
+                       "global (every step in one permutation, resumes under any hosts and "
+                       "workers), window (episodes read whole, mixed in windows), or auto: "
+                       "global for local tfrecord datasets")
+    shuffle_window: int = field(16, int_rule(1), "episodes whose steps are mixed together "
+                                "(window order)")
     repeat: bool = field(True, BOOL, "an endless stream over epochs, or one pass")
     fast_jpeg: bool = field(False, BOOL, "decode JPEG with the fast DCT (tf.io.decode_jpeg's "
                                          "pixels)")
@@ -268,7 +274,7 @@ class Config:
             language_key=d.language_key, shuffle=d.shuffle, seed=d.seed,
             shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
             process_count=count, fast_jpeg=d.fast_jpeg, key_map=d.key_map,
-            sample_transform=transform,
+            sample_transform=transform, order=d.order,
         )
 
     def make_loader(self, process_index: int | None = None, process_count: int | None = None,
