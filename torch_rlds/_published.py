@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -239,20 +240,34 @@ def _painter(leaf):
     return synthetic._Painter(cam, texture=False, seed=0)
 
 
-def published_example(features, episode: int, num_steps: int, painters=None) -> dict:
-    """The example dict of one episode of a dataset with ``features`` (see the module docstring)."""
+Values = Mapping[str, Callable[[int, int], Any]]
+
+
+def published_example(features, episode: int, num_steps: int, painters=None,
+                      values: Values | None = None) -> dict:
+    """The example dict of one episode of a dataset with ``features`` (see the module
+    docstring). ``values`` maps feature paths (``episode_metadata/file_path``,
+    ``steps/action``) to ``fn(episode, t)`` giving that leaf's value instead (``t`` is 0 for
+    episode-level leaves)."""
+    values = values or {}
     leaves = list(iter_leaves(features))
     painters = painters if painters is not None else {
-        leaf.path: _painter(leaf) for leaf in leaves if leaf.kind == "image"}
+        leaf.path: _painter(leaf) for leaf in leaves
+        if leaf.kind == "image" and leaf.name not in values}
     example: dict = {}
     steps = [{} for _ in range(num_steps)]
     for position, leaf in enumerate(leaves):
         tag = 10 * position
+        override = values.get(leaf.name)
         if not leaf.per_step:
-            _set(example, leaf.path, leaf_value(leaf, tag, episode, 0, num_steps))
+            value = override(episode, 0) if override else leaf_value(leaf, tag, episode, 0,
+                                                                     num_steps)
+            _set(example, leaf.path, value)
             continue
         for t in range(num_steps):
-            if leaf.kind == "image":
+            if override is not None:
+                value = override(episode, t)
+            elif leaf.kind == "image":
                 value = painters[leaf.path].frame(episode, t)
             else:
                 value = leaf_value(leaf, tag, episode, t, num_steps)
@@ -262,11 +277,12 @@ def published_example(features, episode: int, num_steps: int, painters=None) -> 
 
 
 def write_published(root: str | os.PathLike, name: str, *, num_episodes: int = 2,
-                    episode_lengths: tuple[int, ...] | None = None, num_shards: int = 1
-                    ) -> epath.Path:
+                    episode_lengths: tuple[int, ...] | None = None, num_shards: int = 1,
+                    values: Values | None = None) -> epath.Path:
     """Write a small dataset with the published features of ``name`` (a TFDS name or a config
     name) under ``root/<name>/<version>`` and return that directory. Episode ``e`` has
-    ``episode_lengths[e]`` steps (default ``3 + e % 3``)."""
+    ``episode_lengths[e]`` steps (default ``3 + e % 3``); ``values`` overrides leaves (see
+    :func:`published_example`)."""
     from google.protobuf import json_format
     from tensorflow_datasets.core import example_serializer
     from tensorflow_datasets.core.proto import dataset_info_pb2
@@ -282,7 +298,7 @@ def write_published(root: str | os.PathLike, name: str, *, num_episodes: int = 2
     features = entry.features()
     serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     painters = {leaf.path: _painter(leaf) for leaf in iter_leaves(features)
-                if leaf.kind == "image"}
+                if leaf.kind == "image" and leaf.name not in (values or {})}
     out = epath.Path(root) / entry.name / entry.version
     out.mkdir(parents=True, exist_ok=True)
     shards = np.array_split(np.arange(num_episodes), num_shards)
@@ -290,7 +306,8 @@ def write_published(root: str | os.PathLike, name: str, *, num_episodes: int = 2
     for s, ids in enumerate(shards):
         records = []
         for e in ids:
-            example = published_example(features, int(e), episode_lengths[int(e)], painters)
+            example = published_example(features, int(e), episode_lengths[int(e)], painters,
+                                        values)
             records.append(serializer.serialize_example(features.encode_example(example)))
         num_bytes += sum(len(r) for r in records)
         write_tfrecord(out / f"{entry.name}-train.tfrecord-{s:05d}-of-{num_shards:05d}", records)
