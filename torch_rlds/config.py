@@ -21,6 +21,7 @@ from torch_rlds._rules import (
     STRINGS,
     TEXT,
     ConfigError,
+    Rule,
     check_fields,
     check_value,
     field,
@@ -29,6 +30,8 @@ from torch_rlds._rules import (
 )
 
 DEMO = "demo"
+# data.trajectory is checked entry by entry when it is built (torch_rlds.trajectory).
+ANY_LIST = Rule("a list of {op: ...} entries, or null", lambda value: True)
 
 
 # At most this many DataLoader workers when a config does not say: beyond it a large machine
@@ -72,10 +75,14 @@ class DataConfig:
     seed: int = field(0, int_rule(0), "the order's seed")
     shuffle_window: int = field(16, int_rule(1), "episodes whose steps are mixed together")
     repeat: bool = field(True, BOOL, "an endless stream over epochs, or one pass")
-    fast_jpeg: bool = field(False, BOOL, "decode JPEG with the fast DCT (tf.io.decode_jpeg's "
-                                         "pixels)")
+    fast_jpeg: bool = field(True, BOOL, "JPEG pixels of tf.io.decode_jpeg (fast DCT); false: "
+                                        "TFDS-numpy's (accurate DCT)")
     key_map: Any = field(None, ANY_MAPPING, "state, images, action, language: see "
                                             "torch_rlds.KeyMap")
+    trajectory: Any = field(None, ANY_LIST, "per-episode transforms, in order: see "
+                                            "torch_rlds.trajectory")
+    filters: Any = field(None, ANY_MAPPING, "episode and sample filters: see "
+                                            "torch_rlds.trajectory.FilterConfig")
     transform: Any = field(None, ANY_MAPPING, "see torch_rlds.transforms.TransformConfig")
 
     def __post_init__(self) -> None:
@@ -83,8 +90,10 @@ class DataConfig:
         self._build_sections()
 
     def _build_sections(self) -> None:
-        """Turn the ``key_map`` and ``transform`` mappings into their typed objects."""
+        """Turn the ``key_map``, ``trajectory``, ``filters`` and ``transform`` sections into
+        their typed objects."""
         from torch_rlds.keymap import KeyMap, KeyMapError
+        from torch_rlds.trajectory import FilterConfig, TrajectoryConfig, TrajectoryError
         from torch_rlds.transforms import TransformConfig
 
         if self.key_map is not None:
@@ -99,6 +108,13 @@ class DataConfig:
             if self.action_key != "action" or self.language_key != "language_instruction":
                 raise ConfigError("data.action_key and data.language_key must stay at their "
                                   "defaults with data.key_map (the key map names them)")
+        try:
+            object.__setattr__(self, "trajectory",
+                               TrajectoryConfig.from_value(self.trajectory, "data.trajectory"))
+            object.__setattr__(self, "filters",
+                               FilterConfig.from_dict(self.filters, "data.filters"))
+        except TrajectoryError as e:
+            raise ConfigError(str(e)) from e
         try:
             object.__setattr__(self, "transform",
                                TransformConfig.from_dict(self.transform, "data.transform"))
@@ -318,7 +334,10 @@ def _section_lines(section: Any, indent: str) -> list[str]:
 
     rows = []
     for name, value, allowed, help in describe(section):
-        if hasattr(value, "to_dict"):  # a key map
+        if hasattr(value, "to_list"):  # data.trajectory: one entry a line
+            rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
+            rows += [(f"{indent}  - {_yaml(entry)}", None) for entry in value.to_list()]
+        elif hasattr(value, "to_dict"):  # a key map, data.filters
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
             rows += [(f"{indent}  {k}: {_yaml(v)}", None) for k, v in value.to_dict().items()]
         elif dataclasses.is_dataclass(value):  # a nested section (data.transform)
