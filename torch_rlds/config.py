@@ -336,10 +336,12 @@ def _section_lines(section: Any, indent: str) -> list[str]:
     for name, value, allowed, help in describe(section):
         if hasattr(value, "to_list"):  # data.trajectory: one entry a line
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
-            rows += [(f"{indent}  - {_yaml(entry)}", None) for entry in value.to_list()]
+            rows += [(f"{indent}  - {_yaml(entry, sort=False)}", None)
+                     for entry in value.to_list()]
         elif hasattr(value, "to_dict"):  # a key map, data.filters
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
-            rows += [(f"{indent}  {k}: {_yaml(v)}", None) for k, v in value.to_dict().items()]
+            rows += [(f"{indent}  {k}: {_yaml(v, sort=False)}", None)
+                     for k, v in value.to_dict().items()]
         elif dataclasses.is_dataclass(value):  # a nested section (data.transform)
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
             rows += [(line, None) for line in _section_lines(value, indent + "  ")]
@@ -349,11 +351,11 @@ def _section_lines(section: Any, indent: str) -> list[str]:
     return [text if note is None else f"{text.ljust(width)}  # {note}" for text, note in rows]
 
 
-def _yaml(value: Any) -> str:
+def _yaml(value: Any, *, sort: bool = True) -> str:
     if isinstance(value, tuple):
         value = list(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix(
-        "\n...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000,
+                          sort_keys=sort).strip().removesuffix("\n...").strip()
 
 
 def config_names() -> list[str]:
