@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import simplejpeg
 
 import torch_rlds
-from torch_rlds import _published
+from torch_rlds import _published, synthetic
 from torch_rlds.config import (
     Config,
     ConfigError,
     DataConfig,
     LoaderConfig,
     config_names,
+    format_config,
     load_config,
 )
 from torch_rlds.testing import assert_resumes_exactly
+from torch_rlds.trajectory import FilterConfig, TrajectoryConfig
 
 
 def test_shipped_configs_load():
@@ -180,3 +184,54 @@ def test_a_camera_mapped_to_null_is_zero_filled_and_masked(bridge_like):
     assert batch["observation"]["image_wrist"].shape == (2, 1, 32, 32, 3)
     assert int(batch["observation"]["image_wrist"].abs().sum()) == 0
     assert int(batch["observation"]["image_primary"].sum()) > 0
+
+
+def test_trajectory_and_filter_sections_load_check_and_print_back(bridge_like, tmp_path):
+    overrides = [f"data.path={bridge_like}",
+                 "data.trajectory=[{op: invert_gripper, dims: [6]}, "
+                 "{op: relabel_actions, dims: '0:3', last: repeat}]",
+                 "data.filters={episode: [{op: min_length, steps: 2}], "
+                 "sample: [{op: idle_chunk, horizon: 4}]}"]
+    config = load_config("bridge", overrides)
+    assert isinstance(config.data.trajectory, TrajectoryConfig)
+    assert [e.op for e in config.data.trajectory.transforms] == ["invert_gripper",
+                                                                 "relabel_actions"]
+    assert isinstance(config.data.filters, FilterConfig)
+    assert config.data.filters.sample[0].horizon == 4
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(format_config(config))
+    again = load_config(str(printed))
+    assert again.data.trajectory == config.data.trajectory
+    assert again.data.filters == config.data.filters
+    assert load_config("bridge").data.trajectory is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.trajectory=[{op: spin}]", r"data.trajectory\[0\]: unknown op 'spin'"),
+    ("data.trajectory=[{op: clip, high: x}]",
+     r"data.trajectory\[0\]: clip.high must be a number \(got 'x'\)"),
+    ("data.filters={episode: [{op: min_length, steps: 0}]}",
+     r"data.filters.episode\[0\]: min_length.steps must be an int >= 1 \(got 0\)"),
+    ("data.filters={samples: []}", r"data.filters: unknown fields \['samples'\]"),
+])
+def test_bad_trajectory_and_filter_entries_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_configs_decode_jpeg_with_tf_decode_jpegs_pixels_unless_told(write_dataset):
+    path = write_dataset(num_episodes=2, min_steps=3, max_steps=3, texture=True,
+                         cameras=(synthetic.Camera("image", 64, 64),))
+    data = torch_rlds.RLDSSource(path).episode(0)["steps"]["observation"]["image"].encoded[0]
+    base = [f"data.path={path}", "data.shuffle=false", "data.observation_keys=[image]"]
+    pixels = {}
+    for setting in (None, "false"):
+        overrides = base + ([] if setting is None else [f"data.fast_jpeg={setting}"])
+        config = load_config("demo", overrides)
+        sample = next(iter(config.make_dataset()))
+        assert (int(sample["meta"]["episode_index"]), int(sample["meta"]["step_index"])) == (0, 0)
+        pixels[setting] = sample["observation"]["image"][0]
+    assert load_config("demo").data.fast_jpeg is True
+    np.testing.assert_array_equal(pixels[None], simplejpeg.decode_jpeg(data, fastdct=True))
+    np.testing.assert_array_equal(pixels["false"], simplejpeg.decode_jpeg(data, fastdct=False))
+    assert not np.array_equal(pixels[None], pixels["false"])

@@ -13,13 +13,16 @@ import torch_rlds
 from torch_rlds import _published, synthetic
 from torch_rlds._features import iter_leaves
 from torch_rlds._windows import EpisodeSampler
-from torch_rlds.config import DataConfig, load_config
+from torch_rlds.config import DataConfig, config_names, load_config
 from torch_rlds.keymap import KeyMap
 from torch_rlds.transforms import TransformConfig
 
-# config -> (state dims, action dims, camera roles) that the config's key map must produce
+# config -> (state dims, action dims, camera roles) that the config's key map must produce (the
+# plain key-map configs; the recipes built on them are checked in test_recipes.py)
 EXPECTED = {
     "bridge": (7, 7, {"primary": (480, 640, 3)}),
+    "bridge_dataset": (7, 7, {role: (256, 256, 3)
+                              for role in ("primary", "secondary", "third", "fourth")}),
     "fractal": (8, 7, {"primary": (256, 320, 3)}),
     "droid": (8, 8, {"primary": (180, 320, 3), "secondary": (180, 320, 3),
                      "wrist": (180, 320, 3)}),
@@ -40,10 +43,14 @@ def written(tmp_path_factory):
             for config in CONFIGS}
 
 
-def test_every_published_dataset_has_a_config():
-    assert sorted(e.config for e in _published.PUBLISHED.values()) == CONFIGS
+def test_every_published_dataset_has_its_configs():
+    shipped = set(config_names())
+    assert set(CONFIGS) <= {e.config for e in _published.PUBLISHED.values()}
     for entry in _published.PUBLISHED.values():
-        assert _data_section(entry.config)["path"] == entry.name
+        for config in entry.configs:
+            assert config in shipped, config
+            assert _data_section(config)["path"] == entry.name
+            assert _published.published(config) is entry
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -112,4 +119,4 @@ def test_config_sections_and_transform_chain(written, config):
 
 def test_unknown_published_name():
     with pytest.raises(KeyError, match="known"):
-        _published.published("kuka")
+        _published.published("kuka_v2")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -217,3 +219,112 @@ def test_augmented_stream_resumes_exactly(small_dataset):
 
     reference = assert_resumes_exactly(make_loader, 6)
     assert reference[0]["observation"]["image"].shape == (5, 1, 32, 32, 3)
+
+
+# -- Lanczos-3 -----------------------------------------------------------------------------------
+def _pattern() -> np.ndarray:
+    i, j, c = np.meshgrid(np.arange(40), np.arange(56), np.arange(3), indexing="ij")
+    return ((i * 7 + j * 13 + c * 50 + (i * j) % 17 * 9) % 256).astype(np.uint8)
+
+
+def test_lanczos3_gives_the_pixels_of_tf_image_resize():
+    # tests/golden/lanczos3_tf.npz: tf.image.resize(_pattern(), size, method="lanczos3",
+    # antialias=True), rounded and clipped to uint8 (TensorFlow 2.21), as Octo's loader does.
+    golden = np.load(Path(__file__).parent / "golden" / "lanczos3_tf.npz")
+    image = _pattern()
+    for name, size in (("down", (24, 30)), ("up", (64, 72)), ("mixed", (20, 80))):
+        out = transforms.resize_images(image[None], size, "stretch", "lanczos3")[0]
+        difference = np.abs(out.astype(int) - golden[name])
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, name
+    bilinear = transforms.resize_images(image[None], (24, 30), "stretch")[0]
+    assert np.abs(bilinear.astype(int) - golden["down"]).max() > 10  # another filter
+
+
+def test_lanczos3_keeps_flat_images_and_other_dtypes():
+    flat = np.full((2, 30, 50, 3), 77, np.uint8)
+    np.testing.assert_array_equal(transforms.lanczos3(flat, 17, 64), 77)
+    depth = np.full((1, 32, 32, 1), 1000, np.uint16)
+    out = transforms.resize_images(depth, (48, 20), "stretch", "lanczos3")
+    assert out.dtype == np.uint16 and (out == 1000).all()
+    floats = transforms.lanczos3(np.ones((1, 8, 8, 1), np.float32), 4, 4)
+    assert floats.dtype == np.float32
+    np.testing.assert_allclose(floats, 1, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"resize filter must be one of \['bilinear', "
+                                         r"'lanczos3'\] \(got 'cubic'\)"):
+        Resize((8, 8), filter="cubic")
+
+
+def test_resize_and_fill_per_camera(source):
+    sample = sample_of(source, 3, 2)
+    out = Resize({"image_wrist": (16, 24)}, "stretch")(sample)
+    assert out["observation"]["image_wrist"].shape == (2, 16, 24, 3)
+    assert out["observation"]["image_primary"] is sample["observation"]["image_primary"]
+    config = TransformConfig.from_dict({"image_size": {"primary": [32, 32], "extra": [8, 8]},
+                                        "cameras": ["primary", "wrist", "extra"],
+                                        "resize": "stretch", "resize_filter": "lanczos3"})
+    built = config.build()(sample)
+    assert built["observation"]["image_primary"].shape == (2, 32, 32, 3)
+    assert built["observation"]["image_wrist"].shape == (2, 32, 48, 3)  # not in image_size
+    assert built["observation"]["image_extra"].shape == (2, 8, 8, 3)  # filled at its size
+    assert built["image_mask"] == {"primary": True, "wrist": True, "extra": False}
+    assert [synthetic.image_ids(f) for f in built["observation"]["image_primary"]] == [(3, 1),
+                                                                                     (3, 2)]
+    with pytest.raises(ValueError, match=r"data.transform.image_size must be \[height, width\] "
+                                         r"with ints >= 1, or a mapping of camera role"):
+        TransformConfig.from_dict({"image_size": {"Primary": [8, 8]}})
+
+
+# -- normalization with masks and bounds ---------------------------------------------------------
+STATS = {"mean": np.array([1.0, -2.0, 0.5]), "std": np.array([2.0, 0.5, 0.0]),
+         "q01": np.array([-1.0, 0.0, 0.0]), "q99": np.array([3.0, 10.0, 1.0])}
+
+
+def test_bounds_maps_q01_q99_onto_minus_one_one_and_clips():
+    x = np.array([[-1.0, 0.0, 0.0], [3.0, 10.0, 1.0], [1.0, 5.0, 0.25], [-3.0, 20.0, 2.0]])
+    y = transforms.normalize(x, STATS, "bounds", eps=0.0)
+    np.testing.assert_allclose(y, [[-1, -1, -1], [1, 1, 1], [0, 0, -0.5], [-1, 1, 1]])
+    back = transforms.unnormalize(y, STATS, "bounds", eps=0.0)
+    np.testing.assert_allclose(back[:3], x[:3], atol=1e-12)  # inside the range: recovered
+    np.testing.assert_allclose(back[3], [-1.0, 10.0, 1.0])  # clipped: the ends of the range
+    quantile = transforms.normalize(x, STATS, "quantile", eps=0.0)
+    np.testing.assert_allclose(quantile[3], [-2, 3, 3])  # the same map, not clipped
+
+
+def test_normalize_mask_leaves_dimensions_bit_for_bit():
+    x = np.array([[0.123456789, 7.5, 0.3], [9.0, -2.0, 1.0]], np.float32)
+    mask = [True, False, True]
+    y = transforms.normalize(x, STATS, "zscore", mask=mask, eps=1e-8)
+    np.testing.assert_array_equal(y[:, 1], x[:, 1])
+    np.testing.assert_allclose(y[:, 0], (x[:, 0] - 1.0) / (2.0 + 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(y[:, 2], (x[:, 2] - 0.5) / 1e-8, rtol=1e-6)
+    normalize = Normalize({"actions": STATS, "state": STATS}, "bounds",
+                          mask={"actions": mask}, eps=1e-8)
+    back = normalize.unnormalize_actions(normalize({"observation": {}, "action": x})["action"])
+    np.testing.assert_array_equal(back[:, 1], x[:, 1])
+    np.testing.assert_allclose(back[0, 0], x[0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"normalization mask of actions \(3 dimensions\) must "
+                                         r"be 3 bools"):
+        Normalize({"actions": STATS}, "zscore", mask={"actions": [True, False]})
+    with pytest.raises(ValueError, match="normalization mask for 'state', which has no "
+                                         "statistics"):
+        Normalize({"actions": STATS}, "zscore", mask={"state": [True] * 3})
+
+
+def test_transform_config_normalization_fields_reach_the_transform():
+    config = TransformConfig.from_dict({"normalize": "bounds", "normalize_eps": 1e-8,
+                                        "normalize_action_mask": [True, True, False]})
+    chain = config.build(norm_stats={"actions": STATS, "state": STATS})
+    normalize = chain.transforms[-1]
+    assert (normalize.mode, normalize.eps) == ("bounds", 1e-8)
+    np.testing.assert_array_equal(normalize.mask["actions"], [True, True, False])
+    assert "state" not in normalize.mask
+    for raw, message in [
+        ({"normalize_action_mask": [1, 0]}, "normalize_action_mask must be a list of "
+                                            "true/false"),
+        ({"normalize_eps": -1}, r"normalize_eps must be a number in \[0.0, 1.0\]"),
+        ({"normalize": "minmax"}, r"must be one of \['zscore', 'quantile', 'bounds'\]"),
+        ({"resize_filter": "lanczos"}, r"resize_filter must be one of \['bilinear', "
+                                       r"'lanczos3'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TransformConfig.from_dict(raw)

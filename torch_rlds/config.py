@@ -21,15 +21,18 @@ from torch_rlds._rules import (
     STRINGS,
     TEXT,
     ConfigError,
-    choice_rule,
+    Rule,
     check_fields,
     check_value,
+    choice_rule,
     field,
     int_rule,
     nullable,
 )
 
 DEMO = "demo"
+# data.trajectory is checked entry by entry when it is built (torch_rlds.trajectory).
+ANY_LIST = Rule("a list of {op: ...} entries, or null", lambda value: True)
 
 
 # At most this many DataLoader workers when a config does not say: beyond it a large machine
@@ -78,10 +81,14 @@ class DataConfig:
     shuffle_window: int = field(16, int_rule(1), "episodes whose steps are mixed together "
                                 "(window order)")
     repeat: bool = field(True, BOOL, "an endless stream over epochs, or one pass")
-    fast_jpeg: bool = field(False, BOOL, "decode JPEG with the fast DCT (tf.io.decode_jpeg's "
-                                         "pixels)")
+    fast_jpeg: bool = field(True, BOOL, "JPEG pixels of tf.io.decode_jpeg (fast DCT); false: "
+                                        "TFDS-numpy's (accurate DCT)")
     key_map: Any = field(None, ANY_MAPPING, "state, images, action, language: see "
                                             "torch_rlds.KeyMap")
+    trajectory: Any = field(None, ANY_LIST, "per-episode transforms, in order: see "
+                                            "torch_rlds.trajectory")
+    filters: Any = field(None, ANY_MAPPING, "episode and sample filters: see "
+                                            "torch_rlds.trajectory.FilterConfig")
     transform: Any = field(None, ANY_MAPPING, "see torch_rlds.transforms.TransformConfig")
 
     def __post_init__(self) -> None:
@@ -89,8 +96,10 @@ class DataConfig:
         self._build_sections()
 
     def _build_sections(self) -> None:
-        """Turn the ``key_map`` and ``transform`` mappings into their typed objects."""
+        """Turn the ``key_map``, ``trajectory``, ``filters`` and ``transform`` sections into
+        their typed objects."""
         from torch_rlds.keymap import KeyMap, KeyMapError
+        from torch_rlds.trajectory import FilterConfig, TrajectoryConfig, TrajectoryError
         from torch_rlds.transforms import TransformConfig
 
         if self.key_map is not None:
@@ -105,6 +114,13 @@ class DataConfig:
             if self.action_key != "action" or self.language_key != "language_instruction":
                 raise ConfigError("data.action_key and data.language_key must stay at their "
                                   "defaults with data.key_map (the key map names them)")
+        try:
+            object.__setattr__(self, "trajectory",
+                               TrajectoryConfig.from_value(self.trajectory, "data.trajectory"))
+            object.__setattr__(self, "filters",
+                               FilterConfig.from_dict(self.filters, "data.filters"))
+        except TrajectoryError as e:
+            raise ConfigError(str(e)) from e
         try:
             object.__setattr__(self, "transform",
                                TransformConfig.from_dict(self.transform, "data.transform"))
@@ -324,9 +340,14 @@ def _section_lines(section: Any, indent: str) -> list[str]:
 
     rows = []
     for name, value, allowed, help in describe(section):
-        if hasattr(value, "to_dict"):  # a key map
+        if hasattr(value, "to_list"):  # data.trajectory: one entry a line
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
-            rows += [(f"{indent}  {k}: {_yaml(v)}", None) for k, v in value.to_dict().items()]
+            rows += [(f"{indent}  - {_yaml(entry, sort=False)}", None)
+                     for entry in value.to_list()]
+        elif hasattr(value, "to_dict"):  # a key map, data.filters
+            rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
+            rows += [(f"{indent}  {k}: {_yaml(v, sort=False)}", None)
+                     for k, v in value.to_dict().items()]
         elif dataclasses.is_dataclass(value):  # a nested section (data.transform)
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))
             rows += [(line, None) for line in _section_lines(value, indent + "  ")]
@@ -336,11 +357,11 @@ def _section_lines(section: Any, indent: str) -> list[str]:
     return [text if note is None else f"{text.ljust(width)}  # {note}" for text, note in rows]
 
 
-def _yaml(value: Any) -> str:
+def _yaml(value: Any, *, sort: bool = True) -> str:
     if isinstance(value, tuple):
         value = list(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix(
-        "\n...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000,
+                          sort_keys=sort).strip().removesuffix("\n...").strip()
 
 
 def config_names() -> list[str]:

@@ -192,11 +192,13 @@ class KeyMap:
         return shapes
 
     # -- the episode-level transform -----------------------------------------------------------
-    def apply(self, episode: Mapping[str, Any], *, name: str = "episode") -> dict[str, Any]:
+    def apply(self, episode: Mapping[str, Any], *, name: str = "episode",
+              images: bool = True) -> dict[str, Any]:
         """The standard episode (see the module docstring) of a decoded ``episode``.
 
-        Images are passed through as they are (still encoded when the source left them so).
-        ``name`` labels errors (the file and offset of the episode).
+        Images are passed through as they are (still encoded when the source left them so);
+        ``images=False`` leaves the cameras out, so an episode read without its image features
+        maps too. ``name`` labels errors (the file and offset of the episode).
         """
         steps = episode.get("steps")
         if not isinstance(steps, Mapping):
@@ -204,7 +206,7 @@ class KeyMap:
         observation: dict[str, Any] = {}
         if self.state_keys:
             observation[STATE] = self._concat(steps, self.state_keys, "state", name)
-        for role in self.cameras():
+        for role in self.cameras() if images else ():
             observation[image_key(role)] = _get(steps, self.image_keys[role],
                                                 f"key_map.images.{role}", name)
         out_steps: dict[str, Any] = {
@@ -301,13 +303,37 @@ def _size(shape: tuple[int | None, ...]) -> int | None:
     return int(np.prod(shape, dtype=np.int64))
 
 
+_MISSING = object()
+
+
+def lookup(tree: Mapping[str, Any], key: str) -> Any:
+    """The value at feature key ``key`` (parts joined with ``/``) in a decoded feature tree,
+    or :data:`None` when there is none. A feature's own name may hold ``/`` (kuka's
+    ``clip_function_input/base_pose_tool_reached``, bc_z's ``future/xyz_residual``), so at
+    each level the longest name that matches is tried first."""
+    found = _lookup(tree, key.split("/"))
+    return None if found is _MISSING else found
+
+
+def _lookup(node: Any, parts: list[str]) -> Any:
+    if not parts:
+        return node
+    if not isinstance(node, Mapping):
+        return _MISSING
+    for n in range(len(parts), 0, -1):
+        head = "/".join(parts[:n])
+        if head in node:
+            found = _lookup(node[head], parts[n:])
+            if found is not _MISSING:
+                return found
+    return _MISSING
+
+
 def _get(steps: Mapping[str, Any], key: str, field: str, name: str) -> Any:
-    node: Any = steps
-    for part in key.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            raise KeyMapError(f"{name}: {field}: {key!r} is not in this episode's steps; they "
-                              f"hold {sorted(flat_keys(steps))}")
-        node = node[part]
+    node = _lookup(steps, key.split("/"))
+    if node is _MISSING:
+        raise KeyMapError(f"{name}: {field}: {key!r} is not in this episode's steps; they "
+                          f"hold {sorted(flat_keys(steps))}")
     if isinstance(node, Mapping):
         raise KeyMapError(f"{name}: {field}: {key!r} is a group of features "
                           f"{sorted(key + '/' + k for k in flat_keys(node))}; name the ones to use")
