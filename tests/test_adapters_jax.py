@@ -315,18 +315,26 @@ def test_the_multihost_verification_catches_a_wrong_resume(two_hosts):
 
 
 @pytest.mark.slow
-def test_a_single_process_cannot_restore_a_two_process_checkpoint(two_hosts):
+def test_a_single_process_restores_a_two_process_checkpoint(two_hosts):
+    # The global order's state names no host: one process takes the states two saved, and
+    # its batches are the two hosts' global batches, each host's rows in host order.
+    import itertools
+
     import orbax.checkpoint as ocp
 
     from torch_rlds.adapters.orbax import DataLoaderRestore
 
     config = load_config("demo", two_hosts.overrides)
     manager = ocp.CheckpointManager(two_hosts.out / "checkpoints")
-    with pytest.raises(ValueError, match=r"2 processes \(files process_0-of-2.json, "
-                                         r"process_1-of-2.json\), but this run has 1 process"):
-        manager.restore(SAVE_AT, args=ocp.args.Composite(
-            data_loader=DataLoaderRestore(config.make_loader(0, 1))))
-
+    loader = config.make_loader(0, 1)
+    manager.restore(SAVE_AT, args=ocp.args.Composite(data_loader=DataLoaderRestore(loader)))
+    assert loader.batches_seen == SAVE_AT
+    for step, batch in zip(range(SAVE_AT, two_hosts.steps), itertools.islice(loader, 3)):
+        got = [list(row) for row in zip(batch["meta"]["epoch"].tolist(),
+                                        batch["meta"]["episode_index"].tolist(),
+                                        batch["meta"]["step_index"].tolist())]
+        hosts = [run["steps"][str(step)]["ids"] for run in two_hosts.runs]
+        assert got == hosts[0] + hosts[1], step
 
 
 def test_prefetch_threads_stop_at_interpreter_exit(tmp_path):
