@@ -4,16 +4,21 @@ exact-range reads, and exact resume. Latency is 0 except in one small test."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 import torch_rlds
-from torch_rlds import _files, _paths
+from torch_rlds import _files, _paths, cli
 from torch_rlds._info import DatasetFormatError
-from torch_rlds._shared_index import PublishedIndex
+from torch_rlds._shared_index import PUBLISHED_NAME, PublishedIndex, SharedIndex
 from torch_rlds._simbucket import SimulatedBucket
 from torch_rlds.bench._remote import write_scaled_dataset
 from torch_rlds.testing import assert_resumes_exactly, simulated_bucket
@@ -109,6 +114,102 @@ def test_reads_of_a_buffered_file_cost_blocks_that_exact_ranges_do_not(bucket, t
         os.path.join(bucket.root, "scaled1", "1.0.0", "dataset_info.json"))
 
 
+def test_a_second_host_uses_the_published_index_with_no_index_request(bucket, tmp_path,
+                                                                       capsys):
+    url = _scaled(bucket, 12, 40)
+    assert cli.main(["index", url, "--publish"]) == 0
+    assert f"published {url}/{PUBLISHED_NAME}: 12 shards, 40 records" in capsys.readouterr().out
+    bucket.reset_counts()
+
+    # another host: a fresh source with its own empty cache
+    source = _source(url, tmp_path, "host2")
+    counts = bucket.reset_counts()
+    assert _shard_reads(counts) == []
+    assert (counts.list, counts.read) == (1, 2)  # dataset_info.json and torch_rlds.index
+    assert source.shared.used == {p.name for p in source.info.splits["train"].shard_paths}
+
+    # the global order's step counts come from it too: no record is probed
+    from torch_rlds._step_reader import StepFiles
+
+    lengths = StepFiles(source, cache_dir=tmp_path / "steps").lengths(progress=False)
+    assert lengths.tolist() == [2] * 40 and _shard_reads(bucket.reset_counts()) == []
+
+    # a fresh process, which finds the bucket through the environment
+    script = textwrap.dedent(f"""
+        import json, os, torch_rlds
+        from torch_rlds import _simbucket
+        source = torch_rlds.RLDSSource({url!r})
+        bucket = _simbucket._buckets["data"]
+        print(json.dumps([len(source), bucket.counts.snapshot(), bucket.counts.reads]))
+    """)
+    env = {**os.environ, "TORCH_RLDS_CACHE": str(tmp_path / "host3")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    episodes, snapshot, reads = json.loads(out.strip().splitlines()[-1])
+    assert episodes == 40 and snapshot["read"] == 2 and snapshot["list"] == 1
+    assert not [r for r in reads if ".tfrecord-" in r[0]]
+
+
+def test_a_published_index_in_a_cache_bucket_found_through_the_environment(
+        bucket, tmp_path, monkeypatch):
+    url = _scaled(bucket, 4, 9)
+    with simulated_bucket(tmp_path / "cache-bucket", "index-cache") as cache:
+        assert cli.main(["index", url, "--publish", "gs://index-cache/oxe"]) == 0
+        assert (tmp_path / "cache-bucket" / "oxe" / "scaled4" / "1.0.0" / PUBLISHED_NAME).exists()
+        monkeypatch.setenv("TORCH_RLDS_INDEX_DIR", "gs://index-cache/oxe")
+        bucket.reset_counts(), cache.reset_counts()
+        source = _source(url, tmp_path, "host2")
+        assert _shard_reads(bucket.reset_counts()) == []
+        assert cache.reset_counts().read == 1
+        assert source.shared.url == f"gs://index-cache/oxe/scaled4/1.0.0/{PUBLISHED_NAME}"
+        # an argument beats the environment; a place with nothing there costs one read
+        _source(url, tmp_path, "host3", index_dir="gs://index-cache/elsewhere")
+        assert cache.reset_counts().read == 1
+        assert len(_shard_reads(bucket.reset_counts())) == 9
+
+
+def test_a_stale_published_index_is_rebuilt_for_the_changed_shard_only(bucket, tmp_path,
+                                                                       caplog):
+    url = _scaled(bucket, 4, 10)
+    assert cli.main(["index", url, "--publish", "--no-step-index"]) == 0
+    folder = os.path.join(bucket.root, "scaled4", "1.0.0")
+    changed = "scaled4-train.tfrecord-00002-of-00004"
+    path = os.path.join(folder, changed)
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    with open(path, "wb") as f:  # the same bytes, written anew: a new generation
+        f.write(data)
+    bucket.reset_counts()
+    with caplog.at_level(logging.WARNING, logger="torch_rlds._shared_index"):
+        source = _source(url, tmp_path, "host2")
+    reads = _shard_reads(bucket.reset_counts())
+    assert {os.path.basename(r[0]) for r in reads} == {changed}
+    assert len(reads) == source.info.splits["train"].shard_lengths[2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "does not match 1 of 4 shards" in lines[0]
+    assert "indexed those 1 here" in lines[0]
+    assert [len(i) for i in source.record_indexes()] == [3, 3, 2, 2]
+
+
+def test_a_damaged_published_index_is_ignored_and_the_shards_indexed(bucket, tmp_path,
+                                                                      caplog):
+    url = _scaled(bucket, 2, 4)
+    assert cli.main(["index", url, "--publish", "--no-step-index"]) == 0
+    target = os.path.join(bucket.root, "scaled2", "1.0.0", PUBLISHED_NAME)
+    with open(target, "rb") as f:
+        blob = bytearray(f.read())
+    blob[-3] ^= 0xFF  # inside the last shard's arrays
+    with open(target, "wb") as f:
+        f.write(bytes(blob))
+    bucket.reset_counts()
+    with caplog.at_level(logging.WARNING, logger="torch_rlds._shared_index"):
+        source = _source(url, tmp_path, "host2")
+    assert len(source) == 4 and len(_shard_reads(bucket.counts)) == 4
+    assert any("ignoring the published index" in r.getMessage() and "CRC mismatch" in
+               r.getMessage() for r in caplog.records)
+
+
 def _changed(index: PublishedIndex, **fields) -> PublishedIndex:
     import dataclasses
 
@@ -198,6 +299,19 @@ def test_index_builds_keep_many_requests_in_flight_within_the_bound(tmp_path, mo
         assert counts.read == 20 and counts.peak_in_flight == 8
 
 
+def test_shared_index_pickles_without_what_it_read(bucket, tmp_path):
+    import pickle
+
+    url = _scaled(bucket, 2, 4)
+    assert cli.main(["index", url, "--publish", "--no-step-index"]) == 0
+    source = _source(url, tmp_path, "host2")
+    assert source.shared.index() is not None
+    copy = pickle.loads(pickle.dumps(source.shared))
+    assert copy._index is None and copy.candidates == source.shared.candidates
+    assert isinstance(copy, SharedIndex) and copy.index().shards.keys() == \
+        source.shared.index().shards.keys()
+
+
 def _copy_into(bucket: SimulatedBucket, local) -> str:
     """Copy the local dataset version directory ``local`` into the bucket's folder."""
     import shutil
@@ -206,3 +320,37 @@ def _copy_into(bucket: SimulatedBucket, local) -> str:
     shutil.copytree(os.fspath(local), target)
     return target
 
+
+def test_published_lengths_match_probed_ones(bucket, tmp_path, write_dataset):
+    local = write_dataset(num_episodes=5, num_shards=2, min_steps=2, max_steps=9)
+    url = bucket.url(_copy_into(bucket, local))
+    assert cli.main(["index", url, "--publish"]) == 0
+    from torch_rlds._step_reader import StepFiles
+
+    fresh = StepFiles(_source(url, tmp_path, "host2"), cache_dir=tmp_path / "steps2")
+    probed = StepFiles(torch_rlds.RLDSSource(local, cache_dir=tmp_path / "local"),
+                       cache_dir=tmp_path / "steps3")
+    assert np.array_equal(fresh.lengths(progress=False), probed.lengths(progress=False))
+    bucket.reset_counts()
+    built = fresh.build_index(0)
+    reads = bucket.reset_counts().reads
+    assert len(reads) == 1 and reads[0][0].endswith(".trsi")  # fetched, not built
+    assert built.to_bytes() == probed.build_index(0).to_bytes()
+
+
+def test_a_local_dataset_publishes_beside_itself(tmp_path, write_dataset, capsys):
+    import shutil
+
+    local = tmp_path / "data"
+    shutil.copytree(write_dataset(num_episodes=4, num_shards=2, min_steps=2, max_steps=5),
+                    local)
+    assert cli.main(["index", str(local), "--publish", "--no-step-index"]) == 0
+    assert "2 shards, 4 records" in capsys.readouterr().out
+    source = _source(local, tmp_path, "host2")
+    assert source.shared.url == os.path.join(local, PUBLISHED_NAME)
+    assert len(source.shared.used) == 2 and not source.shared.stale
+    # a shard copied anew (another mtime) no longer matches its entry
+    shard = source.info.splits["train"].shard_paths[1]
+    os.utime(shard, ns=(1, 1))
+    again = _source(local, tmp_path, "host3")
+    assert again.shared.stale == {shard.name} and len(again) == 4
