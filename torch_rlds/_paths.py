@@ -56,13 +56,17 @@ def to_path(path: str | os.PathLike) -> epath.Path:
     its scheme needs a filesystem package that is missing (``pip install 'torch-rlds[gcs]'``
     for ``gs://``) and no filesystem is registered with fsspec for it. Schemes other than
     those of :data:`REMOTE_SCHEMES` are left to fsspec."""
+    _require_filesystem(path)
+    return epath.Path(path)
+
+
+def _require_filesystem(path: str | os.PathLike) -> None:
     kind = scheme(path)
     if kind in REMOTE_SCHEMES and not _served(kind):
         module, extra = REMOTE_SCHEMES[kind]
         if importlib.util.find_spec(module) is None:
             raise ImportError(f"{os.fspath(path)}: {kind}:// paths need {module}, which is not "
                               f"installed: pip install 'torch-rlds[{extra}]'")
-    return epath.Path(path)
 
 
 # path -> (filesystem, the name it knows the object by): resolving a URL costs more than a
@@ -81,7 +85,7 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
         return found
     import fsspec.core
 
-    to_path(text)
+    _require_filesystem(text)
     found = fsspec.core.url_to_fs(text)
     if len(_filesystems) >= _MAX_CACHED:
         _filesystems.clear()

@@ -324,7 +324,7 @@ class SharedIndex:
     def offsets(self, path: str, size: int, generation: str) -> np.ndarray | None:
         """The published offsets of the shard at ``path`` if its entry was made from this very
         size and generation; else ``None``, and the shard is counted as stale (the
-        :data:`~torch_rlds._tfrecord.Published` callable of ``build_indexes``)."""
+        :data:`~torch_rlds._tfrecord.PublishedOffsets` callable of ``build_indexes``)."""
         index = self.index()
         if index is None:
             return None
@@ -370,7 +370,7 @@ class SharedIndex:
 
 
 @dataclasses.dataclass
-class Published:
+class PublishReport:
     """What :func:`publish` wrote.
 
     Attributes:
@@ -392,7 +392,7 @@ class Published:
 
 
 def publish(source: Any, dest: str | os.PathLike | None = None, *, step_index: bool = True,
-            num_threads: int | None = None, progress: bool = True) -> Published:
+            num_threads: int | None = None, progress: bool = True) -> PublishReport:
     """Publish the index of ``source`` (an :class:`~torch_rlds.RLDSSource`, whose record
     indexes are built) beside its data or under ``dest`` (see the module).
 
@@ -425,7 +425,7 @@ def publish(source: Any, dest: str | os.PathLike | None = None, *, step_index: b
     data = PublishedIndex(info.name, info.version, digest, shards).to_bytes()
     url = _join(folder, PUBLISHED_NAME)
     _write(url, data)
-    return Published(url, len(shards), sum(len(i) for i in indexes), len(data),
+    return PublishReport(url, len(shards), sum(len(i) for i in indexes), len(data),
                      bool(lengths), len(steps), note)
 
 
@@ -443,7 +443,7 @@ def _publish_steps(source: Any, folder: str, lengths: dict[str, np.ndarray],
         return None, f"no lengths or step indexes: {e}"
     shard_ids = range(len(files.shards))
     remote = any(_paths.is_remote(index.path) for index in files.shards)
-    threads = num_threads or (_files.remote_requests() if remote else os.cpu_count() or 1)
+    threads = num_threads or (_files.remote_threads() if remote else os.cpu_count() or 1)
 
     def one(shard: int) -> tuple[int, np.ndarray, bytes | None]:
         counts = files.shard_lengths(shard)

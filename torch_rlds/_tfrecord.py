@@ -217,7 +217,7 @@ def _is_local(path: str) -> bool:
 
 # What a published index may know of a shard: given (path, size, generation), its offsets or
 # None (see torch_rlds._shared_index).
-Published = Callable[[str, int, str], "np.ndarray | None"]
+PublishedOffsets = Callable[[str, int, str], "np.ndarray | None"]
 
 
 def _local_key(path: str, f: BinaryIO) -> tuple[str, int, str]:
@@ -265,7 +265,7 @@ def _folder(cache_dir: str | os.PathLike | None) -> Path:
 
 
 def _known_offsets(cache_file: Path, path: str, size: int, generation: str,
-                   published: Published | None) -> np.ndarray | None:
+                   published: PublishedOffsets | None) -> np.ndarray | None:
     """The offsets of a shard from the cache, else from ``published`` (checked against the
     shard's size), else ``None``: the shard is to be indexed."""
     offsets = _load_cached(cache_file, size, path)
@@ -453,7 +453,7 @@ class RecordIndex:
         progress: bool = True,
         rebuild: bool = False,
         stat: ObjectInfo | None = None,
-        published: Published | None = None,
+        published: PublishedOffsets | None = None,
     ) -> RecordIndex:
         """The index of the shard at ``path`` (local or any etils.epath location such as gs://),
         from the cache in ``cache_dir`` (default ``cache_root() / "index"``), else from
@@ -671,7 +671,7 @@ def _shared_loop(paths: Sequence[str], stats: Sequence[ObjectInfo | None]) -> An
 
 
 def _build_on_loop(paths: Sequence[str], stats: Sequence[ObjectInfo], folder: Path,
-                   published: Published | None, progress: bool) -> list[RecordIndex]:
+                   published: PublishedOffsets | None, progress: bool) -> list[RecordIndex]:
     """``build_indexes`` of remote shards on asynchronous filesystems: keys from the listing,
     the cache and the published index looked at first, then every header hop of every shard
     still to index a coroutine on the filesystems' event loop (up to
@@ -752,18 +752,20 @@ def build_indexes(
     num_threads: int | None = None,
     progress: bool = True,
     stats: Sequence[ObjectInfo | None] | None = None,
-    published: Published | None = None,
+    published: PublishedOffsets | None = None,
 ) -> list[RecordIndex]:
     """``RecordIndex.load`` for every path, ``num_threads`` shards at a time (default: 8 for
-    local shards; :func:`torch_rlds._files.remote_requests` for remote ones, whose header hops
-    wait on the network), returned in the order of ``paths``. ``stats`` (one per path, from a
+    local shards; :func:`torch_rlds._files.remote_threads` for remote ones, whose header hops
+    wait on the network), returned in the order of ``paths``. Remote shards on asynchronous
+    filesystems whose generations ``stats`` gives are indexed as coroutines instead (all at
+    once, up to :func:`torch_rlds._files.remote_requests` requests in flight). ``stats`` (one per path, from a
     listing) and ``published`` are passed on to each load. With ``progress``, one bar over
     shards shows when loading takes more than a second. The first error raised by a shard is
     raised here; shards not yet started are cancelled."""
     paths = [os.fspath(p) for p in paths]
     if num_threads is None:
         remote = any(not _is_local(p) for p in paths)
-        num_threads = _files.remote_requests() if remote else 8
+        num_threads = _files.remote_threads() if remote else 8
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1 (got {num_threads})")
     stats = list(stats) if stats is not None else [None] * len(paths)

@@ -57,6 +57,12 @@ class RLDSSource:
       index_dir: a folder of published indexes (``<index_dir>/<name>/<version>/``) to look in
         before the data's own folder (default ``$TORCH_RLDS_INDEX_DIR``); either is read only
         when a shard misses the cache.
+
+    Attributes:
+      info: the dataset's :class:`~torch_rlds.DatasetInfo`.
+      shared: the published index this source may use (``torch_rlds._shared_index
+        .SharedIndex``: where it looks, the shards it took from it, those that did not match);
+        ``None`` for array_record datasets.
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", *,
