@@ -133,8 +133,14 @@ def list_folder(folder: str | os.PathLike) -> dict[str, ObjectInfo]:
     holds nothing."""
     fs, inner = filesystem(folder)
     prefix = inner.rstrip("/") + "/"
+    try:
+        # refresh: gcsfs and s3fs keep listings for the life of a process, and a shard
+        # rewritten since must show its new generation
+        entries = fs.ls(inner, detail=True, refresh=True)
+    except TypeError:
+        entries = fs.ls(inner, detail=True)
     out = {}
-    for entry in fs.ls(inner, detail=True):
+    for entry in entries:
         name = str(entry.get("name", "")).rstrip("/")
         if name.startswith(prefix):
             name = name[len(prefix):]

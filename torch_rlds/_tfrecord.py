@@ -653,21 +653,21 @@ class RecordIndex:
         return b"".join(parts)
 
 
-def _shared_loop(paths: Sequence[str], stats: Sequence[ObjectInfo | None]) -> Any:
-    """The event loop on which every shard of ``paths`` can be indexed as a coroutine (all
-    remote, on asynchronous filesystems sharing one loop, their generations known from a
-    listing), or ``None``."""
+def _on_one_loop(paths: Sequence[str], stats: Sequence[ObjectInfo | None]) -> bool:
+    """Whether every shard of ``paths`` can be indexed as a coroutine on one event loop: all
+    remote, on asynchronous filesystems sharing that loop, their generations known from a
+    listing."""
     if not paths or any(_is_local(p) for p in paths):
-        return None
+        return False
     if any(st is None or st.generation is None for st in stats):
-        return None
+        return False
     loops = set()
     for path in paths:
         fs, _ = _paths.filesystem(path)
         if not _files.is_async(fs):
-            return None
+            return False
         loops.add(id(fs.loop))
-    return loops.pop() if len(loops) == 1 else None
+    return len(loops) == 1
 
 
 def _build_on_loop(paths: Sequence[str], stats: Sequence[ObjectInfo], folder: Path,
@@ -682,16 +682,17 @@ def _build_on_loop(paths: Sequence[str], stats: Sequence[ObjectInfo], folder: Pa
                for file, path, (_, size, generation) in zip(files, paths, keys)]
     todo = [k for k, found in enumerate(offsets) if found is None]
     if todo:
+        # resolved here: nothing on the event loop may wait for the loop itself
+        located = {k: _paths.filesystem(paths[k]) for k in todo}
         with tqdm(total=len(todo), desc="Indexing shards", unit="shard",
                   delay=_PROGRESS_DELAY_S, leave=False, disable=not progress) as bar:
 
             async def one(k: int, slots: Any) -> np.ndarray:
-                fs, inner = _paths.filesystem(paths[k])
-                built = await _walk_remote(fs, inner, keys[k][1], paths[k], slots)
+                built = await _walk_remote(*located[k], keys[k][1], paths[k], slots)
                 bar.update(1)
                 return built
 
-            fs, _ = _paths.filesystem(paths[todo[0]])
+            fs = located[todo[0]][0]
             built = _files.run_concurrently(fs, lambda slots: [one(k, slots) for k in todo])
         for k, found in zip(todo, built):
             offsets[k] = found
@@ -772,7 +773,7 @@ def build_indexes(
     if len(stats) != len(paths):
         raise ValueError(f"stats must give one entry per path ({len(paths)} paths, "
                          f"{len(stats)} stats)")
-    if _shared_loop(paths, stats) is not None:
+    if _on_one_loop(paths, stats):
         return _build_on_loop(paths, stats, _folder(cache_dir), published, progress)
     with (
         tqdm(
