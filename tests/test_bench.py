@@ -89,6 +89,28 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_run_reports_start_up_and_throughput_from_a_bucket(quick_run):
+    _, out, results = quick_run
+    startup = _assert_child(results["remote"]["startup"])
+    assert startup["latency_s"] == 0.03 and set(startup["sizes"]) == {"10 shards", "100 shards"}
+    for row in startup["sizes"].values():
+        cold, warm, published = row["cold"], row["warm"], row["published"]
+        # one listing; dataset_info.json and features.json; cold: one header read per record
+        assert (cold["list"], cold["read"]) == (1, 2 + cold["episodes"])
+        assert (warm["list"], warm["read"], warm["requests"]) == (1, 2, 3)
+        assert (published["list"], published["read"], published["requests"]) == (1, 3, 4)
+        assert all(_number(m["seconds"]) for m in (cold, warm, published))
+    through = _assert_child(results["remote"]["throughput"])
+    local = results["throughput"]["torch_rlds"][str(through["workers"])]["result"]
+    assert _number(through["samples_per_s"]) and through["shapes"] == local["shapes"]
+    reads = through["window_reads"]
+    assert _number(reads["serial_s"]) and _number(reads["read_many_s"]) and reads["bytes"] > 0
+    table = (out / "results.md").read_text()
+    assert "## From a bucket: start-up at 30 ms per request" in table
+    assert "| simulated gs:// at 30 ms | 2 |" in table
+
+
+@pytest.mark.slow
 def test_chart_marks_what_did_not_run_and_keeps_close_sizes_alike(quick_run):
     import matplotlib
 

@@ -399,3 +399,40 @@ def test_build_index_advances_progress_by_bytes(dataset_dir: Path) -> None:
     with open(path, "rb") as f, tqdm(total=size, file=io.StringIO(), mininterval=0) as bar:
         build_index(f, size, str(path), progress=bar)
         assert bar.n == size
+
+
+def test_a_synchronous_store_without_generations_is_read_by_exact_ranges_in_threads(
+        cache_dir: Path) -> None:
+    """fsspec's memory filesystem stands for a store that is not asynchronous and lists no
+    generation: its shards are known by their mtime and a CRC of their ends, indexed in
+    threads, and read in one request per record."""
+    import fsspec
+
+    from torch_rlds._tfrecord import read_ranges, read_records
+
+    fs = fsspec.filesystem("memory")
+    records = [_records([30, 5, 70], seed=s) for s in range(3)]
+    paths = []
+    for s, recs in enumerate(records):
+        buf = io.BytesIO()
+        for r in recs:
+            buf.write(struct.pack("<Q", len(r)))
+            buf.write(struct.pack("<I", masked_crc(struct.pack("<Q", len(r)))))
+            buf.write(r)
+            buf.write(struct.pack("<I", masked_crc(r)))
+        fs.pipe_file(f"/torch-rlds-test/shard{s}", buf.getvalue())
+        paths.append(f"memory://torch-rlds-test/shard{s}")
+    try:
+        indexes = build_indexes(paths, progress=False)
+        assert [i.generation.startswith("mtime:") for i in indexes] == [True] * 3
+        assert [len(i) for i in indexes] == [3, 3, 3]
+        items = [(indexes[s], r) for s in (2, 0, 1) for r in (2, 0)]
+        assert [bytes(v) for v in read_records(items)] == [records[s][r] for s in (2, 0, 1)
+                                                          for r in (2, 0)]
+        assert [bytes(v) for v in read_ranges([(indexes[1], 2, 10, 5),
+                                               (indexes[0], 0, 0, 3)])] == [
+            records[1][2][10:15], records[0][0][:3]]
+        again = build_indexes(paths, progress=False)  # from the cache, under the same key
+        assert [i.cache_key for i in again] == [i.cache_key for i in indexes]
+    finally:
+        fs.rm("/torch-rlds-test", recursive=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 from etils import epath
 
-from torch_rlds import _files
-from torch_rlds._paths import to_path
+from torch_rlds import _files, _paths
+from torch_rlds._paths import ObjectInfo, to_path
 from torch_rlds._state_file import loads_strict
 
 _INFO_FILE = "dataset_info.json"
@@ -35,14 +35,11 @@ def read_metadata_json(path: epath.Path) -> Any:
     """The JSON document in the metadata file ``path`` (``dataset_info.json``, ``features.json``),
     read strictly (see :func:`torch_rlds._state_file.loads_strict`) from a regular file of at
     most :data:`MAX_METADATA_BYTES`; anything else raises :class:`DatasetFormatError`."""
-    local = "://" not in os.fspath(path)
     try:
-        if local:
-            data = _files.read_regular(os.fspath(path), MAX_METADATA_BYTES)
+        if _paths.is_remote(path):
+            data = _paths.read_object(path, MAX_METADATA_BYTES)  # one request
         else:
-            with path.open("rb") as f:
-                data = f.read(MAX_METADATA_BYTES + 1)
-            data = None if len(data) > MAX_METADATA_BYTES else data
+            data = _files.read_regular(os.fspath(path), MAX_METADATA_BYTES)
     except _files.SpecialFileError as e:
         raise DatasetFormatError(f"{e}; dataset metadata must be a regular file") from None
     if data is None:
@@ -167,6 +164,9 @@ class DatasetInfo:
       version: dataset version string.
       file_format: ``tfrecord`` or ``array_record``.
       splits: split name -> :class:`SplitInfo`.
+      objects: for a remote directory, what one listing of it said of each object in it
+        (name -> :class:`~torch_rlds._paths.ObjectInfo`: size, generation); ``None`` for a
+        local one.
     """
 
     path: epath.Path
@@ -174,28 +174,44 @@ class DatasetInfo:
     version: str
     file_format: str
     splits: dict[str, SplitInfo]
+    objects: dict[str, ObjectInfo] | None = dataclasses.field(default=None, repr=False,
+                                                              compare=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> DatasetInfo:
+    def load(cls, path: str | os.PathLike, *,
+             objects: dict[str, ObjectInfo] | None = None) -> DatasetInfo:
         """Read ``dataset_info.json`` of the version directory ``path``.
 
         The file is untrusted: anything but a JSON object of the fields TFDS writes, of their
         types, raises :class:`DatasetFormatError` naming the file and the field; shard paths
-        must stay inside ``path``.
+        must stay inside ``path``. A remote directory is listed once (unless ``objects`` is
+        that listing) and its ``dataset_info.json`` read in one request: two requests.
         """
         path = epath.Path(path)
         info_path = path / _INFO_FILE
-        if not info_path.exists():
+        if _paths.is_remote(path) and objects is None:
+            try:
+                objects = _paths.list_folder(path)
+            except FileNotFoundError:
+                objects = {}
+
+        def exists(name: str) -> bool:
+            if objects is not None:
+                return name in objects and objects[name].is_file
+            return (path / name).exists()
+
+        if not exists(_INFO_FILE):
             raise FileNotFoundError(
                 f"{info_path}: no {_INFO_FILE}; expected a TFDS dataset version directory "
                 f"(.../name/version/ holding {_INFO_FILE}, {_FEATURES_FILE} and shards)"
             )
-        if not (path / _FEATURES_FILE).exists():
+        if not exists(_FEATURES_FILE):
             raise FileNotFoundError(
                 f"{path / _FEATURES_FILE}: no {_FEATURES_FILE}; torch_rlds decodes episodes with "
                 "the feature specification TFDS writes beside dataset_info.json"
             )
-        return cls._from_json(path, info_path, read_metadata_json(info_path))
+        info = cls._from_json(path, info_path, read_metadata_json(info_path))
+        return dataclasses.replace(info, objects=objects)
 
     @classmethod
     def _from_json(cls, path: epath.Path, info_path: epath.Path, raw: Any) -> DatasetInfo:
@@ -256,6 +272,30 @@ class DatasetInfo:
         return self.path / _FEATURES_FILE
 
 
+def load_dataset_info(path_or_name: str | os.PathLike,
+                      data_dir: str | os.PathLike | None = None) -> DatasetInfo:
+    """:meth:`DatasetInfo.load` of the directory :func:`resolve_dataset_dir` finds; a remote
+    version directory is listed once for both (one listing and one read in all)."""
+    path = _named_path(path_or_name, data_dir)
+    if _paths.is_remote(path):
+        try:
+            objects = _paths.list_folder(path)
+        except FileNotFoundError:
+            objects = {}
+        if _INFO_FILE in objects:
+            return DatasetInfo.load(path, objects=objects)
+    return DatasetInfo.load(resolve_dataset_dir(path_or_name, data_dir))
+
+
+def _named_path(path_or_name: str | os.PathLike, data_dir: str | os.PathLike | None
+                ) -> epath.Path:
+    if data_dir is None:
+        return to_path(path_or_name)
+    name, _, version = str(path_or_name).partition(":")
+    path = to_path(data_dir) / name
+    return path / version if version else path
+
+
 def resolve_dataset_dir(path_or_name: str | os.PathLike, data_dir: str | os.PathLike | None = None
                         ) -> epath.Path:
     """Find the version directory of a dataset.
@@ -264,13 +304,7 @@ def resolve_dataset_dir(path_or_name: str | os.PathLike, data_dir: str | os.Path
     directory holding version subdirectories (the newest is taken), or, with ``data_dir``, a
     TFDS name such as ``bridge`` or ``bridge:0.1.0`` looked up as ``data_dir/name/version``.
     """
-    if data_dir is not None:
-        name, _, version = str(path_or_name).partition(":")
-        path = to_path(data_dir) / name
-        if version:
-            path = path / version
-    else:
-        path = to_path(path_or_name)
+    path = _named_path(path_or_name, data_dir)
     if (path / _INFO_FILE).exists():
         return path
     if path.is_dir():

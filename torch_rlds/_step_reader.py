@@ -174,7 +174,9 @@ class StepFiles:
             # The payload sizes it was probed from, then the lengths: of this shard, or stale.
             if np.array_equal(both[0], sizes) and (both[1] >= -1).all():
                 return both[1]
-        lengths = self.probe(shard)
+        lengths = self.published_lengths(shard)
+        if lengths is None:
+            lengths = self.probe(shard)
         self.save(path, np.concatenate([sizes, lengths]).astype("<i8").tobytes())
         return lengths
 
@@ -214,10 +216,14 @@ class StepFiles:
     def build_index(self, shard: int) -> ShardStepIndex:
         """The step index of ``shard``, saved: every record is read whole (its CRCs checked)
         and decoded (every feature, image headers too), so a corrupt record is found here and
-        marked to be read whole, where it raises as it would without an index."""
+        marked to be read whole, where it raises as it would without an index. Taken from the
+        published index instead where it holds one for this very shard."""
         from torch_rlds._corrupt import CORRUPT_ERRORS
         from torch_rlds._images import EncodedImages
 
+        published = self.published_index(shard)
+        if published is not None:
+            return published
         index = self.shard(shard)
         decoder = self.source.decoder
         records, problems = [], {}
@@ -261,6 +267,47 @@ class StepFiles:
     def missing(self) -> list[int]:
         """The shards without a step index file."""
         return [s for s in range(self.num_shards) if not self.index_path(s).exists()]
+
+    # -- the published index (torch-rlds index --publish, torch_rlds._shared_index) -------------
+    def _published(self, shard: int) -> Any:
+        """The source's published entry of ``shard`` when it was made from this very shard and
+        for these features, else ``None``."""
+        lookup = getattr(self.source, "published_shard", None)
+        entry = None if lookup is None else lookup(self.shard(shard))
+        shared = getattr(self.source, "shared", None)
+        published = None if shared is None else shared.index()
+        if entry is None or published is None or published.digest != self._digest:
+            return None
+        return entry
+
+    def published_lengths(self, shard: int) -> np.ndarray | None:
+        """The steps of every record of ``shard`` from the published index, or ``None``."""
+        entry = self._published(shard)
+        if entry is None or entry.lengths is None:
+            return None
+        if len(entry.lengths) != self.shard(shard).num_records:
+            return None
+        return np.array(entry.lengths, dtype=np.int64)
+
+    def published_index(self, shard: int) -> ShardStepIndex | None:
+        """The step index of ``shard`` read from the published index (one read) and saved to
+        the cache, or ``None`` where it holds none for this shard or it does not fit."""
+        entry = self._published(shard)
+        data = None if entry is None else self.source.shared.read_steps(entry)
+        if data is None:
+            return None
+        where = f"published step index of {self.shard(shard).path}"
+        try:
+            index = ShardStepIndex.from_bytes(data, where)
+        except ValueError as e:
+            logger.warning("torch_rlds: ignoring the %s (%s)", where, e)
+            return None
+        if (len(index) != self.shard(shard).num_records or index.features != self.features
+                or not np.array_equal(index.sizes, self._sizes(shard))):
+            logger.warning("torch_rlds: ignoring the %s: it does not fit the shard", where)
+            return None
+        self.save(self.index_path(shard), data)
+        return index
 
 
 _warned: set[str] = set()

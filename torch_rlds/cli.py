@@ -67,6 +67,40 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from torch_rlds._shared_index import publish
+    from torch_rlds.source import RLDSSource
+
+    start = time.perf_counter()
+    source = RLDSSource(args.path, args.split or "+".join(_splits(args)), data_dir=args.data_dir)
+    info = source.info
+    indexes = source.record_indexes()
+    print(f"{info.name} {info.version}  ({info.path})")
+    if info.file_format != "tfrecord":
+        print(f"format: {info.file_format}: records are read by number, there is no record "
+              "index to publish")
+        return 0
+    print(f"record index: {len(indexes)} shards, {sum(len(i) for i in indexes)} records "
+          f"({time.perf_counter() - start:.1f} s)")
+    if args.publish is None:
+        print("(not published: add --publish [DEST] to write it beside the data or into DEST)")
+        return 0
+    dest = None if args.publish == _BESIDE else args.publish
+    done = publish(source, dest, step_index=not args.no_step_index)
+    steps = (f", step lengths, {done.step_indexes} step index files" if done.lengths
+             else "")
+    print(f"published {done.url}: {done.shards} shards, {done.records} records, "
+          f"{done.bytes} bytes{steps} ({time.perf_counter() - start:.1f} s)")
+    if done.note:
+        print(f"note: {done.note}")
+    return 0
+
+
+_BESIDE = "<beside the data>"
+
+
 def _splits(args: argparse.Namespace) -> list[str]:
     """Every split of the dataset ``args`` names (what ``inspect`` shows without --split)."""
     from torch_rlds._info import DatasetInfo, resolve_dataset_dir
@@ -95,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--steps", action="store_true",
                          help="also count steps (reads every episode)")
     inspect.set_defaults(run=_inspect)
+
+    index = commands.add_parser(
+        "index", help="build the record index (and step index) of a dataset once, and "
+                      "publish it for every host")
+    index.add_argument("path", help="dataset version directory (local or gs://...), or a name "
+                                    "with --data-dir")
+    index.add_argument("--data-dir", default=None)
+    index.add_argument("--split", default=None,
+                       help="only this split expression (default: every split)")
+    index.add_argument("--publish", nargs="?", const=_BESIDE, default=None, metavar="DEST",
+                       help="write torch_rlds.index beside the data, or under "
+                            "DEST/<name>/<version>/ (a folder or bucket that hosts find "
+                            "through RLDSSource(index_dir=DEST) or TORCH_RLDS_INDEX_DIR)")
+    index.add_argument("--no-step-index", action="store_true",
+                       help="publish the record offsets and step lengths only, not each "
+                            "shard's step index (which reads every record once)")
+    index.set_defaults(run=_index)
 
     demo = commands.add_parser("demo", help="load the embedded demo dataset, save, resume in a "
                                             "fresh process and check the batches")

@@ -7,15 +7,18 @@ import os
 import stat
 import threading
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from etils import epath
 
-from torch_rlds import _array_record, _files
+from torch_rlds import _array_record, _files, _paths
 from torch_rlds._features import EpisodeDecoder, iter_leaves, load_features
-from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo, resolve_dataset_dir
-from torch_rlds._tfrecord import RecordIndex, TFRecordError, build_indexes
+from torch_rlds._info import DatasetFormatError, DatasetInfo, SplitInfo, load_dataset_info
+from torch_rlds._paths import ObjectInfo
+from torch_rlds._shared_index import PublishedShard, SharedIndex
+from torch_rlds._tfrecord import RecordIndex, TFRecordError, build_indexes, read_records
 
 
 class RLDSSource:
@@ -27,8 +30,17 @@ class RLDSSource:
 
     On construction it checks the shards against ``dataset_info.json`` (each present; for
     tfrecord, each record count and the split's byte count; for array_record, each record count)
-    and, for tfrecord, builds or loads from the cache the byte offset of every record (headers
-    only, see :class:`torch_rlds._tfrecord.RecordIndex`). Every tfrecord read verifies both CRCs.
+    and, for tfrecord, loads the byte offset of every record from the cache, else from a
+    published index (``torch-rlds index PATH --publish``, see ``torch_rlds._shared_index``)
+    made from that very shard, else builds it (headers only, see
+    :class:`torch_rlds._tfrecord.RecordIndex`). Every tfrecord read verifies both CRCs.
+
+    From an object store (``gs://``...) it starts with a constant number of requests: one
+    listing of the version directory gives every shard's size and generation, then
+    ``dataset_info.json`` and ``features.json`` are one read each; a host whose cache has the
+    indexes makes no request per shard, one with a published index one read in all, and one
+    that indexes makes one 12-byte request per record, shards in parallel. Episodes are read
+    by exact byte range, one request each (:meth:`read_many` reads a batch concurrently).
 
     Reads are deterministic. One source may be used from several threads; it holds no open file
     (reads go through a bounded set of handles per process, see ``torch_rlds._files``), so it
@@ -42,18 +54,33 @@ class RLDSSource:
       split: a TFDS split expression: ``train``, ``train[:90%]``, ``train[10:20]``, ``train+val``.
       data_dir: the TFDS data directory when ``path`` is a name.
       cache_dir: where record indexes are cached (default ``$TORCH_RLDS_CACHE/index``).
+      index_dir: a folder of published indexes (``<index_dir>/<name>/<version>/``) to look in
+        before the data's own folder (default ``$TORCH_RLDS_INDEX_DIR``); either is read only
+        when a shard misses the cache.
+
+    Attributes:
+      info: the dataset's :class:`~torch_rlds.DatasetInfo`.
+      shared: the published index this source may use (``torch_rlds._shared_index
+        .SharedIndex``: where it looks, the shards it took from it, those that did not match);
+        ``None`` for array_record datasets.
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train", *,
                  data_dir: str | os.PathLike | None = None,
-                 cache_dir: str | os.PathLike | None = None) -> None:
-        self.info = DatasetInfo.load(resolve_dataset_dir(path, data_dir))
+                 cache_dir: str | os.PathLike | None = None,
+                 index_dir: str | os.PathLike | None = None) -> None:
+        self.info = load_dataset_info(path, data_dir)
         self.split = split
         self._cache_dir = cache_dir
         self._ranges = _resolve_split(self.info, split)
         self._starts = list(np.cumsum([0] + [stop - start for _, start, stop in self._ranges]))
-        self._readers = {name: _open_reader(self.info, self.info.splits[name], cache_dir)
-                         for name in {r[0] for r in self._ranges}}
+        self.shared = (SharedIndex(self.info, index_dir)
+                       if self.info.file_format == "tfrecord" else None)
+        names = sorted({r[0] for r in self._ranges}, key=list(self.info.splits).index)
+        self._readers = {name: _open_reader(self.info, self.info.splits[name], cache_dir,
+                                            self.shared) for name in names}
+        if self.shared is not None:
+            self.shared.report(sum(len(self.info.splits[n].shard_paths) for n in names))
         self._decoder: EpisodeDecoder | None = None
         self._features = None
 
@@ -100,6 +127,39 @@ class RLDSSource:
         """The serialized ``tf.train.Example`` of episode ``index`` (CRC-checked for tfrecord)."""
         name, episode = self.locate(index)
         return self._readers[name].read(episode)
+
+    def read_many(self, indices: Sequence[int]) -> list[bytes | memoryview]:
+        """``read`` of every episode in ``indices``, in that order: from an object store
+        concurrently, one exact-range request per episode (what a window of the window order
+        needs next costs one round trip, not one per episode); locally one after another.
+        Holds at most the episodes asked for."""
+        located = [self.locate(i) for i in indices]
+        if self.info.file_format != "tfrecord":
+            return [self._readers[name].read(e) for name, e in located]
+        items = []
+        for name, episode in located:
+            reader = self._readers[name]
+            shard, record = reader._shard_of(episode)
+            items.append((reader.indexes[shard], record))
+        try:
+            return list(read_records(items))
+        except TFRecordError:
+            # One of them does not match its index: read one by one, so that the shard is
+            # indexed again once (see the class docstring) and the error names the record.
+            return [self._readers[name].read(e) for name, e in located]
+
+    def record_indexes(self) -> list[RecordIndex]:
+        """The record index of every shard of the splits this source reads (tfrecord), in
+        split and shard order, empty shards included."""
+        out: list[RecordIndex] = []
+        for reader in self._readers.values():
+            out.extend(getattr(reader, "indexes", ()))
+        return out
+
+    def published_shard(self, index: RecordIndex) -> PublishedShard | None:
+        """What the published index holds of the shard of ``index``, when it was made from that
+        very shard (its size and generation), else ``None``."""
+        return None if self.shared is None else self.shared.shard(index)
 
     def tfrecord_shards(self) -> tuple[list[tuple[str, int]], np.ndarray, np.ndarray]:
         """The shards holding this source's episodes, as ``(split name, shard)`` (see
@@ -189,34 +249,63 @@ class _ShardedReader:
         shard = bisect.bisect_right(self._ends, episode)
         return shard, episode - (self._ends[shard - 1] if shard else 0)
 
-    def _check_shards(self) -> None:
+    def _check_shards(self, info: DatasetInfo) -> list[ObjectInfo] | None:
+        """Raise unless every shard exists and is a regular file (an object); for remote
+        shards, returns what the listings said of each (their folders listed once each)."""
+        if not _paths.is_remote(info.path):
+            for path in self.split.shard_paths:
+                _check_shard_file(path, self.split)
+            return None
+        listings: dict[str, dict[str, ObjectInfo]] = {}
+        out = []
         for path in self.split.shard_paths:
-            _check_shard_file(path, self.split)
+            folder = os.fspath(path.parent)
+            if folder not in listings:
+                same = folder.rstrip("/") == os.fspath(info.path).rstrip("/")
+                listings[folder] = (info.objects if same and info.objects is not None
+                                    else _listing(folder))
+            entry = listings[folder].get(path.name)
+            if entry is None:
+                raise FileNotFoundError(f"{path}: {_where(self.split)} is missing")
+            if not entry.is_file:
+                raise DatasetFormatError(f"{path}: {_where(self.split)} is a folder, not an "
+                                         "object")
+            out.append(entry)
+        return out
+
+
+def _listing(folder: str) -> dict[str, ObjectInfo]:
+    try:
+        return _paths.list_folder(folder)
+    except FileNotFoundError:
+        return {}
+
+
+def _where(split: SplitInfo) -> str:
+    return (f"shard listed in dataset_info.json (split {split.name!r}, "
+            f"{len(split.shard_paths)} shards)")
 
 
 def _check_shard_file(path: epath.Path, split: SplitInfo) -> None:
-    """Raise unless the shard at ``path`` exists and (locally) is a regular file."""
-    where = f"shard listed in dataset_info.json (split {split.name!r}, " \
-            f"{len(split.shard_paths)} shards)"
-    local = "://" not in os.fspath(path)
+    """Raise unless the local shard at ``path`` exists and is a regular file."""
     try:
-        mode = os.stat(path).st_mode if local else None
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
-        mode = None
-    if mode is None and (local or not path.exists()):
-        raise FileNotFoundError(f"{path}: {where} is missing")
-    if mode is not None and not stat.S_ISREG(mode):
-        raise DatasetFormatError(f"{path}: {where} is a {_files.kind_of(mode)}, not a regular "
-                                 "file")
+        raise FileNotFoundError(f"{path}: {_where(split)} is missing") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetFormatError(f"{path}: {_where(split)} is a {_files.kind_of(mode)}, not a "
+                                 "regular file")
 
 
 class _TFRecordReader(_ShardedReader):
-    def __init__(self, split: SplitInfo, cache_dir) -> None:
+    def __init__(self, split: SplitInfo, cache_dir, info: DatasetInfo,
+                 shared: SharedIndex | None) -> None:
         super().__init__(split)
-        self._check_shards()
+        stats = self._check_shards(info)
         self._cache_dir = None if cache_dir is None else epath.Path(cache_dir)
         self.indexes: list[RecordIndex] = build_indexes(
-            list(split.shard_paths), cache_dir=self._cache_dir
+            list(split.shard_paths), cache_dir=self._cache_dir, stats=stats,
+            published=shared.offsets if shared is not None and shared.candidates else None,
         )
         payload = 0
         for shard, index in enumerate(self.indexes):
@@ -289,9 +378,9 @@ class _ArrayRecordReader(_ShardedReader):
     """Reads through :mod:`torch_rlds._array_record`, which keeps the array_record library out
     of every process that forks DataLoader workers."""
 
-    def __init__(self, split: SplitInfo) -> None:
+    def __init__(self, split: SplitInfo, info: DatasetInfo) -> None:
         super().__init__(split)
-        self._check_shards()
+        self._check_shards(info)
         for path, expected in zip(split.shard_paths, split.shard_lengths):
             try:
                 found = _array_record.num_records(os.fspath(path))
@@ -315,7 +404,8 @@ class _ArrayRecordReader(_ShardedReader):
         return f"{self.split.shard_paths[shard]} record {record}"
 
 
-def _open_reader(info: DatasetInfo, split: SplitInfo, cache_dir) -> _ShardedReader:
+def _open_reader(info: DatasetInfo, split: SplitInfo, cache_dir,
+                 shared: SharedIndex | None) -> _ShardedReader:
     if info.file_format == "array_record":
-        return _ArrayRecordReader(split)
-    return _TFRecordReader(split, cache_dir)
+        return _ArrayRecordReader(split, info)
+    return _TFRecordReader(split, cache_dir, info, shared)

@@ -1,13 +1,36 @@
-"""Test helpers for anyone building on torch_rlds: exact-resume checks."""
+"""Test helpers for anyone building on torch_rlds: exact-resume checks, and a simulated
+object store (:func:`simulated_bucket`) to test remote datasets without a network."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from torch_rlds._simbucket import RequestCounts, SimulatedBucket
+
+
+@contextlib.contextmanager
+def simulated_bucket(root: str | os.PathLike, name: str = "torch-rlds-sim", *,
+                     latency_s: float = 0.0, page_size: int = 1000) -> Iterator[SimulatedBucket]:
+    """Serve the local folder ``root`` as ``gs://name/`` while the block runs: an fsspec
+    filesystem answering each request after ``latency_s`` seconds and counting requests by
+    kind (``bucket.counts``: list, info, read, write, bytes moved). Processes started inside
+    the block (DataLoader workers, a second "host") serve it too. ``bucket.url(path)`` is the
+    ``gs://`` URL of a local path inside ``root``::
+
+        with simulated_bucket(tmp_path, latency_s=0.03) as bucket:
+            source = RLDSSource(bucket.url(dataset_dir))
+            print(bucket.counts.snapshot())
+    """
+    bucket = SimulatedBucket(root, name, latency_s=latency_s, page_size=page_size)
+    with bucket:
+        yield bucket
 
 
 def _to_comparable(tree: Any) -> Any:
@@ -141,3 +164,12 @@ def _check_end(iterator: Any, where: str, num_batches: int) -> None:
         return
     raise AssertionError(f"{where}: the stream goes on after batch {num_batches - 1}; it "
                          f"should end there")
+
+
+__all__ = [
+    "RequestCounts",
+    "SimulatedBucket",
+    "assert_batches_equal",
+    "assert_resumes_exactly",
+    "simulated_bucket",
+]

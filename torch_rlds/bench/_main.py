@@ -30,7 +30,7 @@ from torch_rlds.bench._settings import BenchSettings
 from torch_rlds.bench._steps import BUSY_PCT, FOREIGN_PCT, Steps, foreign
 
 DEFAULT_OUT = "bench_results"
-SECTIONS = ("throughput", "resume", "checkpoint")
+SECTIONS = ("throughput", "resume", "checkpoint", "remote")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +105,7 @@ def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool,
         "resume": (len(windows) * (1 + settings.resume_rounds * (1 + positions))
                    + with_tf * (1 + settings.resume_rounds * (1 + 2 * positions))),
         "checkpoint": 1 + with_tf * len(settings.checkpoint_buffers),
+        "remote": 2,
     }
     return sum(sizes[name] for name in sections)
 
@@ -143,6 +144,7 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
         "throughput": {"torch_rlds": {}},
         "resume": {"torch_rlds": {}},
         "checkpoint": {},
+        "remote": {},
     }
     work = tempfile.mkdtemp(prefix="torch_rlds_bench_work_")
     bench = Bench(steps, settings, dataset_record["path"], work, windows)
@@ -153,6 +155,8 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
             bench.resume(results["resume"], with_tf)
         if "checkpoint" in chosen:
             bench.checkpoint(results["checkpoint"], with_tf)
+        if "remote" in chosen:
+            bench.remote(results["remote"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -261,6 +265,7 @@ def _records(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out += [(f"tf.data resume {method} at {p}", r) for p, r in runs.items()]
     if "torch_rlds" in results["checkpoint"]:
         out.append(("torch_rlds state cost", results["checkpoint"]["torch_rlds"]))
+    out += [(f"torch_rlds from a bucket: {k}", r) for k, r in results.get("remote", {}).items()]
     out += [(f"tf.data checkpoint at {b}", r)
             for b, r in results["checkpoint"].get("tf_data", {}).items()]
     return out

@@ -135,6 +135,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _resume_table(results)
     if "checkpoint" in sections:
         lines += _checkpoint_table(results)
+    if "remote" in sections:
+        from torch_rlds.bench._remote import report_lines
+
+        lines += report_lines(results)
     lines += ["", "## Ratios and targets", "", "| figure | value | target | |",
               "|---|---:|---:|---|"]
     for name, value in results["ratios"].items():

@@ -87,6 +87,24 @@ class Bench:
                 for buffer in s.checkpoint_buffers
             }
 
+    def remote(self, out: dict[str, Any]) -> None:
+        """Start-up and throughput from the simulated bucket (:mod:`torch_rlds.bench._remote`)."""
+        from torch_rlds.bench._remote import LATENCY_S, sizes_for
+
+        s = self.settings
+        sizes = [list(size) for size in sizes_for(s.episodes)]
+        out["startup"] = self.steps.run(
+            f"start-up from a bucket at {LATENCY_S * 1e3:.0f} ms per request: "
+            + ", ".join(label for label, _, _ in sizes), "remote_startup",
+            {"sizes": sizes, "latency_s": LATENCY_S, "work": self.work},
+            lambda r: "; ".join(f"{label} cold {row['cold']['seconds']:.1f} s" for label, row
+                                in r["sizes"].items()))
+        workers = max(s.workers)
+        out["throughput"] = self.steps.run(
+            f"torch_rlds throughput from a bucket at {LATENCY_S * 1e3:.0f} ms, "
+            f"num_workers={workers}", "remote_throughput",
+            {**self.common, "workers": workers, "latency_s": LATENCY_S}, _rate)
+
     def _torch_resume(self, window: int) -> dict[str, Any]:
         common = {**self.common, "workers": self.settings.resume_workers,
                   "shuffle_window": window}

@@ -31,6 +31,8 @@ TASKS: dict[str, tuple[str, bool]] = {
     "torch_save_states": ("torch_rlds.bench._torch:save_states", False),
     "torch_resume": ("torch_rlds.bench._torch:resume", False),
     "torch_state_cost": ("torch_rlds.bench._torch:state_cost", False),
+    "remote_startup": ("torch_rlds.bench._remote:startup", False),
+    "remote_throughput": ("torch_rlds.bench._remote:throughput", False),
     "limit": ("torch_rlds.bench._limit:decode_limit", True),
     "tf_throughput": ("torch_rlds.bench._tfdata:throughput", True),
     "tf_save_checkpoints": ("torch_rlds.bench._tfdata:save_checkpoints", True),
