@@ -268,6 +268,10 @@ class _CountingSource:
         self.reads += 1
         return self._source.episode(index, **kwargs)
 
+    def read_many(self, indices):
+        self.reads += len(indices)
+        return self._source.read_many(indices)
+
     def __getattr__(self, name):
         return getattr(self._source, name)
 

@@ -198,10 +198,17 @@ class WindowStream:
     def read_window(self, dataset: Any, episodes: np.ndarray
                     ) -> tuple[list[EpisodeSampler], int]:
         """The samplers of ``episodes`` and how many were skipped as corrupt."""
+        indices = episodes.tolist()
+        try:
+            # One round trip for the window on an object store (one read after another
+            # locally); a damaged record among them is read again alone below, to be named.
+            payloads: list[Any] = dataset.source.read_many(indices)
+        except CORRUPT_ERRORS:
+            payloads = [None] * len(indices)
         samplers = []
-        for e in episodes.tolist():
+        for e, payload in zip(indices, payloads):
             try:
-                samplers.append(self._sampler(dataset, e))
+                samplers.append(self._sampler(dataset, e, payload))
             except CORRUPT_ERRORS as error:
                 if dataset.on_corrupt == "raise":
                     raise
@@ -209,9 +216,10 @@ class WindowStream:
                                dataset.source.info.name, dataset.source.describe(e), error)
         return samplers, len(episodes) - len(samplers)
 
-    def _sampler(self, dataset: Any, episode_index: int) -> EpisodeSampler:
-        episode = dataset.source.episode(episode_index)
+    def _sampler(self, dataset: Any, episode_index: int, payload: Any = None) -> EpisodeSampler:
         name = dataset.source.describe(episode_index)
+        episode = (dataset.source.episode(episode_index) if payload is None
+                   else dataset.source.decoder.decode(payload, name=name))
         if dataset.key_map is not None:
             episode = dataset.key_map.apply(episode, name=name)
         return EpisodeSampler(episode, dataset.observation_keys, dataset.action_key,
