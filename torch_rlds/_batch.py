@@ -19,7 +19,7 @@ import torch
 
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 from torch_rlds._limits import check_batch_bytes
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._windows import EpisodeSampler, Recipe
 from torch_rlds.collate import allocate, collate
 
 # One step sample to make: (sampler, step, epoch).
@@ -34,39 +34,44 @@ class BatchBuilder:
     yet (all of them without a pool), waits for the others and gives the batch. Several batches
     may be in flight at once.
 
+    Every item's sample is made as its sampler's :class:`~torch_rlds._windows.Recipe` says (a
+    mixture's datasets each have theirs), else as ``recipe`` says. Items whose recipes make
+    samples alike (the same windows and JPEG mode, no transform) and whose samplers lay steps
+    out alike are built straight into the batch buffer, datasets mixed or not; others are made
+    sample by sample, transformed, and stacked with :func:`collate`.
+
     Args:
-      obs_window, action_horizon: the sample's windows.
-      fast_jpeg: JPEG with the fast DCT (see :mod:`torch_rlds._images`).
+      recipe: how the samples of samplers without a recipe of their own are made.
       pool: the threads that decode frames, or ``None``.
       threads: how many threads ``pool`` has (the batch's frames are cut into a few chunks per
         thread, which keeps them busy without a task per frame).
-      sample_transform: applied to every sample in the calling thread; with one, batches are
-        made sample by sample and stacked with :func:`collate`.
     """
 
-    def __init__(self, obs_window: int, action_horizon: int, *, fast_jpeg: bool,
-                 pool: concurrent.futures.Executor | None, threads: int,
-                 sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
-        self.obs_window = obs_window
-        self.action_horizon = action_horizon
-        self.fast_jpeg = fast_jpeg
+    def __init__(self, recipe: Recipe, *, pool: concurrent.futures.Executor | None,
+                 threads: int) -> None:
+        self.recipe = recipe
         self.pool = pool
         self.chunks = 4 * threads if pool is not None else 1
-        self.sample_transform = sample_transform
-        self._obs_offsets = np.arange(1 - obs_window, 1, dtype=np.int64)
-        self._act_offsets = np.arange(action_horizon, dtype=np.int64)
+
+    def recipe_of(self, sampler: EpisodeSampler) -> Recipe:
+        """The recipe ``sampler``'s samples are made by."""
+        return sampler.recipe or self.recipe
 
     def start(self, items: Sequence[Item]) -> _Pending:
         """Begin the batch of ``items`` (at least one)."""
         layout = items[0][0].layout()
-        if (self.sample_transform is not None or layout is None
-                or any(s.layout() is not layout and s.layout() != layout for s, _, _ in items)):
+        first = self.recipe_of(items[0][0])
+        if (layout is None or not first.same_sampling(first)
+                or any(s.layout() is not layout and s.layout() != layout for s, _, _ in items)
+                or any(not self.recipe_of(s).same_sampling(first) for s, _, _ in items)):
             return _SampleBySample(self, items)
-        return self._direct(items, layout)
+        return self._direct(items, layout, first)
 
-    def _direct(self, items: Sequence[Item], layout: tuple) -> _Pending:
+    def _direct(self, items: Sequence[Item], layout: tuple, recipe: Recipe) -> _Pending:
         size = len(items)
-        w, h = self.obs_window, self.action_horizon
+        w, h = recipe.obs_window, recipe.action_horizon
+        obs_offsets = np.arange(1 - w, 1, dtype=np.int64)
+        act_offsets = np.arange(h, dtype=np.int64)
         observations, action_shape = layout
         specs = [((size, w, *shape), _torch_dtype(dtype)) for _, shape, dtype, _ in observations]
         specs += [((size, w), torch.bool), ((size, h, *action_shape), torch.float32),
@@ -80,9 +85,9 @@ class BatchBuilder:
 
         steps = np.fromiter((t for _, t, _ in items), np.int64, size)
         lengths = np.fromiter((s.num_steps for s, _, _ in items), np.int64, size)
-        obs_raw = steps[:, None] + self._obs_offsets
+        obs_raw = steps[:, None] + obs_offsets
         obs_idx = np.maximum(obs_raw, 0)  # a window ends at its own step: never past the end
-        act_raw = steps[:, None] + self._act_offsets
+        act_raw = steps[:, None] + act_offsets
         act_idx = np.minimum(act_raw, lengths[:, None] - 1)
         np.less(obs_raw, 0, out=obs_pad.numpy())
         np.greater_equal(act_raw, lengths[:, None], out=act_pad.numpy())
@@ -113,17 +118,22 @@ class BatchBuilder:
                     else:
                         decoded[id(sampler), t] = row
                         frames.append((images, t, row, sampler.name))
+        meta = {"episode_index": episode, "step_index": step, "epoch": epoch}
+        if any(self.recipe_of(s).dataset_index is not None for s, _, _ in items):
+            meta["dataset_index"] = torch.tensor(
+                [self.recipe_of(s).dataset_index for s, _, _ in items], dtype=torch.int64)
         batch = {
             "observation": observation,
             "observation_is_pad": obs_pad,
             "action": action,
             "action_is_pad": act_pad,
             "language_instruction": [s.text(t) for s, t, _ in items],
-            "meta": {"episode_index": episode, "step_index": step, "epoch": epoch},
+            "meta": meta,
         }
-        return _Direct(batch, self._decode(frames), copies, self.fast_jpeg)
+        return _Direct(batch, self._decode(frames, recipe.fast_jpeg), copies, recipe.fast_jpeg)
 
-    def _decode(self, frames: list) -> list[tuple[list, concurrent.futures.Future | None]]:
+    def _decode(self, frames: list, fast_jpeg: bool
+                ) -> list[tuple[list, concurrent.futures.Future | None]]:
         """``frames`` cut into chunks, each with its task on the pool (``None`` without one:
         ``result()`` decodes it)."""
         if self.pool is None or not frames:
@@ -131,7 +141,7 @@ class BatchBuilder:
         n = min(self.chunks, len(frames))
         bounds = [len(frames) * k // n for k in range(n + 1)]
         chunks = [frames[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        return [(chunk, self.pool.submit(_decode_frames, chunk, self.fast_jpeg))
+        return [(chunk, self.pool.submit(_decode_frames, chunk, fast_jpeg))
                 for chunk in chunks]
 
 
@@ -174,26 +184,23 @@ class _Direct(_Pending):
 
 
 class _SampleBySample(_Pending):
-    """Samples made one by one (frames on the pool), transformed and stacked with collate."""
+    """Samples made one by one (frames on the pool), finished as their recipes say (in the
+    thread that asks for the batch) and stacked with collate."""
 
     def __init__(self, builder: BatchBuilder, items: Sequence[Item]) -> None:
-        self.builder = builder
-        args = (builder.obs_window, builder.action_horizon)
-        make = [(s.sample, (t, *args, e)) for s, t, e in items]
+        self.recipes = [builder.recipe_of(s) for s, _, _ in items]
+        make = [(s.sample, (t, r.obs_window, r.action_horizon, e), r.fast_jpeg)
+                for (s, t, e), r in zip(items, self.recipes)]
         if builder.pool is None:
             self.jobs = make
         else:
-            self.jobs = [builder.pool.submit(_make, fn, a, builder.fast_jpeg) for fn, a in make]
+            self.jobs = [builder.pool.submit(_make, *job) for job in make]
 
     def result(self) -> dict[str, Any]:
         samples = []
-        for job in self.jobs:
-            if isinstance(job, concurrent.futures.Future):
-                samples.append(job.result())
-            else:
-                samples.append(_make(*job, self.builder.fast_jpeg))
-        if self.builder.sample_transform is not None:
-            samples = [self.builder.sample_transform(s) for s in samples]
+        for job, recipe in zip(self.jobs, self.recipes):
+            sample = job.result() if isinstance(job, concurrent.futures.Future) else _make(*job)
+            samples.append(recipe.finish(sample))
         return collate(samples)
 
 

@@ -10,7 +10,8 @@ losses should use the masks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,36 @@ def action_indices(t: int, num_steps: int, action_horizon: int) -> tuple[np.ndar
     """Step indices of the action chunk starting at ``t``, and its pad mask."""
     raw = np.arange(t, t + action_horizon)
     return np.clip(raw, 0, num_steps - 1), raw >= num_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a dataset makes its samples from its samplers: the windows, the JPEG mode, the
+    sample transform, and, in a mixture, the dataset's index (``meta["dataset_index"]``).
+
+    Immutable; one is shared by every sampler of a dataset."""
+
+    obs_window: int
+    action_horizon: int
+    fast_jpeg: bool
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None
+    dataset_index: int | None
+
+    def finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """``sample`` (as :meth:`EpisodeSampler.sample` makes it) transformed, and marked with
+        the dataset's index in a mixture."""
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.dataset_index is not None:
+            sample = {**sample, "meta": {**sample["meta"],
+                                         "dataset_index": np.int64(self.dataset_index)}}
+        return sample
+
+    def same_sampling(self, other: Recipe) -> bool:
+        """Whether samples of both are made alike but for the dataset index (no transform)."""
+        return (self.transform is None and other.transform is None
+                and (self.obs_window, self.action_horizon, self.fast_jpeg)
+                == (other.obs_window, other.action_horizon, other.fast_jpeg))
 
 
 class EpisodeSampler:
@@ -81,6 +112,9 @@ class EpisodeSampler:
         self.language = None if language_key is None else _lookup(steps, language_key)
         self.episode_index = episode_index
         self.keep_recent = keep_recent
+        # How a mixture's samples of this episode are made (set by the mixture; None: as
+        # the dataset that reads it says).
+        self.recipe: Recipe | None = None
         self._recent: dict[str, dict[int, np.ndarray]] = {}
         self._layout = self._make_layout()
 

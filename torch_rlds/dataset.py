@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import copy
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch.utils.data
 
-from torch_rlds._batch import BatchBuilder, Item
 from torch_rlds._global_stream import GlobalStream
 from torch_rlds._info import DatasetFormatError
 from torch_rlds._state import MAX_INT
 from torch_rlds._step_index import NotStepAddressable
 from torch_rlds._step_reader import IndexBuilder, StepFiles
-from torch_rlds._window_stream import WindowStream, shutdown
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._streamed import Progress, StreamedDataset, check_positive
+from torch_rlds._window_stream import WindowStream
 from torch_rlds.source import RLDSSource
 
 if TYPE_CHECKING:
@@ -30,18 +25,9 @@ logger = logging.getLogger(__name__)
 
 ON_CORRUPT = ("raise", "skip")
 ORDERS = ("auto", "global", "window")
-# One step of the stream: (sampler, step, epoch, cursor after it). A sampler of None is a
-# marker: the cursor moves (past an empty window, at the end) without a sample.
-_Plan = tuple[EpisodeSampler | None, int, int, Any]
-# Samples made ahead per decode thread: enough to keep the threads busy while the consumer
-# collates a batch of a few dozen.
-_LOOKAHEAD = 16
-# Threads chosen when decode_threads is None, at most: beyond that a process on a large machine
-# would hold hundreds of samples ahead for little gain.
-_MAX_THREADS = 8
 
 
-class RLDSDataset(torch.utils.data.IterableDataset):
+class RLDSDataset(StreamedDataset):
     """Step samples of an RLDS split, in a seeded order, with a state of a few hundred bytes.
 
     **A sample** is a dict::
@@ -186,16 +172,16 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                  decode_threads: int | None = None, on_corrupt: str = "raise",
                  order: str = "auto") -> None:
         super().__init__()
-        _check_positive("obs_window", obs_window)
+        check_positive("obs_window", obs_window)
         if batch_size is not None:
-            _check_positive("batch_size", batch_size)
+            check_positive("batch_size", batch_size)
         if decode_threads is not None:
-            _check_positive("decode_threads", decode_threads)
+            check_positive("decode_threads", decode_threads)
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {list(ON_CORRUPT)} (got {on_corrupt!r})")
-        _check_positive("action_horizon", action_horizon)
-        _check_positive("shuffle_window", shuffle_window)
-        _check_positive("process_count", process_count)
+        check_positive("action_horizon", action_horizon)
+        check_positive("shuffle_window", shuffle_window)
+        check_positive("process_count", process_count)
         if type(seed) is not int or not 0 <= seed <= MAX_INT:
             raise ValueError(f"seed must be an int in [0, 2**63 - 1] (got {seed!r})")
         if type(process_index) is not int or not 0 <= process_index < process_count:
@@ -240,7 +226,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._recipe = key_map.digest() if key_map is not None else ""
         self._stream = self._make_stream(order)
         # Where the next pass starts; a batching view shares it (see batching_view).
-        self._progress = _Progress(self._stream.initial(self))
+        self._progress = Progress(self._stream.initial(self))
 
     def _make_stream(self, order: str) -> WindowStream | GlobalStream:
         if order not in ORDERS:
@@ -290,28 +276,6 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                                      else f"steps/{self.language_key}")
         return stream
 
-    @property
-    def order(self) -> str:
-        """The order this dataset reads in: ``"global"`` or ``"window"``."""
-        return self._stream.kind
-
-    @property
-    def num_steps(self) -> int:
-        """The steps of the split (global order: counted when the dataset is built)."""
-        if self._stream.kind != "global":
-            raise ValueError("num_steps is counted under the global order only (the window "
-                             "order reads episodes as it goes)")
-        return self._stream.num_steps
-
-    def epoch_after(self, states: list[dict[str, Any]]) -> int:
-        """The epoch after the one the reader states ``states`` (of one pass, checked) stood
-        in: where the next pass of a one-pass dataset starts once that one is finished."""
-        if not states:
-            return 0
-        if self._stream.kind == "global":
-            return max(s["start"] for s in states) // self._stream.num_steps + 1
-        return max(s["epoch"] for s in states) + 1
-
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")
         return tuple("/".join(leaf.path[2:]) for leaf in self.source.leaves()
@@ -335,268 +299,11 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                                  f"{self.source.info.name} (step features: {sorted(available)})")
             self.language_key = None  # the RLDS default name is optional
 
-    # -- reader identity -------------------------------------------------------------------
-    def _reader(self) -> tuple[int, int, int, int]:
-        """(reader, num_readers, num_workers, worker_index) in the current process."""
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (0, 0)
-        return (*self._reader_of(workers, worker), workers, worker)
-
-    def _reader_of(self, num_workers: int, worker_index: int) -> tuple[int, int]:
-        per_host = max(num_workers, 1)
-        return self.process_index * per_host + worker_index, self.process_count * per_host
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a state must match to be loaded into this dataset in this process."""
-        _, _, workers, worker = self._reader()
-        return self._stream.fingerprint(self, workers, worker)
-
-    # -- Stateful protocol -----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The reader's position (see the class docstring); JSON-serialisable."""
-        _, _, workers, worker = self._reader()
-        return self._stream.make_state(self, self._progress.cursor, workers, worker)
-
-    def _state_mark(self) -> Callable[[], dict[str, Any]]:
-        """What :meth:`state_dict` returns now, made when called: a loader takes one before
-        each batch, at no cost, and uses it only when the batch fails half way."""
-        cursor = self._progress.cursor
-        _, _, workers, worker = self._reader()
-        return lambda: self._stream.make_state(self, cursor, workers, worker)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from ``state_dict`` on the next ``iter()``; raises ``ValueError`` on mismatch.
-
-        The next ``iter()`` continues the pass the state was saved in: with ``repeat=False`` it
-        emits the rest of the state's epoch, nothing if this reader had finished it.
-        """
-        self._progress.cursor = self._check_state(state_dict, *self._reader()[2:])
-        self._progress.resume = True
-
-    def _check_state(self, state_dict: Any, num_workers: int, worker_index: int,
-                     ended: bool = False) -> Any:
-        """The cursor of ``state_dict`` if it belongs to worker ``worker_index`` of
-        ``num_workers`` (any reader, under the global order) and names a position of the
-        stream; raises ``ValueError`` naming every field that differs, or the field out of
-        range. ``ended``: the state's iterator had ended (torchdata's ``fetcher_ended``), which
-        only a one-pass dataset at the end of its epoch can be."""
-        return self._stream.check_state(self, state_dict, num_workers, worker_index, ended)
-
-    def seek(self, position: int, skipped: int = 0) -> None:
-        """Go on from stream position ``position`` (a sample count since the start of epoch 0)
-        on the next ``iter()``: what a loader does with a state saved under another topology.
-        Global order only."""
-        if self._stream.kind != "global":
-            raise ValueError("seek() needs the global order (the window order's position is "
-                             "one per reader)")
-        self._progress.cursor = self._stream.at_position(self, position, skipped)
-        self._progress.resume = True
-
-    def batched(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
-        """A copy of this dataset that emits batches of ``batch_size`` samples (see "Batches"),
-        for ``DataLoader(..., batch_size=None)``.
-
-        The copy shares the source and starts where this dataset would (a loaded state
-        included); from then on each keeps its own state.
-        """
-        out = self.batching_view(batch_size, drop_last=drop_last)
-        out._progress = _Progress(self._progress.cursor, self._progress.resume)
-        return out
-
-    def batching_view(self, batch_size: int, *, drop_last: bool = False) -> RLDSDataset:
-        """This dataset emitting batches of ``batch_size`` samples (see "Batches"), with one
-        cursor for both: iterating, :meth:`set_epoch` and :meth:`load_state_dict` on either
-        move the other. What :class:`torch_rlds.DataLoader` iterates when given this dataset
-        and a ``batch_size``."""
-        _check_positive("batch_size", batch_size)
-        out = copy.copy(self)
-        out.batch_size = batch_size
-        out.drop_last = bool(drop_last)
-        return out
-
-    def sampling_view(self, batch_size: int) -> RLDSDataset:
-        """This dataset emitting samples whose loader collates them ``batch_size`` at a time
-        (one cursor for both, as :meth:`batching_view`). Under the global order a reader then
-        takes the samples of whole host batches, so the loader's batches are those a
-        batching view makes, under any worker count. What :class:`torch_rlds.DataLoader`
-        iterates when given this dataset, a ``batch_size`` and a ``collate_fn``."""
-        _check_positive("batch_size", batch_size)
-        if self.batch_size is not None:
-            raise ValueError(f"the dataset emits batches (batch_size={self.batch_size}); a "
-                             "sampling view is of a dataset that emits samples")
-        out = copy.copy(self)
-        out._host_batch = batch_size
-        return out
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start from the beginning of ``epoch`` on the next ``iter()`` (drops any cursor but
-        the count of skipped episodes)."""
-        if type(epoch) is not int or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0 (got {epoch!r})")
-        self._progress.cursor = self._stream.at_epoch(self, epoch, self._progress.cursor)
-        self._progress.resume = False
-
-    # -- iteration -------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """A pass: see "Passes" in the class docstring. Where it starts is decided here."""
-        _, _, workers, worker = self._reader()
-        cursor, resume = self._progress.cursor, self._progress.resume
-        self._progress.resume = False
-        cursor = self._progress.cursor = self._stream.begin(self, cursor, resume, workers,
-                                                            worker)
-        return self._steps(cursor, workers, worker)
-
-    def _steps(self, cursor: Any, workers: int, worker: int) -> Iterator[Any]:
-        threads = self._threads()
-        pool = None
-        reads = self._stream.reads(self)
-        stop = shutdown  # the module's globals may be gone when a generator left open closes
-        try:
-            if threads > 1:
-                pool = concurrent.futures.ThreadPoolExecutor(
-                    threads, thread_name_prefix="torch_rlds-decode")
-            plans = self._stream.plan(self, cursor, workers, worker, reads)
-            if self.batch_size is None:
-                yield from self._samples(plans, pool, threads, reads)
-            else:
-                yield from self._batches(plans, BatchBuilder(
-                    self.obs_window, self.action_horizon, fast_jpeg=self.fast_jpeg, pool=pool,
-                    threads=threads, sample_transform=self.sample_transform), reads)
-        finally:
-            reads.close()
-            if pool is not None:
-                stop(pool)
-
-    def _threads(self) -> int:
-        if self.decode_threads is not None:
-            return self.decode_threads
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-        info = torch.utils.data.get_worker_info()
-        workers = info.num_workers if info is not None else 1
-        return max(1, min(_MAX_THREADS, cpus // workers))
-
-    def _samples(self, plans: Iterator[_Plan], pool: concurrent.futures.Executor | None,
-                 threads: int, reads: Any) -> Iterator[dict[str, Any]]:
-        """Samples of ``plans``, made up to a few ahead on ``pool``, cursor set as emitted.
-
-        The first sample is made alone, and the next window is read only once it is out, so
-        a restore waits for one window and one sample, no more.
-        """
-        args = (self.obs_window, self.action_horizon)
-        ahead: collections.deque = collections.deque()
-        depth = 1
-        while True:
-            while len(ahead) < depth:
-                try:
-                    plan = next(plans)
-                except StopIteration:
-                    break
-                except Exception as error:  # the plan's own error, raised in its turn
-                    ahead.append((None, error))
-                    break
-                sampler, t, epoch, cursor = plan
-                if sampler is None:
-                    ahead.append((cursor, None))
-                elif pool is not None:
-                    ahead.append((cursor, pool.submit(sampler.sample, t, *args, epoch,
-                                                      fast_jpeg=self.fast_jpeg)))
-                else:
-                    ahead.append((cursor, (sampler, t, epoch)))
-            if not ahead:
-                return
-            cursor, job = ahead.popleft()
-            if cursor is None:
-                raise job
-            if job is None:
-                self._progress.cursor = cursor
-                continue
-            if isinstance(job, concurrent.futures.Future):
-                sample = job.result()
-            else:
-                sampler, t, epoch = job
-                sample = sampler.sample(t, *args, epoch, fast_jpeg=self.fast_jpeg)
-            if self.sample_transform is not None:
-                sample = self.sample_transform(sample)
-            self._progress.cursor = cursor
-            yield sample
-            reads.start()
-            # Lookahead grows with what was consumed, so that an iterator dropped early did
-            # at most as much work ahead as it handed out.
-            depth = min(depth + 1, _LOOKAHEAD * threads) if pool is not None else 1
-
-    def _batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
-                 reads: Any) -> Iterator[dict[str, Any]]:
-        """Batches of ``plans``; with a pool the next batch is decoding while one is handed
-        out (from the second batch on, so that a restore waits for one batch only)."""
-        pending: collections.deque = collections.deque()
-        depth = 1
-        done = False
-        while True:
-            while not done and len(pending) < depth:
-                items: list[Item] = []
-                cursor = None
-                try:
-                    while len(items) < self.batch_size:
-                        sampler, t, epoch, cursor = next(plans)
-                        if sampler is not None:
-                            items.append((sampler, t, epoch))
-                except StopIteration:
-                    done = True
-                except Exception as error:  # the plan's own error, raised in its turn
-                    pending.append((None, error))
-                    done = True
-                    break
-                if items and not (done and self.drop_last and len(items) < self.batch_size):
-                    try:
-                        pending.append((cursor, builder.start(items)))
-                    except Exception as error:
-                        pending.append((None, error))
-                        done = True
-                elif cursor is not None:
-                    pending.append((cursor, None))
-            if not pending:
-                return
-            cursor, job = pending.popleft()
-            if cursor is None:
-                raise job
-            batch = job.result() if job is not None else None
-            self._progress.cursor = cursor
-            if batch is not None:
-                yield batch
-                reads.start()
-                depth = 2 if builder.pool is not None else 1
-
     def __repr__(self) -> str:
         return (f"RLDSDataset({self.source!r}, obs_window={self.obs_window}, "
                 f"action_horizon={self.action_horizon}, shuffle={self.shuffle}, "
                 f"seed={self.seed}, shuffle_window={self.shuffle_window}, repeat={self.repeat}, "
                 f"process {self.process_index}/{self.process_count})")
-
-
-class _Progress:
-    """Where a dataset's next pass starts: the cursor, whether it was loaded (resumed) rather
-    than reached, and the windows that checking loaded states read (by reader, reader count,
-    epoch and window), for the pass that starts there."""
-
-    def __init__(self, cursor: Any, resume: bool = False) -> None:
-        self.cursor = cursor
-        self.resume = resume
-        self.windows: dict[tuple[int, int, int, int], tuple[list[EpisodeSampler], int]] = {}
-
-    def take_window(self, key: tuple[int, int, int, int]
-                    ) -> tuple[list[EpisodeSampler], int] | None:
-        """The window ``key`` if a check read it; the others are dropped (a worker forked
-        after the checks holds every worker's)."""
-        window = self.windows.pop(key, None)
-        self.windows.clear()
-        return window
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Read windows stay in this process: a worker started by pickling reads its own.
-        return {**self.__dict__, "windows": {}}
 
 
 # The step index builds running in this process, one per dataset folder and split (a build is
@@ -616,8 +323,3 @@ def _start_index_build(files: StepFiles) -> None:
 
 
 STEP_INDEX_ENV = "TORCH_RLDS_STEP_INDEX"
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if type(value) is not int or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 (got {value!r})")
