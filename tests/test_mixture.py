@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +31,11 @@ def paths(write_dataset):
 def children(paths, *, repeat: bool = True, seed: int = 0, **options):
     return [torch_rlds.RLDSDataset(p, action_horizon=2, shuffle_window=2, repeat=repeat,
                                    seed=seed + i, **options) for i, p in enumerate(paths)]
+
+
+def window_children(paths, **options):
+    """Datasets in the window order: their mixture draws per reader (the legacy mixture)."""
+    return children(paths, order="window", **options)
 
 
 def ids(batch) -> list[tuple[int, int, int]]:
@@ -150,7 +158,7 @@ def test_weights_may_change_on_restore(paths):
     """Documented choice: the datasets continue exactly where they stopped, new weights apply
     from the next sample on."""
     def stream(weights, state=None, n=0):
-        mixture = MixtureDataset(children(paths), weights, seed=6)
+        mixture = MixtureDataset(window_children(paths), weights, seed=6)
         if state is not None:
             mixture.load_state_dict(json.loads(json.dumps(state)))
         it = iter(mixture)
@@ -166,7 +174,7 @@ def test_weights_may_change_on_restore(paths):
                  np.array([8.0, 1.0, 1.0]))
     # Within each dataset, the samples before and after the restore are that dataset's own
     # uninterrupted stream: nothing repeated, nothing skipped.
-    for d, child in enumerate(children(paths)):
+    for d, child in enumerate(window_children(paths)):
         mine = [(int(s["meta"]["epoch"]), int(s["meta"]["episode_index"]),
                  int(s["meta"]["step_index"])) for s in before + after
                 if int(s["meta"]["dataset_index"]) == d]
@@ -184,7 +192,7 @@ def test_weights_may_change_on_restore(paths):
 
 
 def test_state_is_small_json_and_checked(paths):
-    mixture = MixtureDataset(children(paths), seed=3)
+    mixture = MixtureDataset(window_children(paths), seed=3)
     it = iter(mixture)
     for _ in range(10):
         next(it)
@@ -192,16 +200,150 @@ def test_state_is_small_json_and_checked(paths):
     assert len(json.dumps(state)) < 3 * 1024
     assert state["samples"] == 10 and state["fingerprint"] == {"num_datasets": 3, "seed": 3}
     with pytest.raises(ValueError, match="seed in checkpoint: 3 / in this mixture: 4"):
-        MixtureDataset(children(paths), seed=4).load_state_dict(state)
+        MixtureDataset(window_children(paths), seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="num_datasets in checkpoint: 3 / in this mixture: 2"):
-        MixtureDataset(children(paths)[:2], seed=3).load_state_dict(state)
+        MixtureDataset(window_children(paths)[:2], seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="field 'samples' must be an int >= 0"):
-        MixtureDataset(children(paths), seed=3).load_state_dict({**state, "samples": -1})
+        MixtureDataset(window_children(paths), seed=3).load_state_dict({**state, "samples": -1})
     with pytest.raises(ValueError, match="field 'exhausted'"):
-        MixtureDataset(children(paths), seed=3).load_state_dict({**state, "exhausted": [0, 1]})
+        MixtureDataset(window_children(paths), seed=3).load_state_dict({**state, "exhausted": [0, 1]})
     with pytest.raises(ValueError, match="mixture dataset 0: state belongs to another dataset"):
-        MixtureDataset(children(paths, seed=1), seed=3).load_state_dict(state)
+        MixtureDataset(window_children(paths, seed=1), seed=3).load_state_dict(state)
     with pytest.raises(ValueError, match="'version'"):
-        MixtureDataset(children(paths), seed=3).load_state_dict({**state, "version": 2})
+        MixtureDataset(window_children(paths), seed=3).load_state_dict({**state, "version": 2})
     with pytest.raises(TypeError, match="no state_dict"):
         MixtureDataset([[1, 2, 3]])
+
+
+# -- mixtures in the global order ------------------------------------------------------------
+def global_children(paths, **options):
+    return children(paths, order="global", **options)
+
+
+def test_endless_global_datasets_make_a_global_mixture(paths):
+    from torch_rlds.mixture import GlobalMixture
+
+    assert type(MixtureDataset(global_children(paths))) is GlobalMixture
+    assert type(MixtureDataset(window_children(paths))) is MixtureDataset
+    assert type(MixtureDataset(global_children(paths, repeat=False))) is MixtureDataset
+
+
+@pytest.mark.parametrize("saved, restored", [((0, 1), (2, 1)), ((2, 1), (3, 1)),
+                                             ((2, 2), (1, 3)), ((1, 1), (3, 2))])
+def test_a_global_mixture_resumes_under_another_topology(paths, saved, restored):
+    """``(workers, hosts)``: the global batches of a mixture depend on neither, and a state
+    saved under one resumes under the other with the same global batches."""
+    weights = [0.5, 0.3, 0.2]
+
+    def hosts(workers, count):
+        return [torch_rlds.DataLoader(
+            MixtureDataset(global_children(paths, process_index=p, process_count=count),
+                           weights, seed=8), batch_size=6 // count, num_workers=workers)
+            for p in range(count)]
+
+    def run(loaders, n):
+        iterators = [iter(loader) for loader in loaders]
+        return [[i for it in iterators for i in ids(next(it))] for _ in range(n)]
+
+    reference = run(hosts(0, 1), 10)
+    job = hosts(*saved)
+    assert run(job, 4) == reference[:4]
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in job]
+    resumed = hosts(*restored)
+    for p, loader in enumerate(resumed):
+        loader.load_state_dict(states[p % len(states)])
+    assert run(resumed, 6) == reference[4:]
+    assert {d for batch in reference for d, _, _ in batch} == {0, 1, 2}
+
+
+def test_a_global_mixture_draws_by_the_weights_and_each_dataset_goes_its_own_way(paths):
+    weights = np.array([1.0, 2.0, 5.0])
+    loader = torch_rlds.DataLoader(MixtureDataset(global_children(paths), weights, seed=9),
+                                   batch_size=40)
+    samples = [i for batch in itertools.islice(loader, 30) for i in ids(batch)]
+    within_bound(np.bincount([d for d, _, _ in samples], minlength=3), weights)
+    # Each dataset's samples are its own global order's, in order: nothing skipped.
+    for d, child in enumerate(global_children(paths)):
+        mine = [(e, t) for dd, e, t in samples if dd == d]
+        alone = [(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"]))
+                 for s in itertools.islice(iter(child), len(mine))]
+        assert mine == alone
+
+
+def test_a_global_mixture_takes_new_weights_on_restore(paths):
+    def loader(weights):
+        return torch_rlds.DataLoader(MixtureDataset(global_children(paths), weights, seed=6),
+                                     batch_size=20)
+
+    before = loader([1, 1, 1])
+    first = [i for batch in itertools.islice(before, 3) for i in ids(batch)]
+    state = json.loads(json.dumps(before.state_dict()))
+    assert state["dataset_state"]["weights"] == [repr(1 / 3)] * 3
+    after = loader([8, 1, 1])
+    after.load_state_dict(state)
+    rest = [i for batch in itertools.islice(after, 30) for i in ids(batch)]
+    within_bound(np.bincount([d for d, _, _ in rest], minlength=3), np.array([8.0, 1.0, 1.0]))
+    for d, child in enumerate(global_children(paths)):  # every dataset goes on from its count
+        mine = [(e, t) for dd, e, t in first + rest if dd == d]
+        alone = [(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"]))
+                 for s in itertools.islice(iter(child), len(mine))]
+        assert mine == alone
+
+
+def test_a_global_mixture_state_is_checked(paths):
+    mixture = MixtureDataset(global_children(paths), seed=3)
+    next(iter(torch_rlds.DataLoader(mixture, batch_size=4)))
+    state = json.loads(json.dumps(mixture.state_dict()))
+    assert state["order"] == "global-mixture" and sum(state["counts"]) == 4
+    assert len(json.dumps(state)) < 3 * 1024
+    with pytest.raises(ValueError, match="seed in checkpoint: 3 / in this mixture: 4"):
+        MixtureDataset(global_children(paths), seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="mixture dataset 0: .*seed in checkpoint: 0 / in this "
+                                         "dataset: 5"):
+        MixtureDataset(global_children(paths, seed=5), seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="do not agree"):
+        MixtureDataset(global_children(paths), seed=3).load_state_dict(
+            {**state, "counts": [0, 0, 1]})
+    with pytest.raises(ValueError, match="not one of a mixture in the global order"):
+        MixtureDataset(global_children(paths), seed=3).load_state_dict(
+            MixtureDataset(window_children(paths), seed=3).state_dict())
+
+
+# Run in a fresh interpreter per measurement: the worker's private memory (what fork has not
+# shared with the parent) after a few dozen batches of a mixture of ``n`` datasets.
+_WORKER_MEMORY = r"""
+import sys
+import torch_rlds
+from torch_rlds import synthetic
+
+root, n = sys.argv[1], int(sys.argv[2])
+paths = [synthetic.write_dataset_once(root, synthetic.SyntheticSpec(
+    name=f"d{i}", num_episodes=4, num_shards=2, min_steps=20, max_steps=30,
+    cameras=(synthetic.Camera("image", 64, 64),))) for i in range(50)][:n]
+kids = [torch_rlds.RLDSDataset(p, action_horizon=4, order="global") for p in paths]
+dataset = kids[0] if n == 1 else torch_rlds.MixtureDataset(kids)
+loader = torch_rlds.DataLoader(dataset, batch_size=32, num_workers=1,
+                               multiprocessing_context="fork")
+it = iter(loader)
+for _ in range(40):
+    next(it)
+kib = 0
+with open(f"/proc/{it._workers[0].pid}/smaps_rollup") as f:
+    for line in f:
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kib += int(line.split()[1])
+print(kib)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc")
+def test_a_mixture_of_50_datasets_costs_a_worker_at_most_half_again_a_single_dataset(tmp_path):
+    def private_kib(n: int) -> int:
+        done = subprocess.run([sys.executable, "-c", _WORKER_MEMORY, str(tmp_path), str(n)],
+                              capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return int(done.stdout.split()[-1])
+
+    single, fifty = private_kib(1), private_kib(50)
+    assert fifty <= 1.5 * single, (single, fifty)

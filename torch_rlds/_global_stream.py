@@ -107,6 +107,20 @@ class GlobalStream:
         """The cursor of a stream that goes on from sample ``position``."""
         return GlobalCursor(position, global_batch_size(dataset), 0, skipped)
 
+    def resume_cursor(self, dataset: Any, cursors: list[GlobalCursor],
+                      handed: int | None) -> GlobalCursor:
+        """The cursor after the last batch a loader handed out, from its readers' states
+        (``handed``: the batches of the pass the states were saved in, which every state
+        starts at; ``None`` without workers, where the one state is exact)."""
+        first = cursors[0]
+        if handed is None:
+            return self.at_position(dataset, first.position, first.skipped)
+        if any((c.start, c.batch_size) != (first.start, first.batch_size) for c in cursors):
+            raise ValueError("loader state: the workers' dataset states name different starts "
+                             "or batch sizes of one pass")
+        return self.at_position(dataset, first.start + handed * first.batch_size,
+                                sum(c.skipped for c in cursors))
+
     # -- a pass --------------------------------------------------------------------------------
     def begin(self, dataset: Any, cursor: GlobalCursor, resume: bool, num_workers: int,
               worker: int) -> GlobalCursor:

@@ -244,6 +244,88 @@ def load_global_cursor(state: Any, expected: dict[str, Any]) -> GlobalCursor:
     return cursor
 
 
+# -- a mixture's in the global order -------------------------------------------------------------
+MIXTURE_ORDER = "global-mixture"
+MIXTURE_CURSOR_FIELDS = ("start", "batch_size", "done", "skipped")
+_MAX_DATASETS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureCursor:
+    """Where a reader of a mixture in the global order stands: as :class:`GlobalCursor`, with
+    ``counts[d]``, the samples drawn from dataset ``d`` before its :attr:`position`."""
+
+    start: int = 0
+    batch_size: int = 1
+    done: int = 0
+    counts: tuple[int, ...] = ()
+    skipped: int = 0
+
+    @property
+    def position(self) -> int:
+        """The stream position after this reader's last batch."""
+        return self.start + self.done * self.batch_size
+
+
+def make_mixture_state(fingerprint: dict[str, Any], cursor: MixtureCursor,
+                       weights: Any) -> dict[str, Any]:
+    """The JSON-serialisable state of a reader of a mixture in the global order (``weights``
+    are recorded for reference; they may change on restore)."""
+    return {"version": GLOBAL_STATE_VERSION, "order": MIXTURE_ORDER,
+            "fingerprint": fingerprint, "start": cursor.start, "batch_size": cursor.batch_size,
+            "done": cursor.done, "counts": list(cursor.counts), "skipped": cursor.skipped,
+            "weights": [repr(float(w)) for w in weights]}
+
+
+def load_mixture_cursor(state: Any, expected: dict[str, Any]) -> MixtureCursor:
+    """Validate a mixture state against the mixture's fingerprint (its seed, dataset count and
+    each dataset's own fingerprint) and return its cursor; raises ``ValueError`` naming the
+    field."""
+    if not isinstance(state, dict):
+        raise ValueError(f"mixture state must be a dict (got {type(state).__name__})")
+    version, order = state.get("version"), state.get("order")
+    if type(version) is not int or version != GLOBAL_STATE_VERSION or order != MIXTURE_ORDER:
+        raise ValueError(f"state of version {version!r:.100} and order {order!r:.100} is not "
+                         f"one of a mixture in the global order (expected version "
+                         f"{GLOBAL_STATE_VERSION}, order {MIXTURE_ORDER!r})")
+    _check_keys(state, {"version", "order", "fingerprint", "counts", "weights",
+                        *MIXTURE_CURSOR_FIELDS}, "mixture state")
+    fingerprint = state["fingerprint"]
+    _check_keys(fingerprint, {"num_datasets", "seed", "datasets"}, "state field 'fingerprint'")
+    for field in ("num_datasets", "seed"):
+        _check_int(fingerprint[field], f"fingerprint.{field}")
+        if fingerprint[field] != expected[field]:
+            raise ValueError(f"state belongs to another mixture: {field} in checkpoint: "
+                             f"{fingerprint[field]} / in this mixture: {expected[field]}")
+    n = expected["num_datasets"]
+    datasets, counts = fingerprint["datasets"], state["counts"]
+    if not isinstance(datasets, list) or len(datasets) != n:
+        raise ValueError(f"state field 'fingerprint.datasets' must be a list of {n} "
+                         "fingerprints")
+    for i, (saved, mine) in enumerate(zip(datasets, expected["datasets"])):
+        try:
+            _check_fingerprint(saved, GLOBAL_FINGERPRINT_FIELDS, mine)
+        except ValueError as e:
+            raise ValueError(f"mixture dataset {i}: {e}") from None
+    if not isinstance(counts, list) or len(counts) != n or n > _MAX_DATASETS:
+        raise ValueError(f"state field 'counts' must be a list of {n} counts")
+    counts = tuple(_check_int(c, f"counts[{i}]", limit=MAX_COUNT) for i, c in enumerate(counts))
+    weights = state["weights"]
+    if not isinstance(weights, list) or len(weights) != n or not all(
+            isinstance(w, str) and len(w) < 40 for w in weights):
+        raise ValueError(f"state field 'weights' must be a list of {n} numbers as strings")
+    values = {field: _check_int(state[field], field, limit=MAX_COUNT)
+              for field in MIXTURE_CURSOR_FIELDS}
+    if values["batch_size"] < 1:
+        raise ValueError(f"state field 'batch_size' must be >= 1 (got {values['batch_size']})")
+    cursor = MixtureCursor(counts=counts, **values)
+    if cursor.position > MAX_COUNT or sum(counts) != cursor.position:
+        raise ValueError(f"state fields 'counts' (sum {sum(counts)}) and the position "
+                         f"{cursor.position} do not agree: every sample before the position "
+                         "was drawn from one dataset")
+    return cursor
+
+
 # -- the DataLoader's state ---------------------------------------------------------------------
 # The layout of a StatefulDataLoader state (torchdata 0.10, 0.11): without workers the dataset
 # state sits at the top; with workers each worker's sits in the last snapshot.

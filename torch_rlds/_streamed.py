@@ -191,9 +191,9 @@ class StreamedDataset(torch.utils.data.IterableDataset):
                     threads, thread_name_prefix="torch_rlds-decode")
             plans = self._stream.plan(self, cursor, workers, worker, reads)
             if self.batch_size is None:
-                yield from self._samples(plans, pool, threads, reads)
+                yield from self._emit_samples(plans, pool, threads, reads)
             else:
-                yield from self._batches(plans, BatchBuilder(
+                yield from self._emit_batches(plans, BatchBuilder(
                     self._recipe_of_self(), pool=pool, threads=threads), reads)
         finally:
             reads.close()
@@ -227,7 +227,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
         workers = info.num_workers if info is not None else 1
         return max(1, min(_MAX_THREADS, cpus // workers))
 
-    def _samples(self, plans: Iterator[_Plan], pool: concurrent.futures.Executor | None,
+    def _emit_samples(self, plans: Iterator[_Plan], pool: concurrent.futures.Executor | None,
                  threads: int, reads: Any) -> Iterator[dict[str, Any]]:
         """Samples of ``plans``, made up to a few ahead on ``pool``, cursor set as emitted.
 
@@ -275,7 +275,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
             # at most as much work ahead as it handed out.
             depth = min(depth + 1, _LOOKAHEAD * threads) if pool is not None else 1
 
-    def _batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
+    def _emit_batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
                  reads: Any) -> Iterator[dict[str, Any]]:
         """Batches of ``plans``; with a pool the next batch is decoding while one is handed
         out (from the second batch on, so that a restore waits for one batch only)."""

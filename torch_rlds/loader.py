@@ -35,6 +35,7 @@ from torch_rlds._state import (
     saved_num_workers,
 )
 from torch_rlds._state_file import read_json, write_json_atomic
+from torch_rlds._streamed import StreamedDataset
 from torch_rlds._workers import WorkerError
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
@@ -152,7 +153,7 @@ class DataLoader(StatefulDataLoader[_T_co]):
         rlds = is_rlds_dataset(dataset)
         workers = isinstance(num_workers, int) and num_workers > 0
         asked = None
-        if (isinstance(dataset, RLDSDataset) and collate_fn is None and batch_sampler is None
+        if (isinstance(dataset, StreamedDataset) and collate_fn is None and batch_sampler is None
                 and (batch_size is not None or dataset.batch_size is not None)):
             # Whole batches built by the dataset, in its workers: see "batches built by the
             # dataset".
@@ -162,7 +163,7 @@ class DataLoader(StatefulDataLoader[_T_co]):
                 drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
         else:
-            if isinstance(dataset, RLDSDataset) and batch_size is not None \
+            if isinstance(dataset, StreamedDataset) and batch_size is not None \
                     and dataset.batch_size is None and batch_sampler is None:
                 # Collated samples: under the global order a reader takes whole host batches.
                 dataset = dataset.sampling_view(batch_size)
@@ -335,7 +336,7 @@ class DataLoader(StatefulDataLoader[_T_co]):
         if not state_dict:
             super().load_state_dict({})
             return
-        if isinstance(self.dataset, RLDSDataset) and self.dataset.order == "global":
+        if isinstance(self.dataset, StreamedDataset) and self.dataset.order == "global":
             self._load_global(state_dict)
             return
         found = check_loader_state(state_dict, num_workers=self.num_workers, rlds=self._rlds)
@@ -367,27 +368,21 @@ class DataLoader(StatefulDataLoader[_T_co]):
                     raise
                 where = f"worker {worker}: " if found.num_workers else ""
                 raise ValueError(f"{where}{e}") from None
-        first = cursors[0]
+        handed = None
         if found.num_workers:
-            # The batches handed out in the pass the state was saved in: every worker's state
-            # names the pass's start and batch size; the snapshot counts the batches.
-            snapshot = state_dict[SNAPSHOT]
-            handed = snapshot["_snapshot_step"] + state_dict["_steps_since_snapshot"]
-            if any((c.start, c.batch_size) != (first.start, first.batch_size) for c in cursors):
-                raise ValueError("loader state: the workers' dataset states name different "
-                                 "starts or batch sizes of one pass")
-            position = first.start + handed * first.batch_size
-            skipped = sum(c.skipped for c in cursors)
-        else:
-            position, skipped = first.position, first.skipped
+            # The batches handed out in the pass the state was saved in: the snapshot counts
+            # them, and every worker's state names the pass's start.
+            handed = state_dict[SNAPSHOT]["_snapshot_step"] + state_dict["_steps_since_snapshot"]
+        cursor = self.dataset._stream.resume_cursor(self.dataset, cursors, handed)
         super().load_state_dict({})
         # Until a batch is handed out, state_dict() is the state loaded, as torchdata's is.
         self._loaded = (found.batches_seen or 0, copy.deepcopy(state_dict))
         if state_dict.get(ITERATOR_FINISHED) is True and not self.dataset.repeat:
             # The pass had ended: the next one is the next epoch, as it would have been.
-            self.dataset.set_epoch(first.start // self.dataset.num_steps + 1)
+            self.dataset.set_epoch(cursors[0].start // self.dataset.num_steps + 1)
         else:
-            self.dataset.seek(position, skipped)
+            self.dataset._progress.cursor = cursor
+            self.dataset._progress.resume = True
         if found.batches_seen is not None:
             self.batches_seen = found.batches_seen
 

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
+from torch_rlds._mixture_stream import MixtureStream
+from torch_rlds._streamed import Progress, StreamedDataset
 from torch_rlds.transforms import uniform
 
 MIXTURE_STATE_VERSION = 1
@@ -62,6 +64,11 @@ class MixtureDataset(torch.utils.data.IterableDataset):
       balance: multiply the weights by the dataset sizes.
       sizes: the sizes ``balance`` uses (default: episode counts).
     """
+
+    def __new__(cls, datasets: Sequence[Any] = (), *args: Any, **kwargs: Any) -> Any:
+        if cls is MixtureDataset and _in_the_global_order(datasets):
+            cls = GlobalMixture
+        return super().__new__(cls)
 
     def __init__(self, datasets: Sequence[Any], weights: Sequence[float] | None = None, *,
                  seed: int = 0, balance: bool = False,
@@ -252,4 +259,62 @@ def _mark(dataset: Any) -> Any:
     return lambda: state
 
 
-__all__ = ["MixtureDataset"]
+def _in_the_global_order(datasets: Sequence[Any]) -> bool:
+    """Whether a mixture of ``datasets`` reads in the global order: every one an endless
+    RLDSDataset in the global order, all of one host's part (see :class:`GlobalMixture`)."""
+    from torch_rlds.dataset import RLDSDataset
+
+    datasets = list(datasets)
+    return bool(datasets) and all(
+        isinstance(d, RLDSDataset) and d.order == "global" and d.repeat
+        and d.batch_size is None
+        and (d.process_index, d.process_count) == (datasets[0].process_index,
+                                                  datasets[0].process_count)
+        for d in datasets)
+
+
+class GlobalMixture(StreamedDataset, MixtureDataset):
+    """A :class:`MixtureDataset` of endless datasets in the global order, which
+    ``MixtureDataset(...)`` is when its datasets allow (see
+    :mod:`torch_rlds._mixture_stream`).
+
+    **Which dataset.** Global sample ``k`` comes from dataset ``i`` where ``u = hash(seed, k)``
+    falls in the ``i``-th interval of the cumulative normalised weights: a pure function of the
+    seed, the weights and ``k``, whatever the hosts and workers. It is the next sample of
+    dataset ``i``'s own global order.
+
+    **State.** ``{"version": 2, "order": "global-mixture", "fingerprint": {"num_datasets",
+    "seed", "datasets": [each dataset's fingerprint]}, "start", "batch_size", "done", "counts",
+    "skipped", "weights"}``: the position in the stream and, per dataset, the samples drawn
+    from it before it. It names no host or worker: it resumes under any other topology, with
+    bit-identical global batches at the same global batch size. The weights may change on
+    restore: every dataset goes on from its own count, and the new weights draw from the
+    position on.
+
+    **Batches.** With ``batch_size`` (or through :class:`torch_rlds.DataLoader`) a worker
+    builds whole batches of samples of several datasets with one decode pool and one batch
+    builder: each dataset's samples are made as it says (windows, transform), and a batch of
+    samples made alike is built straight into its buffer. Every sample has
+    ``meta["dataset_index"]``.
+    """
+
+    def __init__(self, datasets: Sequence[Any], weights: Sequence[float] | None = None, *,
+                 seed: int = 0, balance: bool = False,
+                 sizes: Sequence[int] | None = None) -> None:
+        MixtureDataset.__init__(self, datasets, weights, seed=seed, balance=balance,
+                                sizes=sizes)
+        first = self.datasets[0]
+        self.process_index, self.process_count = first.process_index, first.process_count
+        self.repeat = True
+        self.batch_size, self.drop_last, self._host_batch = None, False, 1
+        self.decode_threads = first.decode_threads
+        self.obs_window, self.action_horizon = first.obs_window, first.action_horizon
+        self.fast_jpeg, self.sample_transform = first.fast_jpeg, None
+        self._stream = MixtureStream(self.datasets, self.weights, seed)
+        self._progress = Progress(self._stream.initial(self))
+
+    def __repr__(self) -> str:
+        return "Global" + MixtureDataset.__repr__(self)
+
+
+__all__ = ["GlobalMixture", "MixtureDataset"]
