@@ -49,8 +49,12 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
 
     throughput = results["throughput"]
     assert set(throughput["torch_rlds"]) == {str(w) for w in settings.workers}
-    for record in throughput["torch_rlds"].values():
+    assert set(throughput["torch_rlds_window"]) == {str(settings.order_workers)}
+    rows = [(record, "global") for record in throughput["torch_rlds"].values()]
+    rows += [(record, "window") for record in throughput["torch_rlds_window"].values()]
+    for record, order in rows:
         r = _assert_child(record)
+        assert r["order"] == order  # the default order of a local tfrecord dataset is global
         assert _number(r["samples_per_s"]) and _number(r["first_batch_s"])
         assert r["shapes"]["observation/image"] == [settings.batch_size, 1, 64, 64, 3]
         assert r["shapes"]["action"] == [settings.batch_size, settings.action_horizon, 7]
@@ -59,30 +63,85 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
     assert _number(limit["samples_per_s"]) and _number(limit["us_per_image"])
     assert "tf_data" not in throughput
 
-    (resume,) = results["resume"]["torch_rlds"].values()
-    assert set(resume) == {"fresh", *map(str, settings.resume_positions)}
-    for position, record in resume.items():
-        r = _assert_child(record)
-        assert _number(r["restore_s"]) and _number(r["first_batch_s"])
-        if position != "fresh":
-            assert r["exact"] is True, f"resume at {position} is not the uninterrupted stream"
-            assert _number(r["state_bytes"]) and _number(r["save_s"])
+    resume = results["resume"]["torch_rlds"]
+    elsewhere = ["global order, restored on 2 hosts x 1 worker",
+                 "global order, restored on 4 hosts x 0 workers"]
+    assert list(resume) == ["global order", *elsewhere, "window 16"]
+    positions = set(map(str, settings.resume_positions))
+    for name, runs in resume.items():
+        assert set(runs) == (positions if name in elsewhere else {"fresh", *positions})
+        for position, record in runs.items():
+            r = _assert_child(record)
+            assert _number(r["restore_s"]) and _number(r["first_batch_s"])
+            if position != "fresh":
+                assert r["exact"] is True, f"{name} at {position} is not the uninterrupted stream"
+                assert _number(r["state_bytes"]) and _number(r["save_s"])
 
     rows = _assert_child(results["checkpoint"]["torch_rlds"])
-    assert [r["buffer_steps"] for r in rows] == list(settings.checkpoint_buffers)
+    assert [(r["order"], r["buffer_steps"]) for r in rows] == [
+        ("global", settings.epoch_steps()),
+        *(("window", b) for b in settings.checkpoint_buffers)]
     for r in rows:
         for key in ("bytes", "bytes_per_worker", "file_bytes", "state_dict_s", "save_s"):
             assert _number(r[key]), key
 
+    shuffle = _assert_child(results["shuffle"], torch=False)
+    assert list(shuffle["profiles"]) == ["bridge-like", "fractal-like", "droid-like"]
+    for profile in shuffle["profiles"].values():
+        scores = list(profile["orders"].values())
+        assert len(scores) == 5 and all(s["batches"] > 0 for s in scores)
+        global_, one_worker = scores[0], scores[1]
+        assert one_worker["distinct_episodes"] < global_["distinct_episodes"] <= 64
+
+    memory = results["memory"]
+    points = {"episodes": settings.memory_episodes, "size": settings.memory_size_steps}
+    assert set(memory) == set(points)
+    for axis, orders in memory.items():
+        assert set(orders) == {"global", "window"}
+        for order, by_point in orders.items():
+            assert list(by_point) == [str(p) for p in points[axis]]
+            for record in by_point.values():
+                r = _assert_child(record)
+                assert r["order"] == order and r["workers"] == settings.order_workers
+                assert len(r["uss_mb"]) == len(r["pss_mb"]) == settings.order_workers
+                assert all(0 < u <= p for u, p in zip(r["uss_mb"], r["pss_mb"]))
+
+    build = _assert_child(results["index"]["build"])
+    assert build["episodes"] == settings.episodes and build["failed_shards"] == 0
+    for key in ("read_mb_per_s", "build_mb_per_s", "record_index_s", "index_bytes"):
+        assert _number(build[key]) and build[key] > 0, key
+    first = results["index"]["first_batch"]
+    assert list(first) == ["never seen", "indexed"]
+    never, indexed = (_assert_child(first[k]) for k in first)
+    assert never["cache_had_index"] is False and never["index_build_started"] is True
+    assert indexed["cache_had_index"] is True
+    assert never["batch_size"] == indexed["batch_size"] == settings.batch_size
+
+    from torch_rlds.bench import _report, _report_order
+
     for name in ("torch_rlds / decode limit", "torch_rlds resume 95% / 5%",
-                 "torch_rlds state bytes per worker", "torch_rlds save_state ms"):
+                 "torch_rlds state bytes per worker", "torch_rlds save_state ms",
+                 _report.GLOBAL_LIMIT, _report.WINDOW_LIMIT, _report.GLOBAL_WINDOW,
+                 _report_order.SHUFFLE_DISTINCT, _report_order.SHUFFLE_LARGEST,
+                 _report_order.INDEX_SPEED, _report_order.FIRST_BATCH):
         assert _number(results["ratios"][name]), name
+    for axis in ("episode counts", "episode sizes"):
+        for order in ("global", "window"):
+            spread = results["ratios"][_report_order.MEMORY_SPREAD.format(axis=axis,
+                                                                           order=order)]
+            assert _number(spread) and spread >= 1
     assert results["ratios"]["torch_rlds / tf.data (samples/s, equal cores)"] is None
+    assert results["ratios"][_report.GLOBAL_TF] is None
 
     table = (out / "results.md").read_text()
     for w in settings.workers:
-        assert f"| torch_rlds num_workers={w} |" in table
+        assert f"| torch_rlds num_workers={w} | global |" in table
+    assert f"| torch_rlds num_workers={settings.order_workers} | window 16 |" in table
     assert "| decode limit (2 processes) |" in table
+    for heading in ("## Shuffle quality", "## Worker memory", "## Step index"):
+        assert heading in table
+    assert "| torch_rlds global order (any hosts x workers) |" in table
+    assert "| 200 episodes |" in table and "| 40 steps per episode |" in table
     assert "error:" not in table
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
     assert not any("matplotlib" in note for note in results["notes"])
@@ -213,24 +272,58 @@ def test_pipelines_take_turns_in_alternating_order(tmp_path, monkeypatch):
 
         def run(self, label, task, kwargs, show):
             self.labels.append(label)
-            self.jobs.append(f"{task}:{kwargs['workers']}" if "workers" in kwargs else task)
+            job = f"{task}:{kwargs['workers']}" if "workers" in kwargs else task
+            self.jobs.append(job + (f":{kwargs['order']}" if "order" in kwargs else ""))
             return {"ok": True, "result": {"samples_per_s": float(len(self.jobs))}}
+
+        def run_all(self, jobs):
+            return [self.run(*job) for job in jobs]
 
     monkeypatch.setattr(_limit, "export_frames", lambda *args: 0)
     settings = BenchSettings.quick(workers=(2, 0, 1), throughput_rounds=2)
     steps = Recording()
     out = {"torch_rlds": {}}
     Bench(steps, settings, "unused", str(tmp_path), [16]).throughput(out, with_tf=True)
-    # fewer workers first, then tf.data, the most workers next to the limit; reversed after
+    # fewer workers first, then tf.data, the most workers and the window order next to the
+    # limit; reversed after
     first = ["torch_throughput:0", "torch_throughput:1", "tf_throughput", "torch_throughput:2",
-             "limit"]
+             "torch_throughput:2:window", "limit"]
     assert steps.jobs == first + first[::-1]
-    assert all("(round 1 of 2)" in label for label in steps.labels[:5])
-    assert out["torch_rlds"]["2"]["result"]["rounds_samples_per_s"] == [4.0, 7.0]
-    assert out["limit"]["result"]["rounds_samples_per_s"] == [5.0, 6.0]
+    assert all("(round 1 of 2)" in label for label in steps.labels[:6])
+    assert out["torch_rlds"]["2"]["result"]["rounds_samples_per_s"] == [4.0, 9.0]
+    assert out["torch_rlds_window"]["2"]["result"]["rounds_samples_per_s"] == [5.0, 8.0]
+    assert out["limit"]["result"]["rounds_samples_per_s"] == [6.0, 7.0]
     assert list(out["torch_rlds"]) == ["2", "0", "1"]  # the order the settings give
     with pytest.raises(ValueError, match="workers must be distinct"):
         BenchSettings(workers=(2, 2))
+
+
+def test_grouped_steps_run_in_one_process_and_fail_alone():
+    from torch_rlds.bench._steps import Steps
+
+    settings = BenchSettings.quick().to_dict()
+    steps = Steps(3, timeout_s=120, wait_idle_s=0, retries=0, group=True)
+    shown = []
+    records = steps.run_all([
+        ("a", "shuffle_quality", {"settings": settings}, lambda r: shown.append("a") or ""),
+        ("b", "shuffle_quality", {"settings": {}}, lambda r: ""),  # raises in the child
+        ("c", "shuffle_quality", {"settings": settings}, lambda r: shown.append("c") or ""),
+    ])
+    assert [r["ok"] for r in records] == [True, False, True]
+    assert "shuffle_quality: KeyError" in records[1]["error"]
+    assert records[0]["result"] == records[2]["result"]  # one pure function, twice
+    assert len({r["wall_s"] for r in records}) == 1  # one process ran all three
+    assert shown == ["a", "c"] and steps.done == 3
+    assert steps.failed == ["b: " + records[1]["error"]]
+
+
+def test_new_settings_name_the_bad_field():
+    with pytest.raises(ValueError, match=r"order_workers must be one of workers \(0, 1\)"):
+        BenchSettings(workers=(0, 1))
+    with pytest.raises(ValueError, match=r"elastic_topologies .* dividing batch_size 32"):
+        BenchSettings(elastic_topologies=((3, 1),))
+    with pytest.raises(ValueError, match="memory_episodes must hold at least two ints"):
+        BenchSettings(memory_episodes=(1000,))
 
 
 def test_resume_points_lie_inside_the_first_epoch():
@@ -259,3 +352,18 @@ def test_cli_hands_every_option_to_the_suite(monkeypatch):
     monkeypatch.setattr(_main, "main", lambda argv=None: seen.append(list(argv)) or 0)
     assert cli.main(["bench", "--quick", "--out", "x", "--skip-tf"]) == 0
     assert seen == [["--quick", "--out", "x", "--skip-tf"]]
+
+
+def test_shuffle_simulation_covers_every_step_and_scores_batches():
+    from torch_rlds.bench import _shuffle
+
+    lengths = np.asarray([3, 1, 4, 1, 5, 9, 2, 6], dtype=np.int64)
+    expected = np.repeat(np.arange(len(lengths)), lengths)
+    # Every order emits each step of the epoch once: episode e appears lengths[e] times.
+    assert sorted(_shuffle.global_order(lengths, seed=3).tolist()) == expected.tolist()
+    window = _shuffle.window_order(lengths, shuffle_window=2, hosts=1, workers=1, batch_size=1)
+    assert sorted(window.tolist()) == expected.tolist()
+    # The buffer's first fill is left out: what follows is the rest of the stream.
+    assert len(_shuffle.tfdata_order(lengths, buffer=10)) == lengths.sum() - 10
+    scored = _shuffle.score(np.asarray([0, 0, 1, 2, 5, 5, 5, 5, 9]), batch_size=4)
+    assert scored == {"distinct_episodes": 2.0, "largest_share": 3.0, "batches": 2}

@@ -10,6 +10,7 @@ from torch_rlds.collate import collate
 from torch_rlds.config import Config, ConfigError, load_config
 from torch_rlds.dataset import RLDSDataset
 from torch_rlds.keymap import KeyMap, KeyMapError
+from torch_rlds.ledger import check_hosts, ledger
 from torch_rlds.loader import DataLoader, WorkerError
 from torch_rlds.mixture import MixtureDataset
 from torch_rlds.source import RLDSSource
@@ -37,6 +38,8 @@ __all__ = [
     "TransformedDataset",
     "TruncatedShardError",
     "WorkerError",
+    "check_hosts",
     "collate",
+    "ledger",
     "load_config",
 ]

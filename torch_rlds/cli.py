@@ -168,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_arguments(stats_parser)
     stats_parser.set_defaults(run=stats.run)
 
+    # torch_rlds.ledger is the function; its module's command parts are imported by name.
+    from torch_rlds.ledger import add_arguments as ledger_arguments
+    from torch_rlds.ledger import run as run_ledger
+
+    ledger = commands.add_parser("ledger", help="the dataset, episode and step of every sample "
+                                                "of given global batches")
+    ledger_arguments(ledger)
+    ledger.set_defaults(run=run_ledger)
+
     # `bench` is dispatched in main() before parsing; listed here for the help text.
     commands.add_parser("bench", help="the benchmark suite (tf.data baseline when tensorflow "
                                       "is installed); `torch-rlds bench --help` for its options")

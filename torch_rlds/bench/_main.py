@@ -1,9 +1,10 @@
 """``torch-rlds bench``: the whole suite, from the dataset to the report.
 
 Order of a run: write (or reuse) the dataset and read it once so every pipeline finds it in
-the page cache; then torch_rlds throughput per worker count, the decode limit, torch_rlds
-resume and state cost, then the same for tf.data. Every measurement is a fresh process
-(:func:`torch_rlds.bench._subprocess.run_task`); a failed one is recorded and the run goes on.
+the page cache; then throughput (torch_rlds per worker count and in the window order, tf.data,
+the decode limit), resume, state cost, shuffle quality, worker memory and the step index. Every
+measurement is a fresh process (:func:`torch_rlds.bench._subprocess.run_task`; ``--quick``
+groups a section's measurements into one); a failed one is recorded and the run goes on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch_rlds.bench._settings import BenchSettings
 from torch_rlds.bench._steps import BUSY_PCT, FOREIGN_PCT, Steps, foreign
 
 DEFAULT_OUT = "bench_results"
-SECTIONS = ("throughput", "resume", "checkpoint", "remote")
+SECTIONS = ("throughput", "resume", "checkpoint", "remote", "shuffle", "memory", "index")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,12 +101,18 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool,
                sections: Sequence[str]) -> int:
     positions = len(settings.resume_positions)
+    rounds = settings.resume_rounds
+    topologies = 1 + len(settings.elastic_topologies)
     sizes = {
-        "throughput": settings.throughput_rounds * (len(settings.workers) + 1 + with_tf),
-        "resume": (len(windows) * (1 + settings.resume_rounds * (1 + positions))
-                   + with_tf * (1 + settings.resume_rounds * (1 + 2 * positions))),
+        "throughput": settings.throughput_rounds * (len(settings.workers) + 2 + with_tf),
+        "resume": (1 + rounds * (1 + topologies * positions)
+                   + len(windows) * (1 + rounds * (1 + positions))
+                   + with_tf * (1 + rounds * (1 + 2 * positions))),
         "checkpoint": 1 + with_tf * len(settings.checkpoint_buffers),
         "remote": 2,
+        "shuffle": 1,
+        "memory": 2 * (len(settings.memory_episodes) + len(settings.memory_size_steps)),
+        "index": 1 + 2 * rounds,
     }
     return sum(sizes[name] for name in sections)
 
@@ -135,7 +142,7 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
                                   settings.window_for_buffer(settings.tf_shuffle_buffer)]))
     chosen = [name for name in SECTIONS if name in sections]
     steps = Steps(_plan_size(settings, windows, with_tf, chosen), timeout_s, wait_idle_s,
-                   retries)
+                  retries, group=settings.group_processes)
     results: dict[str, Any] = {
         "settings": settings.to_dict(),
         "machine": _machine(),
@@ -145,9 +152,12 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
         "resume": {"torch_rlds": {}},
         "checkpoint": {},
         "remote": {},
+        "shuffle": {},
+        "memory": {},
+        "index": {},
     }
     work = tempfile.mkdtemp(prefix="torch_rlds_bench_work_")
-    bench = Bench(steps, settings, dataset_record["path"], work, windows)
+    bench = Bench(steps, settings, dataset_record["path"], work, windows, cache_dir)
     try:
         if "throughput" in chosen:
             bench.throughput(results["throughput"], with_tf)
@@ -157,6 +167,12 @@ def run(settings: BenchSettings, out_dir: str, *, cache_dir: str | None = None,
             bench.checkpoint(results["checkpoint"], with_tf)
         if "remote" in chosen:
             bench.remote(results["remote"])
+        if "shuffle" in chosen:
+            bench.shuffle(results["shuffle"])
+        if "memory" in chosen:
+            bench.memory(results["memory"])
+        if "index" in chosen:
+            bench.index(results["index"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -227,10 +243,11 @@ def _comparison_notes(results: dict[str, Any], settings: BenchSettings,
                       windows: Sequence[int]) -> list[str]:
     notes = [
         f"Shuffling: tf.data mixes a buffer of {settings.tf_shuffle_buffer:,} steps; "
-        f"torch_rlds mixes windows of {', '.join(map(str, windows))} episodes (about "
+        "torch_rlds's global order (its default here) mixes every step of the epoch; its "
+        f"window order mixes windows of {', '.join(map(str, windows))} episodes (about "
         + ", ".join(f"{round(w * (settings.min_steps + settings.max_steps) / 2):,}"
                     for w in windows)
-        + " steps); its resume is measured at each.",
+        + " steps); resume is measured for each.",
         "tf.data skip(n) skips the shuffled steps before decoding, the cheapest exact replay.",
     ]
     torch_rates = results["throughput"]["torch_rlds"]
@@ -257,6 +274,8 @@ def _records(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """``(label, record)`` of every measurement in ``results``."""
     out = [(f"torch_rlds num_workers={w}", r)
            for w, r in results["throughput"]["torch_rlds"].items()]
+    out += [(f"torch_rlds window order num_workers={w}", r)
+            for w, r in results["throughput"].get("torch_rlds_window", {}).items()]
     out += [(name, results["throughput"][key]) for key, name in
             (("limit", "decode limit"), ("tf_data", "tf.data")) if key in results["throughput"]]
     for name, runs in results["resume"]["torch_rlds"].items():
@@ -268,6 +287,15 @@ def _records(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     out += [(f"torch_rlds from a bucket: {k}", r) for k, r in results.get("remote", {}).items()]
     out += [(f"tf.data checkpoint at {b}", r)
             for b, r in results["checkpoint"].get("tf_data", {}).items()]
+    if results.get("shuffle"):
+        out.append(("shuffle quality", results["shuffle"]))
+    for axis, orders in results.get("memory", {}).items():
+        out += [(f"worker memory {order} order, {axis} {point}", r)
+                for order, points in orders.items() for point, r in points.items()]
+    index = results.get("index", {})
+    if "build" in index:
+        out.append(("step index build", index["build"]))
+    out += [(f"first batch, {name}", r) for name, r in index.get("first_batch", {}).items()]
     return out
 
 

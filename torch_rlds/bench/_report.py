@@ -8,18 +8,30 @@ import os
 import statistics
 from typing import Any
 
-# (ratio name, target, True when higher is better): the targets of issue 6.
+from torch_rlds.bench import _report_order
+from torch_rlds.bench._cells import error as _error
+from torch_rlds.bench._cells import fmt as _fmt
+from torch_rlds.bench._cells import ok as _ok
+
+GLOBAL_LIMIT = "torch_rlds global order / decode limit (order_workers)"
+GLOBAL_TF = "torch_rlds global order / tf.data (order_workers)"
+WINDOW_LIMIT = "torch_rlds window order / decode limit (order_workers)"
+GLOBAL_WINDOW = "torch_rlds global / window order (order_workers)"
+
+# (ratio name, target, True when higher is better): the targets of issues 6 and 15.
 TARGETS = {
     "torch_rlds / tf.data (samples/s, equal cores)": (1.3, True),
     "torch_rlds / decode limit": (0.8, True),
+    GLOBAL_LIMIT: (0.85, True),
+    GLOBAL_TF: (1.3, True),
     "torch_rlds resume 95% / 5%": (1.2, False),
     "torch_rlds state bytes per worker": (1024, False),
     "torch_rlds save_state ms": (5.0, False),
+    _report_order.SHUFFLE_DISTINCT: (1.0, True),
+    _report_order.SHUFFLE_LARGEST: (1.0, False),
+    _report_order.MEMORY_SPREAD.format(axis="episode counts", order="global"): (1.1, False),
+    _report_order.MEMORY_SPREAD.format(axis="episode sizes", order="global"): (1.1, False),
 }
-
-
-def _ok(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    return record["result"] if record and record.get("ok") else None
 
 
 def _rates(record: dict[str, Any] | None) -> list[float | None]:
@@ -66,6 +78,13 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     out["torch_rlds best / tf.data"] = paired_ratio(best, tf_rates)
     out["torch_rlds / decode limit"] = paired_ratio(best, limit)
     out["tf.data / decode limit"] = paired_ratio(tf_rates, limit)
+    compared = str(results.get("settings", {}).get("order_workers", 2))
+    global_rates = _rates(through["torch_rlds"].get(compared))
+    window_rates = _rates(through.get("torch_rlds_window", {}).get(compared))
+    out[GLOBAL_LIMIT] = paired_ratio(global_rates, limit)
+    out[GLOBAL_TF] = paired_ratio(global_rates, tf_rates)
+    out[WINDOW_LIMIT] = paired_ratio(window_rates, limit)
+    out[GLOBAL_WINDOW] = paired_ratio(global_rates, window_rates)
     first_window = next(iter(results["resume"]["torch_rlds"]), None)
     for name, runs in results["resume"]["torch_rlds"].items():
         key = ("torch_rlds resume 95% / 5%" if name == first_window
@@ -77,6 +96,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     out["torch_rlds state bytes per worker"] = max((r["bytes_per_worker"] for r in rows),
                                                    default=None)
     out["torch_rlds save_state ms"] = max((1e3 * r["save_s"] for r in rows), default=None)
+    out.update(_report_order.ratios(results))
     return out
 
 
@@ -104,25 +124,9 @@ def write_json(results: dict[str, Any], out_dir: str) -> str:
     return path
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
 def _memory(record: dict[str, Any] | None) -> tuple[str, str]:
     memory = (record or {}).get("memory") or {}
     return _fmt(memory.get("peak_rss_mb"), 0), _fmt(memory.get("peak_pss_mb"), 0)
-
-
-def _error(record: dict[str, Any] | None) -> str:
-    if record is None:
-        return "not run"
-    return "" if record.get("ok") else f"error: {record.get('error', '?')}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -139,6 +143,12 @@ def markdown(results: dict[str, Any]) -> str:
         from torch_rlds.bench._remote import report_lines
 
         lines += report_lines(results)
+    if "shuffle" in sections:
+        lines += _report_order.shuffle_table(results)
+    if "memory" in sections:
+        lines += _report_order.memory_table(results)
+    if "index" in sections:
+        lines += _report_order.index_table(results)
     lines += ["", "## Ratios and targets", "", "| figure | value | target | |",
               "|---|---:|---:|---|"]
     for name, value in results["ratios"].items():
@@ -170,18 +180,23 @@ def _header(results: dict[str, Any]) -> list[str]:
 def _throughput_table(results: dict[str, Any]) -> list[str]:
     s, through = results["settings"], results["throughput"]
     lines = ["", "## Throughput", "",
-             "| pipeline | samples/s | rounds | / tf.data | / limit | first batch s | stats() | "
-             "peak RSS | peak PSS | |",
-             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+             "| pipeline | order | samples/s | rounds | / tf.data | / limit | first batch s | "
+             "stats() | peak RSS | peak PSS | |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     tf_rates = _rates(through.get("tf_data"))
     limit = _rates(through.get("limit"))
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
+    rows += [(f"torch_rlds num_workers={w}", r)
+             for w, r in through.get("torch_rlds_window", {}).items()]
     rows += [("tf.data (Octo/openpi)", through.get("tf_data")),
              (f"decode limit ({s['limit_processes']} processes)", through.get("limit"))]
     for name, record in rows:
         r = _ok(record) or {}
         rates = _rates(record)
-        lines.append(f"| {name} | {_fmt(r.get('samples_per_s'), 0)} | {_rounds(r)} | "
+        order = r.get("order") or "-"
+        if order == "window":
+            order = f"window {s['shuffle_window']}"
+        lines.append(f"| {name} | {order} | {_fmt(r.get('samples_per_s'), 0)} | {_rounds(r)} | "
                      f"{_fmt(paired_ratio(rates, tf_rates))} | "
                      f"{_fmt(paired_ratio(rates, limit))} | {_fmt(r.get('first_batch_s'))} | "
                      f"{_stats(r.get('stats'))} | {' | '.join(_memory(record))} | "
@@ -213,7 +228,11 @@ def _stats(stats: dict[str, Any] | None) -> str:
 
 
 def _resume_table(results: dict[str, Any]) -> list[str]:
+    workers = results["settings"].get("resume_workers")
     lines = ["", "## Resume: time to the first batch in a fresh process", "",
+             f"torch_rlds states are saved by one host with {workers} workers; the global order "
+             "restores them under other hosts (simulated with process_index / process_count in "
+             "one process, the first batch being every host's) and workers too.", "",
              "| pipeline | position | batch | restore s | first batch s | rounds | exact | "
              "peak RSS | peak PSS | |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
@@ -240,7 +259,9 @@ def _checkpoint_table(results: dict[str, Any]) -> list[str]:
     record = checkpoint.get("torch_rlds")
     for r in _ok(record) or [{}]:
         save = r.get("save_s")
-        lines.append(f"| torch_rlds (window {_fmt(r.get('shuffle_window'))} episodes) | "
+        what = ("global order, every step of the epoch" if r.get("order") == "global"
+                else f"window {_fmt(r.get('shuffle_window'))} episodes")
+        lines.append(f"| torch_rlds ({what}) | "
                      f"{_fmt(r.get('buffer_steps'))} | {_fmt(r.get('bytes'))} | "
                      f"{_fmt(r.get('bytes_per_worker'), 0)} | "
                      f"{_fmt(None if save is None else 1e3 * save, 3)} | "

@@ -43,6 +43,24 @@ class BenchSettings:
       fast_jpeg: fast-DCT JPEG decoding everywhere (the pixels of ``tf.io.decode_jpeg`` with its
         defaults, as Octo and openpi run it); otherwise the accurate DCT everywhere.
       seed: seeds the dataset, torch_rlds and tf.data.
+      order_workers: the worker count at which the global and the window order are compared
+        (throughput, worker memory); one of ``workers``.
+      elastic_topologies: ``(hosts, workers)`` under which a state saved by one host with
+        ``resume_workers`` workers is restored besides its own (hosts simulated with
+        ``process_index`` / ``process_count`` in one process); each host count divides
+        ``batch_size``.
+      shuffle_steps, shuffle_droid_steps: steps of the simulated bridge- and fractal-like
+        datasets, and of the DROID-like one (more, so that its i.i.d. figure is not held down
+        by a small episode count).
+      shuffle_batch, shuffle_buffer: the global batch scored, and tf.data's shuffle buffer.
+      shuffle_topology, shuffle_readers: the window order's many-reader row (hosts x workers).
+      memory_episodes: the episode counts of the episode-count axis of worker memory (episodes
+        of ``memory_count_steps`` steps of one ``memory_count_image`` px flat camera).
+      memory_size_steps: the steps per episode of the episode-size axis
+        (``memory_size_episodes`` episodes of one ``memory_size_image`` px textured camera).
+      memory_batches: batches a loader hands out while its workers' memory is sampled.
+      group_processes: run a section's measurements in one process rather than one each (the
+        quick run, whose figures only show that every measurement works).
     """
 
     episodes: int = 400
@@ -69,6 +87,21 @@ class BenchSettings:
     save_repeats: int = 20
     fast_jpeg: bool = True
     seed: int = 0
+    order_workers: int = 2
+    elastic_topologies: tuple[tuple[int, int], ...] = ((2, 1), (4, 0))
+    shuffle_steps: int = 600_000
+    shuffle_droid_steps: int = 4_000_000
+    shuffle_batch: int = 256
+    shuffle_buffer: int = 250_000
+    shuffle_topology: tuple[int, int] = (8, 32)
+    memory_episodes: tuple[int, ...] = (1_000, 100_000)
+    memory_count_steps: int = 2
+    memory_count_image: int = 32
+    memory_size_steps: tuple[int, ...] = (45, 900)
+    memory_size_episodes: int = 32
+    memory_size_image: int = 256
+    memory_batches: int = 40
+    group_processes: bool = False
 
     def __post_init__(self) -> None:
         for name in ("episodes", "min_steps", "num_shards", "batch_size", "obs_window",
@@ -102,6 +135,29 @@ class BenchSettings:
         if self.resume_workers > self.episodes:
             raise ValueError(f"resume_workers must be <= episodes ({self.episodes}) (got "
                              f"{self.resume_workers})")
+        if self.order_workers not in self.workers:
+            raise ValueError(f"order_workers must be one of workers {self.workers} (got "
+                             f"{self.order_workers!r})")
+        for hosts, workers in self.elastic_topologies:
+            if type(hosts) is not int or hosts < 1 or self.batch_size % hosts \
+                    or type(workers) is not int or workers < 0:
+                raise ValueError(f"elastic_topologies must be (hosts, workers) with hosts "
+                                 f"dividing batch_size {self.batch_size} (got "
+                                 f"{(hosts, workers)!r})")
+        for name in ("shuffle_steps", "shuffle_droid_steps", "shuffle_batch", "shuffle_buffer",
+                     "memory_count_steps", "memory_size_episodes", "memory_batches"):
+            _at_least(name, getattr(self, name), 1)
+        hosts, readers = self.shuffle_topology
+        if self.shuffle_batch % hosts:
+            raise ValueError(f"shuffle_topology {hosts} must divide shuffle_batch "
+                             f"{self.shuffle_batch}")
+        _at_least("shuffle_topology workers", readers, 1)
+        for name in ("memory_episodes", "memory_size_steps"):
+            values = getattr(self, name)
+            if len(values) < 2 or any(type(v) is not int or v < 1 for v in values):
+                raise ValueError(f"{name} must hold at least two ints >= 1 (got {values!r})")
+        for name in ("memory_count_image", "memory_size_image"):
+            _at_least(name, getattr(self, name), 32)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchSettings:
@@ -110,7 +166,11 @@ class BenchSettings:
         sizes = dict(episodes=6, min_steps=8, max_steps=16, image_size=64, num_shards=2,
                      batch_size=8, tf_shuffle_buffer=192, checkpoint_buffers=(32, 128),
                      warmup_batches=1, measure_batches=3, throughput_rounds=1, resume_rounds=1,
-                     limit_episodes=6, limit_rounds=1, save_repeats=3)
+                     limit_episodes=6, limit_rounds=1, save_repeats=3,
+                     shuffle_steps=6_000, shuffle_droid_steps=12_000, shuffle_batch=64,
+                     shuffle_buffer=2_000, shuffle_topology=(2, 2), memory_episodes=(20, 200),
+                     memory_size_steps=(4, 40), memory_size_episodes=4, memory_size_image=64,
+                     memory_batches=4, group_processes=True)
         return cls(**{**sizes, **overrides})
 
     def spec(self) -> synthetic.SyntheticSpec:
@@ -142,6 +202,24 @@ class BenchSettings:
         mean = (self.min_steps + self.max_steps) / 2
         return max(1, math.ceil(steps / mean))
 
+    def memory_specs(self) -> dict[str, list[synthetic.SyntheticSpec]]:
+        """The synthetic datasets of the worker-memory section, by axis (``episodes``: one per
+        count in ``memory_episodes``; ``size``: one per length in ``memory_size_steps``)."""
+        count_camera = synthetic.Camera("image", self.memory_count_image,
+                                        self.memory_count_image)
+        size_camera = synthetic.Camera("image", self.memory_size_image, self.memory_size_image)
+        episodes = [synthetic.SyntheticSpec(
+            name="torch_rlds_bench_count", num_episodes=n, min_steps=self.memory_count_steps,
+            max_steps=self.memory_count_steps, cameras=(count_camera,), state_dim=8,
+            action_dim=7, num_shards=min(16, n), texture=False, seed=self.seed)
+            for n in self.memory_episodes]
+        size = [synthetic.SyntheticSpec(
+            name="torch_rlds_bench_size", num_episodes=self.memory_size_episodes,
+            min_steps=steps, max_steps=steps, cameras=(size_camera,), state_dim=8, action_dim=7,
+            num_shards=min(8, self.memory_size_episodes), texture=True, seed=self.seed)
+            for steps in self.memory_size_steps]
+        return {"episodes": episodes, "size": size}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that :meth:`from_dict` reads back."""
         return dataclasses.asdict(self)
@@ -153,10 +231,15 @@ class BenchSettings:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"bench settings: unknown fields {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls(**{k: _tuples(v) for k, v in values.items()})
 
 
 CAMERAS = ("image", "wrist_image")
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back as the tuples the fields hold (nested too)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _at_least(name: str, value: Any, low: int) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from torch_rlds import _order
-from torch_rlds._bijection import KeyedBijection, derive_key
+from torch_rlds._global_order import GlobalOrder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +51,11 @@ def _episode_of(lengths: np.ndarray, flat: np.ndarray) -> np.ndarray:
 
 
 def global_order(lengths: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Episode of every sample of one epoch of the global order."""
-    total = int(lengths.sum())
-    flat = KeyedBijection(total, derive_key(seed, 0))(np.arange(total))
-    return _episode_of(lengths, flat)
+    """Episode of every sample of epoch 0 of the global order (the dataset's own
+    :class:`~torch_rlds._global_order.GlobalOrder`)."""
+    order = GlobalOrder(lengths, seed=seed, shuffle=True)
+    _, episodes, _ = order.locate(np.arange(order.num_steps, dtype=np.int64))
+    return episodes
 
 
 def window_order(lengths: np.ndarray, *, shuffle_window: int, hosts: int, workers: int,
@@ -125,25 +126,45 @@ def score(episodes: np.ndarray, batch_size: int) -> dict[str, float]:
             "batches": batches}
 
 
-def run(*, steps: int = 600_000, batch_size: int = 256, buffer: int = 250_000,
-        shuffle_window: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Every order on every profile: ``{profile: {order: score}}``."""
+def run(*, steps: int = 600_000, droid_steps: int = 4_000_000, batch_size: int = 256,
+        buffer: int = 250_000, shuffle_window: int = 16, topology: tuple[int, int] = (8, 32),
+        seed: int = 0) -> dict[str, Any]:
+    """Every order on every profile: ``{profile: {"episodes", "steps", "orders": {order:
+    score}}}``; the DROID-like profile gets ``droid_steps`` steps, the others ``steps``."""
+    hosts, workers = topology
     out: dict[str, Any] = {}
     for profile in PROFILES:
-        episode_lengths = lengths(profile, steps, seed)
+        episode_lengths = lengths(profile, droid_steps if profile.name == DROID else steps, seed)
         rows = {
-            "torch_rlds global order (any hosts x workers)": global_order(episode_lengths, seed),
+            GLOBAL: global_order(episode_lengths, seed),
             f"torch_rlds window {shuffle_window}, one worker": window_order(
                 episode_lengths, shuffle_window=shuffle_window, hosts=1, workers=1,
                 batch_size=batch_size, seed=seed),
-            f"torch_rlds window {shuffle_window}, 8 hosts x 32 workers": window_order(
-                episode_lengths, shuffle_window=shuffle_window, hosts=8, workers=32,
-                batch_size=batch_size, seed=seed),
-            f"tf.data, {buffer:,}-step shuffle buffer": tfdata_order(
-                episode_lengths, buffer=buffer, seed=seed),
-            "i.i.d.": iid_order(episode_lengths, int(episode_lengths.sum()), seed),
+            f"torch_rlds window {shuffle_window}, {hosts} hosts x {workers} workers":
+                window_order(episode_lengths, shuffle_window=shuffle_window, hosts=hosts,
+                             workers=workers, batch_size=batch_size, seed=seed),
+            TFDATA: tfdata_order(episode_lengths, buffer=buffer, seed=seed),
+            IID: iid_order(episode_lengths, int(episode_lengths.sum()), seed),
         }
         out[profile.name] = {"episodes": len(episode_lengths),
                              "steps": int(episode_lengths.sum()),
                              "orders": {name: score(e, batch_size) for name, e in rows.items()}}
     return out
+
+
+GLOBAL = "torch_rlds global order (any hosts x workers)"
+TFDATA = "tf.data shuffle buffer"
+IID = "i.i.d."
+DROID = "droid-like"
+
+
+def shuffle_quality(settings: dict[str, Any]) -> dict[str, Any]:
+    """The bench task: :func:`run` at the sizes of ``settings`` (a
+    :class:`~torch_rlds.bench.BenchSettings` dict), with the buffer size in the result."""
+    s = settings
+    return {"batch_size": s["shuffle_batch"], "buffer": s["shuffle_buffer"],
+            "shuffle_window": s["shuffle_window"], "topology": list(s["shuffle_topology"]),
+            "profiles": run(steps=s["shuffle_steps"], droid_steps=s["shuffle_droid_steps"],
+                            batch_size=s["shuffle_batch"], buffer=s["shuffle_buffer"],
+                            shuffle_window=s["shuffle_window"],
+                            topology=tuple(s["shuffle_topology"]), seed=s["seed"])}

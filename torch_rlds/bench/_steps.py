@@ -8,6 +8,9 @@ from typing import Any
 
 from torch_rlds.bench._subprocess import run_task
 
+# (label, task, kwargs, show): one measurement as Steps.run takes it.
+Job = tuple[str, str, dict[str, Any], Callable[[dict[str, Any]], str]]
+
 BUSY_PCT = 25.0  # CPU use by others, before a measurement, above which it waits
 FOREIGN_PCT = 10.0  # CPU share others took during a measurement above which it is redone
 
@@ -32,12 +35,14 @@ class Steps:
     that stayed disturbed.
     """
 
-    def __init__(self, total: int, timeout_s: float, wait_idle_s: float, retries: int) -> None:
+    def __init__(self, total: int, timeout_s: float, wait_idle_s: float, retries: int,
+                 group: bool = False) -> None:
         self.total = total
         self.done = 0
         self.timeout_s = timeout_s
         self.wait_idle_s = wait_idle_s
         self.retries = retries
+        self.group = group
         self.failed: list[str] = []
 
     def _idle(self) -> float | None:
@@ -54,8 +59,47 @@ class Steps:
 
     def run(self, label: str, task: str, kwargs: dict[str, Any],
             show: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+        """The record of ``task`` run in a fresh process (see the class docstring)."""
         self.done += 1
         print(f"[{self.done}/{self.total}] {label}", flush=True)
+        record = self._attempts(task, kwargs)
+        self._say(label, record, show)
+        return record
+
+    def run_all(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """The records of ``jobs`` in order: each in a fresh process, or, when the steps are
+        grouped, consecutive jobs that need torch (or do not) together in one process (see
+        :mod:`torch_rlds.bench._subprocess`)."""
+        if not self.group:
+            return [self.run(*job) for job in jobs]
+        from torch_rlds.bench._subprocess import GROUP, TASKS
+
+        records: list[dict[str, Any]] = []
+        start = 0
+        while start < len(jobs):
+            stop = start + 1
+            while stop < len(jobs) and TASKS[jobs[stop][1]][1] == TASKS[jobs[start][1]][1]:
+                stop += 1
+            part = jobs[start:stop]
+            first = self.done + 1
+            self.done += len(part)
+            print(f"[{first}-{self.done}/{self.total}] in one process: "
+                  + "; ".join(label for label, *_ in part), flush=True)
+            group = self._attempts(GROUP, {"jobs": [{"task": task, "kwargs": kwargs}
+                                                    for _, task, kwargs, _ in part]})
+            results = group.get("result") if group.get("ok") else None
+            for i, (label, _, _, show) in enumerate(part):
+                if results is None:
+                    record = dict(group)
+                else:
+                    record = {k: v for k, v in group.items() if k not in ("result", "error")}
+                    record.update(results[i])
+                self._say(label, record, show)
+                records.append(record)
+            start = stop
+        return records
+
+    def _attempts(self, task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {}
         for attempt in range(1 + self.retries):
             busy = self._idle()
@@ -68,6 +112,10 @@ class Steps:
             if attempt < self.retries:
                 print(f"      redoing: other processes took {foreign(candidate):.0f}% of the "
                       "CPUs meanwhile", flush=True)
+        return record
+
+    def _say(self, label: str, record: dict[str, Any],
+             show: Callable[[dict[str, Any]], str]) -> None:
         if record.get("ok"):
             memory = record.get("memory") or {}
             print(f"      {show(record['result'])}; peak RSS {memory.get('peak_rss_mb')} MiB "
@@ -75,7 +123,6 @@ class Steps:
         else:
             self.failed.append(f"{label}: {record.get('error')}")
             print(f"      FAILED: {record.get('error')}", flush=True)
-        return record
 
 
 def foreign(record: dict[str, Any]) -> float:

@@ -7,6 +7,11 @@ The parent calls :func:`run_task`; the child imports the task's module, runs it 
 whether torch and tensorflow were imported, which shows that no torch_rlds figure needed
 TensorFlow.
 
+A group (:data:`GROUP`, ``{"jobs": [{"task", "kwargs"}, ...]}``) runs several tasks one after
+the other in one process, each result ``{"ok", "result"}`` or ``{"ok": false, "error"}`` in a
+list; the memory and CPU figures are the whole group's. The quick run uses it: its figures only
+show that every measurement works, and a process per measurement would cost most of its time.
+
 Tasks marked torch-free (tf.data, the decode limit) must not be charged for torch, which
 ``torch_rlds/__init__.py`` imports. Their child registers an empty ``torch_rlds`` package
 (its real folder as ``__path__``, its ``__init__`` not run) before importing the task, so only
@@ -39,7 +44,13 @@ TASKS: dict[str, tuple[str, bool]] = {
     "tf_resume_checkpoint": ("torch_rlds.bench._tfdata:resume_checkpoint", True),
     "tf_resume_skip": ("torch_rlds.bench._tfdata:resume_skip", True),
     "tf_checkpoint_cost": ("torch_rlds.bench._tfdata:checkpoint_cost", True),
+    "shuffle_quality": ("torch_rlds.bench._shuffle:shuffle_quality", True),
+    "torch_worker_memory": ("torch_rlds.bench._memory:worker_memory", False),
+    "torch_index_build": ("torch_rlds.bench._index:index_build", False),
+    "torch_first_batch": ("torch_rlds.bench._index:first_batch", False),
 }
+# Several tasks run one after the other in one process: see run_group.
+GROUP = "group"
 
 _QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -66,13 +77,20 @@ def run_task(task: str, kwargs: dict[str, Any], *, timeout_s: float = 3600) -> d
     crashes, times out or raises gives ``{"ok": False, "error": ...}``; nothing is raised here,
     so one failed measurement never hides the others.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown bench task {task!r} (tasks: {sorted(TASKS)})")
+    if task == GROUP:
+        members = [job["task"] for job in kwargs["jobs"]]
+        unknown = sorted(set(members) - set(TASKS))
+        torch_free = all(TASKS[m][1] for m in members if m in TASKS)
+    else:
+        unknown = [] if task in TASKS else [task]
+        torch_free = task in TASKS and TASKS[task][1]
+    if unknown:
+        raise ValueError(f"unknown bench tasks {unknown} (tasks: {sorted(TASKS)})")
     with tempfile.TemporaryDirectory(prefix="torch_rlds_bench_") as tmp:
         request_path = os.path.join(tmp, "request.json")
         result_path = os.path.join(tmp, "result.json")
         with open(request_path, "w") as f:
-            json.dump({"task": task, "torch_free": TASKS[task][1], "kwargs": kwargs}, f)
+            json.dump({"task": task, "torch_free": torch_free, "kwargs": kwargs}, f)
         start = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-c", _BOOT, request_path, result_path],
@@ -99,15 +117,13 @@ def child(request_path: str, result_path: str) -> int:
 
     with open(request_path) as f:
         request = json.load(f)
-    module, _, name = TASKS[request["task"]][0].partition(":")
     monitor = ResourceMonitor()
     with monitor:
-        try:
-            fn = getattr(importlib.import_module(module), name)
-            record: dict[str, Any] = {"ok": True, "result": fn(**request["kwargs"])}
-        except Exception as e:  # reported to the parent, which records it and goes on
-            traceback.print_exc()
-            record = {"ok": False, "error": f"{request['task']}: {type(e).__name__}: {e}"}
+        if request["task"] == GROUP:
+            results = [_call(job["task"], job["kwargs"]) for job in request["kwargs"]["jobs"]]
+            record: dict[str, Any] = {"ok": True, "result": results}
+        else:
+            record = _call(request["task"], request["kwargs"])
     record["memory"] = monitor.memory()
     foreign = monitor.foreign_cpu_pct
     record["foreign_cpu_pct"] = None if foreign is None else round(foreign, 1)
@@ -115,6 +131,17 @@ def child(request_path: str, result_path: str) -> int:
     with open(result_path, "w") as f:
         json.dump(record, f, default=_jsonable)
     return 0 if record["ok"] else 1
+
+
+def _call(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"ok": True, "result"}`` of one task, or ``{"ok": False, "error"}``."""
+    module, _, name = TASKS[task][0].partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+        return {"ok": True, "result": fn(**kwargs)}
+    except Exception as e:  # reported to the parent, which records it and goes on
+        traceback.print_exc()
+        return {"ok": False, "error": f"{task}: {type(e).__name__}: {e}"}
 
 
 def _jsonable(value: Any) -> Any:

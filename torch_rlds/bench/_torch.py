@@ -20,28 +20,56 @@ from torch_rlds.bench._settings import CAMERAS, BenchSettings
 
 
 def make_loader(settings: BenchSettings, dataset: str, workers: int, *,
-                shuffle_window: int | None = None):
-    """The torch_rlds DataLoader of the benchmark sample (see :class:`BenchSettings`)."""
+                shuffle_window: int | None = None, order: str = "auto", process_index: int = 0,
+                process_count: int = 1, cameras: tuple[str, ...] = CAMERAS):
+    """The torch_rlds DataLoader of the benchmark sample (see :class:`BenchSettings`) in
+    ``order`` (``"auto"``: the dataset's default), for host ``process_index`` of
+    ``process_count`` (its share of the global batch ``batch_size``)."""
     from torch_rlds import DataLoader, RLDSDataset
 
     data = RLDSDataset(
         dataset, "train", obs_window=settings.obs_window,
-        action_horizon=settings.action_horizon, observation_keys=(*CAMERAS, "state"),
+        action_horizon=settings.action_horizon, observation_keys=(*cameras, "state"),
         shuffle=True, seed=settings.seed,
         shuffle_window=shuffle_window or settings.shuffle_window, repeat=True,
-        fast_jpeg=settings.fast_jpeg,
+        fast_jpeg=settings.fast_jpeg, order=order, process_index=process_index,
+        process_count=process_count,
     )
-    options: dict[str, Any] = {"batch_size": settings.batch_size, "num_workers": workers}
+    options: dict[str, Any] = {"batch_size": settings.batch_size // process_count,
+                               "num_workers": workers}
     if workers:
         options.update(prefetch_factor=2, persistent_workers=True)
     return DataLoader(data, **options)
 
 
-def throughput(settings: dict[str, Any], dataset: str, workers: int) -> dict[str, Any]:
+def make_hosts(settings: BenchSettings, dataset: str, hosts: int, workers: int, *,
+               shuffle_window: int | None = None, order: str = "auto") -> list[Any]:
+    """The loaders of ``hosts`` hosts of one job, each with ``workers`` workers, built in this
+    process as each host would build its own."""
+    return [make_loader(settings, dataset, workers, shuffle_window=shuffle_window, order=order,
+                        process_index=p, process_count=hosts) for p in range(hosts)]
+
+
+def global_batch(parts: list[Any]) -> Any:
+    """The global batch that the hosts' batches ``parts`` make together (host order)."""
+    import torch
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: global_batch([p[key] for p in parts]) for key in first}
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    return [item for part in parts for item in part]
+
+
+def throughput(settings: dict[str, Any], dataset: str, workers: int,
+               order: str = "auto") -> dict[str, Any]:
     """Samples/s over ``measure_batches`` batches after ``warmup_batches``."""
     s = BenchSettings.from_dict(settings)
     start = time.perf_counter()
-    loader = make_loader(s, dataset, workers)
+    loader = make_loader(s, dataset, workers, order=order)
     batches = iter(loader)
     batch = next(batches)
     first = time.perf_counter() - start
@@ -54,6 +82,7 @@ def throughput(settings: dict[str, Any], dataset: str, workers: int) -> dict[str
     seconds = time.perf_counter() - timed
     return {
         "workers": workers,
+        "order": loader.dataset.order,
         "samples_per_s": s.measure_batches * s.batch_size / seconds,
         "batches": s.measure_batches,
         "seconds": seconds,
@@ -64,14 +93,14 @@ def throughput(settings: dict[str, Any], dataset: str, workers: int) -> dict[str
 
 
 def save_states(settings: dict[str, Any], dataset: str, workers: int, shuffle_window: int,
-                batches: list[int], out_dir: str) -> dict[str, Any]:
+                batches: list[int], out_dir: str, order: str = "auto") -> dict[str, Any]:
     """Iterate one uninterrupted run and save the state after each count in ``batches``.
 
     For each save: the file, its size, the time ``save_state`` took, and the digest of the next
     batch, which a resumed run must reproduce.
     """
     s = BenchSettings.from_dict(settings)
-    loader = make_loader(s, dataset, workers, shuffle_window=shuffle_window)
+    loader = make_loader(s, dataset, workers, shuffle_window=shuffle_window, order=order)
     wanted = sorted(batches)
     saves: list[dict[str, Any]] = []
     pending: dict[str, Any] | None = None
@@ -84,29 +113,35 @@ def save_states(settings: dict[str, Any], dataset: str, workers: int, shuffle_wi
             saves.append(pending)
             pending = None
         if seen in wanted:
-            path = os.path.join(out_dir, f"torch_rlds_w{shuffle_window}_b{seen}.json")
+            path = os.path.join(out_dir, f"torch_rlds_{order}_w{shuffle_window}_b{seen}.json")
             if os.path.exists(path):  # a redone run; save_state over a file fails in 0.1.0
                 os.remove(path)
             t = time.perf_counter()
             loader.save_state(path)
             pending = {"batch": seen, "path": path, "bytes": os.path.getsize(path),
                        "save_s": time.perf_counter() - t}
-    return {"workers": workers, "shuffle_window": shuffle_window, "saves": saves}
+    return {"workers": workers, "shuffle_window": shuffle_window, "order": loader.dataset.order,
+            "saves": saves}
 
 
 def resume(settings: dict[str, Any], dataset: str, workers: int, shuffle_window: int,
-           state_path: str | None, expected_digest: str | None) -> dict[str, Any]:
-    """Time to the first batch in a fresh process: build the loader, load the state (none: a
-    fresh start), fetch one batch. ``exact`` compares that batch with the uninterrupted run."""
+           state_path: str | None, expected_digest: str | None, order: str = "auto",
+           hosts: int = 1) -> dict[str, Any]:
+    """Time to the first global batch in a fresh process: build the loader of each of
+    ``hosts`` hosts (one host saved the state; the global order resumes it under any hosts and
+    workers), load the state (none: a fresh start), fetch one batch from each. ``exact``
+    compares the global batch with the uninterrupted run's."""
     s = BenchSettings.from_dict(settings)
     start = time.perf_counter()
-    loader = make_loader(s, dataset, workers, shuffle_window=shuffle_window)
+    loaders = make_hosts(s, dataset, hosts, workers, shuffle_window=shuffle_window, order=order)
     if state_path is not None:
-        loader.load_state(state_path)
+        for loader in loaders:
+            loader.load_state(state_path)
     restored = time.perf_counter() - start
-    batch = next(iter(loader))
+    batch = global_batch([next(iter(loader)) for loader in loaders])
     total = time.perf_counter() - start
     return {
+        "hosts": hosts,
         "workers": workers,
         "shuffle_window": shuffle_window,
         "restore_s": restored,
@@ -117,13 +152,15 @@ def resume(settings: dict[str, Any], dataset: str, workers: int, shuffle_window:
 
 def state_cost(settings: dict[str, Any], dataset: str, workers: int,
                buffers: list[int], out_dir: str) -> list[dict[str, Any]]:
-    """Size and save time of the loader state at shuffle windows that mix as many steps as
-    each tf.data shuffle buffer in ``buffers``."""
+    """Size and save time of the loader state: under the global order (which mixes every step
+    of the epoch), then under the window order at windows that mix as many steps as each
+    tf.data shuffle buffer in ``buffers``."""
     s = BenchSettings.from_dict(settings)
     rows = []
-    for buffer in buffers:
-        window = s.window_for_buffer(buffer)
-        loader = make_loader(s, dataset, workers, shuffle_window=window)
+    shuffles = [("global", s.epoch_steps(), s.shuffle_window)]
+    shuffles += [("window", b, s.window_for_buffer(b)) for b in buffers]
+    for order, buffer, window in shuffles:
+        loader = make_loader(s, dataset, workers, shuffle_window=window, order=order)
         it = iter(loader)
         for _ in range(2):
             next(it)
@@ -133,14 +170,15 @@ def state_cost(settings: dict[str, Any], dataset: str, workers: int,
             state = loader.state_dict()
             dict_times.append(time.perf_counter() - t)
             # a new file each time: save_state over an existing file fails in torch_rlds 0.1.0
-            path = os.path.join(out_dir, f"torch_rlds_cost_w{window}_{repeat}.json")
+            path = os.path.join(out_dir, f"torch_rlds_cost_{order}_w{window}_{repeat}.json")
             t = time.perf_counter()
             loader.save_state(path)
             save_times.append(time.perf_counter() - t)
         size = len(json.dumps(state, sort_keys=True).encode())
         rows.append({
+            "order": order,
             "buffer_steps": buffer,
-            "shuffle_window": window,
+            "shuffle_window": window if order == "window" else None,
             "workers": workers,
             "bytes": size,
             "bytes_per_worker": size / max(workers, 1),
