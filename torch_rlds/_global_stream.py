@@ -65,6 +65,11 @@ class GlobalStream:
         """Steps of the split: samples per epoch."""
         return self.order.num_steps
 
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch, episode and step of the samples at stream ``positions``: the sample of
+        step ``step`` (of the episode as the dataset samples it)."""
+        return self.order.locate(positions)
+
     def epoch_end(self, position: int) -> int:
         """The stream position where the epoch holding ``position`` ends."""
         return (position // self.num_steps + 1) * self.num_steps
@@ -168,7 +173,7 @@ class GlobalStream:
                     positions = positions[positions < end]
                 parts.append(positions)
             everything = np.concatenate(parts)
-            epochs, episodes, steps = (self.order.locate(everything) if everything.size
+            epochs, episodes, steps = (self.locate(everything) if everything.size
                                        else (everything,) * 3)
             items, replaced = self._items(dataset, everything, epochs, episodes, steps)
             first = 0
@@ -232,7 +237,7 @@ class GlobalStream:
                                step, episode, self.files.source.describe(episode), error)
             replaced += 1
             position += self.num_steps
-            epochs, episodes, steps = self.order.locate(np.asarray([position]))
+            epochs, episodes, steps = self.locate(np.asarray([position]))
             epoch, episode, step = int(epochs[0]), int(episodes[0]), int(steps[0])
 
     def sampler(self, dataset: Any, episode: int, first: int,

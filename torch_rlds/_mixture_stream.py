@@ -174,7 +174,7 @@ class MixtureStream:
             where = np.flatnonzero(drawn == d)
             dataset = self.datasets[d]
             stream = dataset._stream
-            epochs, episodes, steps = stream.order.locate(index[where])
+            epochs, episodes, steps = stream.locate(index[where])
             got, again = stream._items(dataset, index[where], epochs, episodes, steps)
             recipe = self.recipes[d]
             for i, item in zip(where.tolist(), got):

@@ -204,7 +204,7 @@ class _Planner:
         """The rows of ``positions`` (this host's part of ``batch``), numbered from ``row``."""
         if positions.size == 0:
             return []
-        epochs, episodes, steps = self.stream.order.locate(positions)
+        epochs, episodes, steps = self.stream.locate(positions)
         out = []
         for i, (position, epoch, episode, step) in enumerate(zip(
                 positions.tolist(), epochs.tolist(), episodes.tolist(), steps.tolist())):
