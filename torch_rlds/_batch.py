@@ -74,8 +74,9 @@ class BatchBuilder:
         act_offsets = np.arange(h, dtype=np.int64)
         observations, action_shape = layout
         specs = [((size, w, *shape), _torch_dtype(dtype)) for _, shape, dtype, _ in observations]
-        specs += [((size, w), torch.bool), ((size, h, *action_shape), torch.float32),
-                  ((size, h), torch.bool), ((size,), torch.int64), ((size,), torch.int64),
+        rows = (w,) if recipe.window_actions else ()
+        specs += [((size, w), torch.bool), ((size, *rows, h, *action_shape), torch.float32),
+                  ((size, *rows, h), torch.bool), ((size,), torch.int64), ((size,), torch.int64),
                   ((size,), torch.int64)]
         check_batch_bytes(sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs),
                           items[0][0].name)
@@ -87,10 +88,16 @@ class BatchBuilder:
         lengths = np.fromiter((s.num_steps for s, _, _ in items), np.int64, size)
         obs_raw = steps[:, None] + obs_offsets
         obs_idx = np.maximum(obs_raw, 0)  # a window ends at its own step: never past the end
-        act_raw = steps[:, None] + act_offsets
-        act_idx = np.minimum(act_raw, lengths[:, None] - 1)
         np.less(obs_raw, 0, out=obs_pad.numpy())
-        np.greater_equal(act_raw, lengths[:, None], out=act_pad.numpy())
+        if recipe.window_actions:  # every window row's chunk: [size, w, h]
+            act_raw = obs_raw[:, :, None] + act_offsets
+            act_idx = np.clip(act_raw, 0, lengths[:, None, None] - 1)
+            np.logical_or(act_raw >= lengths[:, None, None], obs_raw[:, :, None] < 0,
+                          out=act_pad.numpy())
+        else:
+            act_raw = steps[:, None] + act_offsets
+            act_idx = np.minimum(act_raw, lengths[:, None] - 1)
+            np.greater_equal(act_raw, lengths[:, None], out=act_pad.numpy())
         step.numpy()[:] = steps
         episode.numpy()[:] = [s.episode_index for s, _, _ in items]
         epoch.numpy()[:] = [e for _, _, e in items]
@@ -189,8 +196,8 @@ class _SampleBySample(_Pending):
 
     def __init__(self, builder: BatchBuilder, items: Sequence[Item]) -> None:
         self.recipes = [builder.recipe_of(s) for s, _, _ in items]
-        make = [(s.sample, (t, r.obs_window, r.action_horizon, e), r.fast_jpeg)
-                for (s, t, e), r in zip(items, self.recipes)]
+        make = [(s.sample, (t, r.obs_window, r.action_horizon, e), r.fast_jpeg,
+                 r.window_actions) for (s, t, e), r in zip(items, self.recipes)]
         if builder.pool is None:
             self.jobs = make
         else:
@@ -204,8 +211,9 @@ class _SampleBySample(_Pending):
         return collate(samples)
 
 
-def _make(fn: Callable[..., dict[str, Any]], args: tuple, fast_jpeg: bool) -> dict[str, Any]:
-    return fn(*args, fast_jpeg=fast_jpeg)
+def _make(fn: Callable[..., dict[str, Any]], args: tuple, fast_jpeg: bool,
+          window_actions: bool) -> dict[str, Any]:
+    return fn(*args, fast_jpeg=fast_jpeg, window_actions=window_actions)
 
 
 def _decode_frames(frames: list, fast_jpeg: bool) -> None:

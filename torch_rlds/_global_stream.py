@@ -20,6 +20,7 @@ import numpy as np
 
 from torch_rlds._corrupt import CORRUPT_ERRORS
 from torch_rlds._global_order import GlobalOrder, host_samples, worker_batches
+from torch_rlds._plan import KeptSteps
 from torch_rlds._state import (
     GlobalCursor,
     data_fingerprint,
@@ -50,13 +51,17 @@ class GlobalStream:
       files: the source's step files.
       lengths: steps of every episode of the source.
       seed, shuffle: the order's.
+      kept: with trajectory transforms or filters, the steps each episode may be sampled at
+        (:class:`~torch_rlds._plan.KeptSteps`): the order covers those, in trajectory steps.
     """
 
     def __init__(self, files: StepFiles, lengths: np.ndarray, *, seed: int,
-                 shuffle: bool) -> None:
+                 shuffle: bool, kept: KeptSteps | None = None) -> None:
         self.files = files
-        self.order = GlobalOrder(lengths, seed=seed, shuffle=shuffle)
-        self.reader = StepReader(files, self.order.lengths)
+        self.kept = kept
+        self.order = GlobalOrder(lengths if kept is None else kept.counts, seed=seed,
+                                 shuffle=shuffle)
+        self.reader = StepReader(files, np.asarray(lengths, dtype=np.int64))
 
     kind = "global"
 
@@ -68,7 +73,10 @@ class GlobalStream:
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch, episode and step of the samples at stream ``positions``: the sample of
         step ``step`` (of the episode as the dataset samples it)."""
-        return self.order.locate(positions)
+        epochs, episodes, steps = self.order.locate(positions)
+        if self.kept is not None and steps.size:
+            steps = self.kept.step_of(episodes, steps)
+        return epochs, episodes, steps
 
     def epoch_end(self, position: int) -> int:
         """The stream position where the epoch holding ``position`` ends."""
@@ -198,18 +206,22 @@ class GlobalStream:
         lie close together sharing one sampler; and how many corrupt samples each replaced."""
         items: list[Any] = [None] * len(positions)
         replaced = np.zeros(len(positions), dtype=np.int64)
-        order = np.lexsort((steps, episodes))
+        # A plan's trajectory may differ by epoch (random choices): one sampler per epoch.
+        same_epoch = dataset._plan is not None
+        order = np.lexsort((steps, episodes, epochs if same_epoch else np.zeros_like(epochs)))
         start = 0
         while start < len(order):
             stop = start + 1
             while (stop < len(order) and episodes[order[stop]] == episodes[order[start]]
-                   and steps[order[stop]] - steps[order[stop - 1]] <= _NEAR_STEPS):
+                   and steps[order[stop]] - steps[order[stop - 1]] <= _NEAR_STEPS
+                   and not (same_epoch and epochs[order[stop]] != epochs[order[start]])):
                 stop += 1
             members = order[start:stop].tolist()
             episode = int(episodes[order[start]])
             first, last = int(steps[order[start]]), int(steps[order[stop - 1]])
             try:
-                sampler = self.sampler(dataset, episode, first, last)
+                sampler = self.sampler(dataset, episode, first, last,
+                                       epoch=int(epochs[order[start]]))
                 for i in members:
                     items[i] = (sampler, int(steps[i]), int(epochs[i]))
             except CORRUPT_ERRORS:
@@ -228,7 +240,8 @@ class GlobalStream:
         replaced = 0
         while True:
             try:
-                return (self.sampler(dataset, episode, step), step, epoch), replaced
+                return (self.sampler(dataset, episode, step, epoch=epoch), step,
+                        epoch), replaced
             except CORRUPT_ERRORS as error:
                 if dataset.on_corrupt == "raise" or replaced == _REPLACEMENTS:
                     raise
@@ -240,11 +253,13 @@ class GlobalStream:
             epochs, episodes, steps = self.locate(np.asarray([position]))
             epoch, episode, step = int(epochs[0]), int(episodes[0]), int(steps[0])
 
-    def sampler(self, dataset: Any, episode: int, first: int,
-                last: int | None = None) -> EpisodeSampler:
-        """The sampler of steps ``first..last`` (or ``first`` alone) of ``episode``: the steps
-        their samples need, read."""
+    def sampler(self, dataset: Any, episode: int, first: int, last: int | None = None, *,
+                epoch: int = 0) -> EpisodeSampler:
+        """The sampler of steps ``first..last`` (or ``first`` alone) of ``episode`` at
+        ``epoch``: the steps their samples need, read."""
         last = first if last is None else last
+        if dataset._plan is not None:
+            return self._planned_sampler(dataset, episode, first, last, epoch)
         window = (first - dataset.obs_window + 1, last)
         chunk = (first, last + dataset.action_horizon - 1)
         wants = {name: window for name in dataset._global_observations}
@@ -259,6 +274,38 @@ class GlobalStream:
                               dataset.language_key, episode, name,
                               check_images=dataset.on_corrupt == "skip",
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+
+
+    def _planned_sampler(self, dataset: Any, episode: int, first: int, last: int,
+                         epoch: int) -> EpisodeSampler:
+        """A sampler of trajectory steps ``first..last`` of ``episode`` under the dataset's
+        plan: the numbers of the whole episode read and transformed, then the frames of the
+        rows the samples' observation windows need."""
+        plan = dataset._plan
+        steps = int(self.reader.lengths[episode])
+        name = self.files.source.describe(episode)
+        tree = self.reader.read(episode, {k: (0, steps - 1) for k in plan.number_features()})
+        traj = plan.trajectory(tree, episode, epoch, name)
+        rows = np.arange(max(0, first - dataset.obs_window + 1), last + 1)
+        frame_steps = traj.frame_steps[rows]
+        cameras = sorted({f"steps/{traj.cameras[role]}" for role in plan.key_map.cameras()})
+        span = (int(frame_steps.min()), int(frame_steps.max()))
+        frames = _leaves_at(self.reader.read(episode, {k: span for k in cameras}), cameras)
+        return EpisodeSampler(plan.standard_episode(traj, frames, rows),
+                              dataset.observation_keys, dataset.action_key,
+                              dataset.language_key, episode, name,
+                              keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+
+
+def _leaves_at(tree: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The values at ``names`` (``steps/observation/image``) of a read episode tree."""
+    out = {}
+    for name in names:
+        node: Any = tree
+        for part in name.split("/"):
+            node = node[part]
+        out[name] = node
+    return out
 
 
 def global_batch_size(dataset: Any) -> int:

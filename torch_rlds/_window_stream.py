@@ -78,8 +78,8 @@ class WindowStream:
             episodes = _order.window_episodes(
                 self._episodes(dataset, cursor.epoch, reader, num_readers), cursor.window,
                 dataset.shuffle_window)
-            window = self.read_window(dataset, episodes)
-            steps = sum(s.num_steps for s in window[0])
+            window = self.read_window(dataset, episodes, cursor.epoch)
+            steps = sum(len(s.sample_steps) for s in window[0])
             if cursor.position > steps:
                 raise ValueError(f"state field 'position': {cursor.position} is past the end "
                                  f"of window {cursor.window} of epoch {cursor.epoch} ({steps} "
@@ -109,7 +109,7 @@ class WindowStream:
 
     def reads(self, dataset: Any) -> WindowReads:
         """The read-ahead of a pass: the next window, in a background thread."""
-        return WindowReads(lambda episodes: self.read_window(dataset, episodes))
+        return WindowReads(lambda key, episodes: self.read_window(dataset, episodes, key[0]))
 
     def plan(self, dataset: Any, cursor: Cursor, num_workers: int, worker: int,
              reads: WindowReads) -> Iterator[Plan]:
@@ -146,7 +146,7 @@ class WindowStream:
                 if start == 0:
                     skipped += corrupt
                 which, steps = _order.window_steps(
-                    [s.num_steps for s in samplers], seed=dataset.seed, epoch=epoch,
+                    [len(s.sample_steps) for s in samplers], seed=dataset.seed, epoch=epoch,
                     shuffle=dataset.shuffle, reader=reader, window=window)
                 if start > len(which):
                     raise ValueError(f"state field 'position': {start} is past the end of "
@@ -163,7 +163,7 @@ class WindowStream:
                                                       steps[start:].tolist()), start):
                     if position == halfway and following is not None:
                         reads.prefetch(*following)
-                    yield (samplers[k], t, epoch,
+                    yield (samplers[k], int(samplers[k].sample_steps[t]), epoch,
                            Cursor(epoch, window, position + 1, skipped=skipped)
                            if position < last else after)
                 emitted += len(which) - start
@@ -195,9 +195,9 @@ class WindowStream:
         return (Cursor(epoch + 1, skipped=skipped) if dataset.repeat
                 else Cursor(epoch, windows, skipped=skipped))
 
-    def read_window(self, dataset: Any, episodes: np.ndarray
+    def read_window(self, dataset: Any, episodes: np.ndarray, epoch: int = 0
                     ) -> tuple[list[EpisodeSampler], int]:
-        """The samplers of ``episodes`` and how many were skipped as corrupt."""
+        """The samplers of ``episodes`` (at ``epoch``) and how many were skipped as corrupt."""
         indices = episodes.tolist()
         try:
             # One round trip for the window on an object store (one read after another
@@ -208,7 +208,7 @@ class WindowStream:
         samplers = []
         for e, payload in zip(indices, payloads):
             try:
-                samplers.append(self._sampler(dataset, e, payload))
+                samplers.append(self._sampler(dataset, e, payload, epoch))
             except CORRUPT_ERRORS as error:
                 if dataset.on_corrupt == "raise":
                     raise
@@ -216,16 +216,34 @@ class WindowStream:
                                dataset.source.info.name, dataset.source.describe(e), error)
         return samplers, len(episodes) - len(samplers)
 
-    def _sampler(self, dataset: Any, episode_index: int, payload: Any = None) -> EpisodeSampler:
+    def _sampler(self, dataset: Any, episode_index: int, payload: Any = None,
+                 epoch: int = 0) -> EpisodeSampler:
         name = dataset.source.describe(episode_index)
         episode = (dataset.source.episode(episode_index) if payload is None
                    else dataset.source.decoder.decode(payload, name=name))
+        if dataset._plan is not None:
+            traj, kept = dataset._plan.sampled(episode, episode_index, epoch, name)
+            frames = {k: _leaf(episode, k) for k in dataset._plan.camera_features()}
+            sampler = EpisodeSampler(dataset._plan.standard_episode(traj, frames),
+                                     dataset.observation_keys, dataset.action_key,
+                                     dataset.language_key, episode_index, name,
+                                     check_images=dataset.on_corrupt == "skip",
+                                     keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+            sampler.sample_steps = kept
+            return sampler
         if dataset.key_map is not None:
             episode = dataset.key_map.apply(episode, name=name)
         return EpisodeSampler(episode, dataset.observation_keys, dataset.action_key,
                               dataset.language_key, episode_index, name,
                               check_images=dataset.on_corrupt == "skip",
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+
+
+def _leaf(episode: dict[str, Any], name: str) -> Any:
+    node: Any = episode
+    for part in name.split("/"):
+        node = node[part]
+    return node
 
 
 class WindowReads:
@@ -237,7 +255,7 @@ class WindowReads:
     is raised by ``get``.
     """
 
-    def __init__(self, read: Callable[[np.ndarray], Any]) -> None:
+    def __init__(self, read: Callable[[Any, np.ndarray], Any]) -> None:
         self._read = read
         self._stop = shutdown
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -253,7 +271,7 @@ class WindowReads:
             return pending[1].result()
         if pending is not None:
             pending[1].cancel()
-        return self._read(episodes)
+        return self._read(key, episodes)
 
     def prefetch(self, key: Any, episodes: np.ndarray) -> None:
         """Name the window to read ahead once :meth:`start` is called."""
@@ -268,7 +286,7 @@ class WindowReads:
                 1, thread_name_prefix="torch_rlds-read")
         key, episodes = self._next
         self._next = None
-        self._pending = (key, self._executor.submit(self._read, episodes))
+        self._pending = (key, self._executor.submit(self._read, key, episodes))
 
     def close(self) -> None:
         """Drop what is read ahead and stop the thread."""

@@ -32,10 +32,24 @@ def action_indices(t: int, num_steps: int, action_horizon: int) -> tuple[np.ndar
     return np.clip(raw, 0, num_steps - 1), raw >= num_steps
 
 
+def window_action_indices(t: int, num_steps: int, obs_window: int,
+                          action_horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step indices ``[obs_window, action_horizon]`` of the action chunk of every row of the
+    observation window ending at ``t`` (row ``i`` is step ``t - obs_window + 1 + i``), and the
+    pad mask: ``True`` past the episode's end and on every row whose observation is padded."""
+    rows = np.arange(t - obs_window + 1, t + 1)[:, None]
+    raw = rows + np.arange(action_horizon)[None, :]
+    return np.clip(raw, 0, num_steps - 1), (raw >= num_steps) | (rows < 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How a dataset makes its samples from its samplers: the windows, the JPEG mode, the
     sample transform, and, in a mixture, the dataset's index (``meta["dataset_index"]``).
+
+    ``window_actions``: an action chunk for every row of the observation window
+    (``[obs_window, action_horizon, A]``, see :func:`window_action_indices`) instead of the
+    current step's only (``[action_horizon, A]``).
 
     Immutable; one is shared by every sampler of a dataset."""
 
@@ -44,6 +58,7 @@ class Recipe:
     fast_jpeg: bool
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None
     dataset_index: int | None
+    window_actions: bool = False
 
     def finish(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` (as :meth:`EpisodeSampler.sample` makes it) transformed, and marked with
@@ -58,8 +73,9 @@ class Recipe:
     def same_sampling(self, other: Recipe) -> bool:
         """Whether samples of both are made alike but for the dataset index (no transform)."""
         return (self.transform is None and other.transform is None
-                and (self.obs_window, self.action_horizon, self.fast_jpeg)
-                == (other.obs_window, other.action_horizon, other.fast_jpeg))
+                and (self.obs_window, self.action_horizon, self.fast_jpeg, self.window_actions)
+                == (other.obs_window, other.action_horizon, other.fast_jpeg,
+                    other.window_actions))
 
 
 class EpisodeSampler:
@@ -109,6 +125,8 @@ class EpisodeSampler:
             )
         self.action = np.asarray(action, dtype=np.float32)
         self.num_steps = len(self.action)
+        # The steps that may be sampled (all but where a dataset's filters say otherwise).
+        self.sample_steps = np.arange(self.num_steps, dtype=np.int64)
         self.language = None if language_key is None else _lookup(steps, language_key)
         self.episode_index = episode_index
         self.keep_recent = keep_recent
@@ -143,10 +161,15 @@ class EpisodeSampler:
         return "" if self.language is None else _text(self.language[t])
 
     def sample(self, t: int, obs_window: int, action_horizon: int, epoch: int, *,
-               fast_jpeg: bool = False) -> dict[str, Any]:
-        """The sample of step ``t``; images of the window are decoded here."""
+               fast_jpeg: bool = False, window_actions: bool = False) -> dict[str, Any]:
+        """The sample of step ``t``; images of the window are decoded here. With
+        ``window_actions`` the action chunk of every window row (see :class:`Recipe`)."""
         obs_idx, obs_pad = observation_indices(t, self.num_steps, obs_window)
-        act_idx, act_pad = action_indices(t, self.num_steps, action_horizon)
+        if window_actions:
+            act_idx, act_pad = window_action_indices(t, self.num_steps, obs_window,
+                                                     action_horizon)
+        else:
+            act_idx, act_pad = action_indices(t, self.num_steps, action_horizon)
         observation = {}
         for key, value in self.observation.items():
             if isinstance(value, EncodedImages):

@@ -24,6 +24,19 @@ def _inspect(args: argparse.Namespace) -> int:
     from torch_rlds._features import iter_leaves
     from torch_rlds.source import RLDSSource
 
+    plan = None
+    if args.config_name is not None:
+        from torch_rlds.config import load_config
+
+        config = load_config(args.config_name, ([args.path] if args.path else [])
+                             + args.overrides)
+        args.path, args.data_dir = config.dataset_path(), config.data.data_dir
+        args.split = args.split or config.data.split
+        plan = config.plan()
+    elif args.path is None:
+        raise ValueError("inspect: give a dataset path, or --config-name NAME")
+    elif args.overrides:
+        raise ValueError(f"inspect: overrides {args.overrides} need --config-name")
     source = RLDSSource(args.path, args.split or "+".join(_splits(args)),
                         data_dir=args.data_dir)
     info = source.info
@@ -64,6 +77,10 @@ def _inspect(args: argparse.Namespace) -> int:
         time = "[T] + " if leaf.per_step else ""
         dtype = "str" if leaf.kind == "text" else str(leaf.dtype)
         print(f"  {leaf.name}: {leaf.kind} {time}{shape} {dtype} encoding={leaf.encoding}")
+    if plan is not None:
+        from torch_rlds._plan import count_kept, describe_kept
+
+        print("\n".join(describe_kept(count_kept(source, plan))))
     return 0
 
 
@@ -121,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"on an error, print the whole trace (or set {TRACEBACK_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="splits, shards and features of a dataset")
-    inspect.add_argument("path", help="dataset version directory, or a name with --data-dir")
+    inspect.add_argument("path", nargs="?", default=None,
+                         help="dataset version directory, or a name with --data-dir")
+    inspect.add_argument("--config-name", default=None,
+                         help="the dataset of this config, and what its filters keep")
+    inspect.add_argument("overrides", nargs="*", help="with --config-name: key=value overrides")
     inspect.add_argument("--split", default=None,
                          help="only this split expression (train, train[:10%%], train+val); "
                               "default: every split")

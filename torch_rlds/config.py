@@ -69,6 +69,8 @@ class DataConfig:
     action_horizon: int = field(16, int_rule(1), "actions per sample")
     observation_keys: tuple[str, ...] | None = field(
         None, nullable(STRINGS), "keys under steps/observation (null: all but text)")
+    window_actions: bool = field(False, BOOL, "an action chunk for every observation-window "
+                                              "row ([obs_window, action_horizon, A])")
     action_key: str = field("action", TEXT, "the action tensor under steps")
     language_key: str | None = field("language_instruction", nullable(TEXT),
                                      "the instruction under steps")
@@ -263,6 +265,18 @@ class Config:
                               "give data.path as a directory")
         return d.path
 
+    def plan(self):
+        """The :class:`torch_rlds._plan.EpisodePlan` of ``data.trajectory`` and
+        ``data.filters`` (``None`` without either)."""
+        d = self.data
+        if d.trajectory is None and d.filters is None:
+            return None
+        from torch_rlds._plan import EpisodePlan
+        from torch_rlds.keymap import key_map_from_config
+
+        return EpisodePlan(key_map_from_config(d), d.trajectory, d.filters, seed=d.seed,
+                           action_horizon=d.action_horizon)
+
     def make_dataset(self, process_index: int | None = None, process_count: int | None = None):
         """The :class:`torch_rlds.RLDSDataset` this config describes, for this process (a
         :class:`torch_rlds.MixtureDataset` when the config has a ``mixture``)."""
@@ -283,14 +297,16 @@ class Config:
         source = RLDSSource(self.dataset_path(), d.split, data_dir=d.data_dir)
         transform = None
         if d.transform is not None:
-            transform = d.transform.build(seed=d.seed, source=source, key_map=d.key_map)
+            transform = d.transform.build(seed=d.seed, source=source, key_map=d.key_map,
+                                          plan=self.plan())
         return RLDSDataset(
             source, obs_window=d.obs_window, action_horizon=d.action_horizon,
             observation_keys=d.observation_keys, action_key=d.action_key,
             language_key=d.language_key, shuffle=d.shuffle, seed=d.seed,
             shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
             process_count=count, fast_jpeg=d.fast_jpeg, key_map=d.key_map,
-            sample_transform=transform, order=d.order,
+            sample_transform=transform, order=d.order, trajectory=d.trajectory,
+            filters=d.filters, window_actions=d.window_actions,
         )
 
     def make_loader(self, process_index: int | None = None, process_count: int | None = None,

@@ -11,9 +11,10 @@ import numpy as np
 
 from torch_rlds._global_stream import GlobalStream
 from torch_rlds._info import DatasetFormatError
+from torch_rlds._plan import EpisodePlan
 from torch_rlds._state import MAX_INT
 from torch_rlds._step_index import NotStepAddressable
-from torch_rlds._step_reader import IndexBuilder, StepFiles
+from torch_rlds._step_reader import IndexBuilder, StepFiles, StepReader
 from torch_rlds._streamed import Progress, StreamedDataset, check_positive
 from torch_rlds._window_stream import WindowStream
 from torch_rlds.source import RLDSSource
@@ -158,6 +159,16 @@ class RLDSDataset(StreamedDataset):
       on_corrupt: ``"raise"`` or ``"skip"`` (see "Corrupt episodes").
       order: ``"global"``, ``"window"`` or ``"auto"`` (see "Order"). ``shuffle_window`` applies
         to the window order only.
+      trajectory: trajectory transforms applied to every episode before sampling (a
+        :class:`torch_rlds.trajectory.TrajectoryConfig` or its YAML list; needs ``key_map``).
+        Samples are then made from the transformed episode: ``meta["step_index"]`` is the
+        step of the trajectory (``frame_steps`` maps it to the dataset's step for images).
+      window_actions: an action chunk for every observation-window row: ``action`` is
+        ``[obs_window, action_horizon, A]`` and ``action_is_pad`` ``[obs_window,
+        action_horizon]``, ``True`` past the episode's end and on padded rows (Octo's layout).
+      filters: episode and sample filters (a :class:`torch_rlds.trajectory.FilterConfig` or
+        its YAML mapping; needs ``key_map``): either order covers exactly the kept steps. The
+        global order counts them once per dataset (numbers only, cached per shard).
     """
 
     def __init__(self, source: RLDSSource | str | os.PathLike, split: str = "train", *,
@@ -170,7 +181,8 @@ class RLDSDataset(StreamedDataset):
                  sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  batch_size: int | None = None, drop_last: bool = False,
                  decode_threads: int | None = None, on_corrupt: str = "raise",
-                 order: str = "auto") -> None:
+                 order: str = "auto", trajectory: Any = None, filters: Any = None,
+                 window_actions: bool = False) -> None:
         super().__init__()
         check_positive("obs_window", obs_window)
         if batch_size is not None:
@@ -201,6 +213,7 @@ class RLDSDataset(StreamedDataset):
         self.process_index = process_index
         self.process_count = process_count
         self.fast_jpeg = bool(fast_jpeg)
+        self.window_actions = bool(window_actions)
         self.key_map = key_map
         self.sample_transform = sample_transform
         self.batch_size = batch_size
@@ -221,9 +234,15 @@ class RLDSDataset(StreamedDataset):
             self._check_keys(language_explicit=language_key != "language_instruction")
         # Samples per host batch when this dataset emits samples (see sampling_view).
         self._host_batch = 1
-        # What the configuration adds to the data in deciding the samples (a key map, for now):
-        # part of the global order's fingerprint.
-        self._recipe = key_map.digest() if key_map is not None else ""
+        self._plan: EpisodePlan | None = None
+        if trajectory is not None or filters is not None:
+            self._plan = EpisodePlan(key_map, trajectory, filters, seed=seed,
+                                     action_horizon=action_horizon)
+            self._plan.validate(source)
+        # What the configuration adds to the data in deciding the samples (the key map, the
+        # trajectory transforms and filters): part of the global order's fingerprint.
+        self._recipe = (self._plan.digest if self._plan is not None
+                        else key_map.digest() if key_map is not None else "")
         self._stream = self._make_stream(order)
         # Where the next pass starts; a batching view shares it (see batching_view).
         self._progress = Progress(self._stream.initial(self))
@@ -258,7 +277,11 @@ class RLDSDataset(StreamedDataset):
             logger.warning("torch_rlds: leaving out %d episodes whose steps cannot be counted: "
                            "%s", unreadable.size, where)
             lengths = np.maximum(lengths, 0)
-        stream = GlobalStream(files, lengths, seed=self.seed, shuffle=self.shuffle)
+        kept = None
+        if self._plan is not None:
+            kept = self._plan.kept(files, lengths, StepReader(files, lengths),
+                                   on_corrupt=self.on_corrupt)
+        stream = GlobalStream(files, lengths, seed=self.seed, shuffle=self.shuffle, kept=kept)
         _start_index_build(files)
         # The feature keys a sample reads, by the part of the sample they feed.
         if self.key_map is not None:

@@ -208,10 +208,14 @@ class RunningStats:
 
 
 def compute_stats(source: Any, key_map: KeyMap, *, progress: bool = True,
-                  num_bins: int = NUM_BINS) -> dict[str, Stats]:
+                  num_bins: int = NUM_BINS, plan: Any = None) -> dict[str, Stats]:
     """``{"state": Stats, "actions": Stats}`` of every step of ``source`` (an
     :class:`~torch_rlds.RLDSSource`) under ``key_map`` (``state`` only when it has state
-    keys). Validates the key map first; shows a tqdm bar over episodes when ``progress``."""
+    keys). Validates the key map first; shows a tqdm bar over episodes when ``progress``.
+
+    With a ``plan`` (a dataset's trajectory transforms and filters,
+    :class:`torch_rlds._plan.EpisodePlan`) the statistics are those of the steps the dataset
+    samples: of the transformed trajectories (as epoch 0 makes them), kept steps only."""
     from tqdm import tqdm
 
     key_map.validate(source)
@@ -231,8 +235,15 @@ def compute_stats(source: Any, key_map: KeyMap, *, progress: bool = True,
                disable=not progress)
     for i in bar:
         where = source.describe(i)
-        episode = key_map.apply(source.episode(i), name=where)
-        steps = episode["steps"]
+        if plan is not None:
+            traj = plan.trajectory(source.episode(i), i, 0, where)
+            kept = plan.judge(traj)[1]
+            steps = {"observation": {STATE: traj.numeric.get(STATE)},
+                     ACTION: traj.numeric[ACTION][kept]}
+            if steps["observation"][STATE] is not None:
+                steps["observation"][STATE] = traj.numeric[STATE][kept]
+        else:
+            steps = key_map.apply(source.episode(i), name=where)["steps"]
         for name, key in parts.items():
             value = steps["observation"][STATE] if key == STATE else steps[ACTION]
             if not np.isfinite(value).all():
@@ -252,8 +263,8 @@ def compute_stats(source: Any, key_map: KeyMap, *, progress: bool = True,
 
 
 # -- cache and files -----------------------------------------------------------------------------
-def cache_key(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> str:
-    """The hash the statistics of ``source`` under ``key_map`` are cached by."""
+def cache_key(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS, plan: Any = None) -> str:
+    """The hash the statistics of ``source`` under ``key_map`` (and ``plan``) are cached by."""
     info = source.info
     identity = {
         "format": STATS_VERSION,
@@ -266,13 +277,15 @@ def cache_key(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> str:
         "action_keys": list(key_map.action_keys),
         "num_bins": num_bins,
     }
+    if plan is not None:
+        identity["plan"] = plan.digest
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def cache_dir(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS) -> Path:
-    """The cache folder of the statistics of ``source`` under ``key_map``."""
+def cache_dir(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS, plan: Any = None) -> Path:
+    """The cache folder of the statistics of ``source`` under ``key_map`` (and ``plan``)."""
     info = source.info
-    key = cache_key(source, key_map, num_bins)[:20]
+    key = cache_key(source, key_map, num_bins, plan)[:20]
     return cache_root(create=False) / "stats" / f"{info.name}-{info.version}-{key}"
 
 
@@ -305,17 +318,18 @@ def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
 
 
 def load_or_compute_stats(source: Any, key_map: KeyMap, *, recompute: bool = False,
-                          progress: bool = True, num_bins: int = NUM_BINS
+                          progress: bool = True, num_bins: int = NUM_BINS, plan: Any = None
                           ) -> tuple[dict[str, Stats], Path | None]:
     """The statistics of ``source`` under ``key_map`` and their cache folder: read from the
     cache, or computed (one pass over the dataset) and cached as ``stats.json`` (everything)
     and ``norm_stats.json`` (openpi's layout). Where the cache cannot be written the
-    statistics are still returned, with a warning, and the folder is ``None``."""
-    folder = cache_dir(source, key_map, num_bins)
+    statistics are still returned, with a warning, and the folder is ``None``. ``plan``: see
+    :func:`compute_stats`."""
+    folder = cache_dir(source, key_map, num_bins, plan)
     full = folder / STATS_FILE
     if full.exists() and not recompute:
         return read_norm_stats(full), folder
-    stats = compute_stats(source, key_map, progress=progress, num_bins=num_bins)
+    stats = compute_stats(source, key_map, progress=progress, num_bins=num_bins, plan=plan)
     info = source.info
     try:
         write_norm_stats(stats, folder / NORM_STATS_FILE)
@@ -428,10 +442,13 @@ def _report(config: Any, args: argparse.Namespace, output: Any) -> None:
 
     key_map = key_map_from_config(config.data)
     source = RLDSSource(config.dataset_path(), config.data.split, data_dir=config.data.data_dir)
+    plan = config.plan()
     stats, folder = load_or_compute_stats(source, key_map, recompute=args.recompute,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, plan=plan)
     print(f"{source.info.name} {source.info.version} split {source.split!r}: "
-          f"{stats['actions'].count or '?'} steps")
+          f"{stats['actions'].count or '?'} steps"
+          + (" (the steps kept by the config's trajectory transforms and filters)"
+             if plan is not None else ""))
     labels = dimension_labels(source, key_map)
     for name in ("state", "actions"):
         if name in stats:

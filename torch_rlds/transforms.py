@@ -780,7 +780,7 @@ class TransformConfig:
             raise ValueError(str(e).replace("data.transform", where, 1)) from None
 
     def build(self, *, seed: int = 0, norm_stats: Mapping[str, Any] | None = None,
-              source: Any = None, key_map: Any = None) -> Compose:
+              source: Any = None, key_map: Any = None, plan: Any = None) -> Compose:
         """The transform chain. With ``normalize`` set, the statistics are ``norm_stats`` if
         given, else read from ``self.norm_stats``, else the cached statistics of ``source``
         under ``key_map`` (computed, streaming the dataset once, when not cached)."""
@@ -808,7 +808,7 @@ class TransformConfig:
                 if self.norm_stats is not None:
                     norm_stats = _stats.read_norm_stats(self.norm_stats)
                 elif source is not None and key_map is not None:
-                    norm_stats, _ = _stats.load_or_compute_stats(source, key_map)
+                    norm_stats, _ = _stats.load_or_compute_stats(source, key_map, plan=plan)
                 else:
                     raise ValueError("data.transform.normalize needs statistics: set "
                                      "data.transform.norm_stats, or pass source and key_map")

@@ -1,0 +1,242 @@
+"""Trajectory transforms and filters in the sample path: the orders cover exactly the kept steps,
+samples come from the transformed episodes, resume stays exact, counts are cached and reported."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+import torch_rlds
+from torch_rlds import _published, cli
+from torch_rlds._step_reader import StepReader
+from torch_rlds.config import load_config
+from torch_rlds.stats import compute_stats
+from torch_rlds.testing import assert_resumes_exactly
+
+# DROID stand-in: six episodes, four of them successes; joint 0 jumps at the MOVES steps, so the
+# idle-chunk rule (a chunk of 16 whose first 8 actions move by more than 1e-3) keeps the 7
+# steps before each jump.
+LENGTHS = (20, 18, 25, 9, 30, 12)
+SUCCESS = (0, 2, 3, 5)
+MOVES = {0: [10], 1: [3], 2: [], 3: [0, 4], 4: [15], 5: [11]}
+INSTRUCTIONS = ("first", "second", "third")
+
+
+def _joint_position(e: int, t: int) -> np.ndarray:
+    position = np.zeros(7)
+    position[0] = 0.01 * sum(t >= m for m in MOVES[e])
+    return position
+
+
+def _kept(e: int) -> list[int]:
+    return sorted({t for m in MOVES[e] for t in range(m - 7, m) if 0 <= t < LENGTHS[e]})
+
+
+KEPT = {(e, t) for e in SUCCESS for t in _kept(e)}
+
+
+@pytest.fixture(scope="module")
+def droid_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("droid")
+    _published.write_published(root, "droid", num_episodes=len(LENGTHS), episode_lengths=LENGTHS,
+                               values={
+        "episode_metadata/file_path": lambda e, t: (
+            f"/r/{'success' if e in SUCCESS else 'failure'}/{e}/trajectory.h5"),
+        "steps/action_dict/joint_position": _joint_position,
+        "steps/action_dict/gripper_position": lambda e, t: np.full(1, 0.5),
+        "steps/language_instruction": lambda e, t: f"first {e}",
+        "steps/language_instruction_2": lambda e, t: f"second {e}",
+        "steps/language_instruction_3": lambda e, t: f"third {e}",
+    })
+    return root
+
+
+def droid_config(droid_dir, *overrides: str):
+    return load_config("droid_openpi", [f"data.data_dir={droid_dir}", "data.transform=null",
+                                        *overrides])
+
+
+def ids(samples) -> list[tuple[int, int]]:
+    return [(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])) for s in samples]
+
+
+@pytest.mark.parametrize("order", ["global", "window"])
+def test_the_droid_recipe_samples_exactly_the_steps_its_rules_keep(droid_dir, order):
+    dataset = droid_config(droid_dir, "data.repeat=false", f"data.order={order}").make_dataset()
+    samples = list(dataset)
+    got = ids(samples)
+    assert len(got) == len(KEPT) == 18 and set(got) == KEPT
+    for sample, (e, _) in zip(samples, got):
+        assert sample["observation"]["state"].shape == (1, 8)
+        assert sample["action"].shape == (16, 8)
+        assert sample["language_instruction"] in {f"{w} {e}" for w in INSTRUCTIONS}
+        assert (sample["action"][:, 7] == 0.5).all()
+    # A second pass is the next epoch, over the same steps.
+    assert set(ids(dataset)) == KEPT
+
+
+def test_the_global_order_counts_only_the_kept_steps(droid_dir):
+    dataset = droid_config(droid_dir, "data.order=global").make_dataset()
+    assert dataset.num_steps == len(KEPT)
+
+
+def test_chunks_come_from_the_transformed_actions(droid_dir):
+    dataset = droid_config(droid_dir, "data.repeat=false", "data.shuffle=false").make_dataset()
+    for sample in dataset:
+        e, t = int(sample["meta"]["episode_index"]), int(sample["meta"]["step_index"])
+        rows = np.minimum(np.arange(t, t + 16), LENGTHS[e] - 1)
+        want = np.stack([_joint_position(e, r) for r in rows])
+        np.testing.assert_allclose(sample["action"][:, :7], want.astype(np.float32))
+        np.testing.assert_array_equal(sample["action_is_pad"], np.arange(t, t + 16)
+                                      >= LENGTHS[e])
+
+
+def test_choices_are_drawn_per_episode_and_epoch_and_repeat_on_rebuild(droid_dir):
+    def choices(dataset, epochs):
+        out = {}
+        for epoch in range(epochs):
+            for s in dataset:
+                e = int(s["meta"]["episode_index"])
+                out.setdefault((epoch, e), set()).add(s["language_instruction"].split()[0])
+        return out
+
+    first = choices(droid_config(droid_dir, "data.repeat=false").make_dataset(), 4)
+    again = choices(droid_config(droid_dir, "data.repeat=false").make_dataset(), 4)
+    assert first == again
+    assert all(len(v) == 1 for v in first.values())  # one instruction per episode and epoch
+    per_episode = {e: {first[epoch, e].pop() for epoch in range(4)} for e in (0, 3, 5)}
+    assert any(len(v) > 1 for v in per_episode.values())  # epochs draw anew
+
+
+@pytest.mark.parametrize("order, workers, restored", [("global", 2, 1), ("window", 2, 2)])
+def test_resume_is_exact_with_filters_and_random_choices(droid_dir, order, workers, restored):
+    def loader(num_workers):
+        dataset = droid_config(droid_dir, f"data.order={order}").make_dataset()
+        return lambda: torch_rlds.DataLoader(dataset, batch_size=4, num_workers=num_workers)
+
+    batches = assert_resumes_exactly(loader(workers), 10, restore_points=[0, 3, 7],
+                                     make_restored=loader(restored))
+    seen = [(int(e), int(t)) for b in batches[:5] for e, t in zip(b["meta"]["episode_index"],
+                                                                  b["meta"]["step_index"])]
+    assert set(seen) <= KEPT
+    if order == "global":  # the first epoch: every kept step once
+        assert sorted(seen[:18]) == sorted(KEPT)
+
+
+def test_kept_steps_are_cached_per_shard_and_counted_again_when_the_filters_change(
+        droid_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_RLDS_CACHE", os.fspath(tmp_path))
+    reads = []
+    original = StepReader.read
+    monkeypatch.setattr(StepReader, "read", lambda self, e, wants: reads.append(e)
+                        or original(self, e, wants))
+    droid_config(droid_dir, "data.order=global").make_dataset()
+    assert sorted(reads) == list(range(len(LENGTHS)))  # counted: every episode read once
+    kept_files = list((tmp_path / "steps").glob("*.kept"))
+    assert len(kept_files) == 1
+    reads.clear()
+    dataset = droid_config(droid_dir, "data.order=global").make_dataset()
+    assert reads == [] and dataset.num_steps == 18  # from the cache
+    kept_files[0].write_bytes(b"\x00" * 40)  # a damaged cache file is counted again
+    assert droid_config(droid_dir, "data.order=global").make_dataset().num_steps == 18
+    assert len(reads) == len(LENGTHS)
+    reads.clear()
+    looser = droid_config(droid_dir, "data.order=global",
+                          "data.filters.episode=[]").make_dataset()
+    assert len(reads) == len(LENGTHS)
+    # Every episode now, the idle rule still on: the failures' steps before their jumps too.
+    assert looser.num_steps == sum(len(_kept(e)) for e in range(len(LENGTHS)))
+
+
+def test_statistics_are_those_of_the_kept_steps(droid_dir):
+    config = droid_config(droid_dir)
+    source = config.make_dataset().source
+    stats = compute_stats(source, torch_rlds.KeyMap.from_dict(config.data.key_map),
+                          progress=False, plan=config.plan())
+    assert stats["actions"].count == len(KEPT)
+    actions = np.stack([_joint_position(e, t) for e, t in sorted(KEPT)])
+    np.testing.assert_allclose(stats["actions"].mean[:7], actions.mean(0), atol=1e-6)
+    everything = compute_stats(source, torch_rlds.KeyMap.from_dict(config.data.key_map),
+                               progress=False)
+    assert everything["actions"].count == sum(LENGTHS)
+
+
+def test_inspect_reports_what_the_filters_keep(droid_dir):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["inspect", "--config-name", "droid_openpi",
+                         f"data.data_dir={droid_dir}"]) == 0
+    text = out.getvalue()
+    assert "filters: 4 of 6 episodes kept, 18 steps to sample" in text
+    assert "rejected by data.filters.episode[0] (metadata_match): 2 episodes" in text
+
+
+def test_trajectory_and_filters_need_a_key_map(droid_dir):
+    source = droid_config(droid_dir).make_dataset().source
+    with pytest.raises(ValueError, match="need a key_map"):
+        torch_rlds.RLDSDataset(source, observation_keys=[],
+                               filters={"episode": [{"op": "min_length", "length": 3}]})
+
+
+def test_a_filter_reading_a_missing_feature_is_named_on_construction(droid_dir):
+    with pytest.raises(ValueError, match=r"episode_metadata/no_such, which droid does not"):
+        droid_config(droid_dir, "data.filters.episode=[{op: metadata_match, key: no_such, "
+                                "pattern: x}]").make_dataset()
+
+
+def test_bridge_octo_drops_the_last_step_and_relabels_from_the_state_reached(tmp_path):
+    lengths = (6, 4, 5)
+
+    def state(e, t):
+        return np.array([e + 0.1 * t, 2.0 * t, -t, 0.5 * t, 0.0, 1.0, 0.25 * t], np.float32)
+
+    _published.write_published(tmp_path, "bridge_dataset", num_episodes=3,
+                               episode_lengths=lengths,
+                               values={"steps/observation/state": state})
+    config = load_config("bridge_octo", [f"data.data_dir={tmp_path}", "data.transform=null",
+                                         "data.repeat=false"])
+    samples = list(config.make_dataset())
+    assert sorted(ids(samples)) == [(e, t) for e, n in enumerate(lengths) for t in range(n - 1)]
+    for s in samples:
+        e, t = int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])
+        np.testing.assert_allclose(s["action"][0, :6], (state(e, t + 1) - state(e, t))[:6],
+                                   atol=1e-6)
+        assert s["observation"]["image_primary"].shape == (2, 256, 256, 3)
+    assert len(list(itertools.islice(config.make_dataset(), 3))) == 3
+
+
+# -- an action chunk for every observation row (Octo's layout) -------------------------------------
+@pytest.mark.parametrize("order", ["global", "window"])
+def test_window_actions_give_every_observation_row_its_chunk(write_dataset, order):
+    from torch_rlds.collate import collate
+    from torch_rlds.testing import assert_batches_equal
+
+    path = write_dataset(num_episodes=3, min_steps=3, max_steps=6)
+    source = torch_rlds.RLDSSource(path)
+    raw = {e: np.asarray(source.episode(e)["steps"]["action"], np.float32)
+           for e in range(len(source))}
+
+    def make(**options):
+        return torch_rlds.RLDSDataset(path, obs_window=3, action_horizon=4, window_actions=True,
+                                      repeat=False, shuffle=False, order=order, **options)
+
+    samples = list(make())
+    assert len(samples) == sum(len(a) for a in raw.values())
+    for s in samples:
+        e, t = int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])
+        n = len(raw[e])
+        assert s["action"].shape == (3, 4, raw[e].shape[1])
+        for i in range(3):
+            for j in range(4):
+                step = t - 2 + i + j
+                np.testing.assert_array_equal(s["action"][i, j], raw[e][min(max(step, 0), n - 1)])
+                assert s["action_is_pad"][i, j] == (step >= n or t - 2 + i < 0)
+    # Built straight into a batch buffer, the same as the samples collated.
+    for k, got in enumerate(make(batch_size=5)):
+        want = samples[5 * k:5 * k + 5]
+        assert_batches_equal(collate(list(want)), got, "window_actions batch")
