@@ -138,6 +138,12 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
         assert f"| torch_rlds num_workers={w} | global |" in table
     assert f"| torch_rlds num_workers={settings.order_workers} | window 16 |" in table
     assert "| decode limit (2 processes) |" in table
+    for decode in ("full", "reduced"):
+        assert f"resized to half after a {decode} decode | global |" in table
+    half = settings.image_size // 2
+    shapes = _assert_child(results["throughput"]["torch_rlds_resize"]["reduced"])["shapes"]
+    assert shapes["observation/image"][-3:] == [half, half, 3]
+    assert _number(results["ratios"][_report.REDUCED_FULL])
     for heading in ("## Shuffle quality", "## Worker memory", "## Step index"):
         assert heading in table
     assert "| torch_rlds global order (any hosts x workers) |" in table
@@ -273,7 +279,8 @@ def test_pipelines_take_turns_in_alternating_order(tmp_path, monkeypatch):
         def run(self, label, task, kwargs, show):
             self.labels.append(label)
             job = f"{task}:{kwargs['workers']}" if "workers" in kwargs else task
-            self.jobs.append(job + (f":{kwargs['order']}" if "order" in kwargs else ""))
+            self.jobs.append(job + (f":{kwargs['order']}" if "order" in kwargs else "")
+                             + (f":{kwargs['resize']}" if "resize" in kwargs else ""))
             return {"ok": True, "result": {"samples_per_s": float(len(self.jobs))}}
 
         def run_all(self, jobs):
@@ -284,15 +291,18 @@ def test_pipelines_take_turns_in_alternating_order(tmp_path, monkeypatch):
     steps = Recording()
     out = {"torch_rlds": {}}
     Bench(steps, settings, "unused", str(tmp_path), [16]).throughput(out, with_tf=True)
-    # fewer workers first, then tf.data, the most workers and the window order next to the
-    # limit; reversed after
+    # fewer workers first, then tf.data, the most workers, the window order and the resized
+    # rows next to the limit; reversed after
     first = ["torch_throughput:0", "torch_throughput:1", "tf_throughput", "torch_throughput:2",
-             "torch_throughput:2:window", "limit"]
+             "torch_throughput:2:window", "torch_throughput:2:full",
+             "torch_throughput:2:reduced", "limit"]
     assert steps.jobs == first + first[::-1]
-    assert all("(round 1 of 2)" in label for label in steps.labels[:6])
-    assert out["torch_rlds"]["2"]["result"]["rounds_samples_per_s"] == [4.0, 9.0]
-    assert out["torch_rlds_window"]["2"]["result"]["rounds_samples_per_s"] == [5.0, 8.0]
-    assert out["limit"]["result"]["rounds_samples_per_s"] == [6.0, 7.0]
+    assert all("(round 1 of 2)" in label for label in steps.labels[:8])
+    assert out["torch_rlds"]["2"]["result"]["rounds_samples_per_s"] == [4.0, 13.0]
+    assert out["torch_rlds_window"]["2"]["result"]["rounds_samples_per_s"] == [5.0, 12.0]
+    assert out["torch_rlds_resize"]["full"]["result"]["rounds_samples_per_s"] == [6.0, 11.0]
+    assert out["torch_rlds_resize"]["reduced"]["result"]["rounds_samples_per_s"] == [7.0, 10.0]
+    assert out["limit"]["result"]["rounds_samples_per_s"] == [8.0, 9.0]
     assert list(out["torch_rlds"]) == ["2", "0", "1"]  # the order the settings give
     with pytest.raises(ValueError, match="workers must be distinct"):
         BenchSettings(workers=(2, 2))

@@ -240,3 +240,92 @@ def test_window_actions_give_every_observation_row_its_chunk(write_dataset, orde
     for k, got in enumerate(make(batch_size=5)):
         want = samples[5 * k:5 * k + 5]
         assert_batches_equal(collate(list(want)), got, "window_actions batch")
+
+
+# -- goal-image relabelling --------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["global", "window"])
+def test_goal_frames_come_from_a_future_step_drawn_per_sample(write_dataset, order):
+    from torch_rlds import synthetic
+    from torch_rlds.collate import collate
+    from torch_rlds.testing import assert_batches_equal
+
+    path = write_dataset(num_episodes=4, min_steps=5, max_steps=12)
+    lengths = {e: len(torch_rlds.RLDSSource(path).episode(e)["steps"]["action"])
+               for e in range(4)}
+
+    def make(seed=0, **options):
+        return torch_rlds.RLDSDataset(path, obs_window=2, action_horizon=2, goal_relabel=True,
+                                      repeat=False, order=order, seed=seed, **options)
+
+    samples = list(make())
+    offsets = []
+    for s in samples:
+        e, t = int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])
+        goal = int(s["task"]["goal_step"])
+        assert t <= goal < lengths[e]
+        assert synthetic.image_ids(s["task"]["image"]) == (e, goal)  # the goal step's frame
+        offsets.append((goal - t) / max(1, lengths[e] - 1 - t))
+    assert 0.3 < np.mean(offsets) < 0.7  # uniform over the future steps, not always near t
+    # A pure function of the sample: the same again, another seed draws others.
+    again = {(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])):
+             int(s["task"]["goal_step"]) for s in make()}
+    assert again == {(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])):
+                     int(s["task"]["goal_step"]) for s in samples}
+    other = {(int(s["meta"]["episode_index"]), int(s["meta"]["step_index"])):
+             int(s["task"]["goal_step"]) for s in make(seed=1)}
+    assert other != again
+    for k, got in enumerate(make(batch_size=6)):
+        assert_batches_equal(collate(samples[6 * k:6 * k + 6]), got, "goal batch")
+
+
+def test_goal_relabelling_under_a_recipe_resumes_exactly(droid_dir):
+    def loader(workers):
+        dataset = droid_config(droid_dir, "data.goal_relabel=true").make_dataset()
+        return lambda: torch_rlds.DataLoader(dataset, batch_size=4, num_workers=workers)
+
+    batches = assert_resumes_exactly(loader(2), 6, restore_points=[0, 2, 5],
+                                     make_restored=loader(1))
+    for b in batches:
+        assert b["task"]["image_primary"].shape == (4, 180, 320, 3)
+        assert (b["task"]["goal_step"] >= b["meta"]["step_index"]).all()
+
+
+# -- reduced-scale decode ------------------------------------------------------------------------
+def test_reduced_decode_gives_the_resized_size_close_to_a_full_decode(write_dataset, tmp_path):
+    from torch_rlds import synthetic
+
+    path = write_dataset(num_episodes=2, min_steps=4, max_steps=5, texture=True,
+                         cameras=(synthetic.Camera("image", 256, 256),))
+
+    def samples(reduced, size=(128, 128)):
+        config = load_config("demo", [f"data.path={path}", "data.repeat=false",
+                                      "data.shuffle=false", "data.order=window",
+                                      "data.key_map={state: [observation/state], images: "
+                                      "{primary: observation/image}, action: [action]}",
+                                      f"data.transform.image_size=[{size[0]}, {size[1]}]",
+                                      "data.transform.resize=stretch",
+                                      f"data.transform.reduced_decode={str(reduced).lower()}"])
+        dataset = config.make_dataset()
+        return dataset, list(dataset)
+
+    full_ds, full = samples(False)
+    reduced_ds, reduced = samples(True)
+    assert full_ds.decode_sizes == () and reduced_ds.decode_sizes == (("image_primary",
+                                                                       (128, 128)),)
+    assert len(full) == len(reduced) > 0
+    for a, b in zip(full, reduced):
+        x = a["observation"]["image_primary"].astype(int)
+        y = b["observation"]["image_primary"].astype(int)
+        assert x.shape == y.shape == (1, 128, 128, 3)
+        # Close, not equal: another decode (the synthetic texture is all high frequencies,
+        # the worst case of the table in torch_rlds._images).
+        assert np.abs(x - y).mean() < 8.0
+        assert synthetic.image_ids(b["observation"]["image_primary"][0]) == (
+            int(b["meta"]["episode_index"]), int(b["meta"]["step_index"]))
+    assert any((a["observation"]["image_primary"] != b["observation"]["image_primary"]).any()
+               for a, b in zip(full, reduced))
+    # Less than half the stored size on neither side: nothing to reduce, the full decode.
+    same_ds, same = samples(True, size=(200, 200))
+    assert same_ds.decode_sizes == (("image_primary", (200, 200)),)
+    assert all((a["observation"]["image_primary"] == b["observation"]["image_primary"]).all()
+               for a, b in zip(samples(False, size=(200, 200))[1], same))

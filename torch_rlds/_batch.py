@@ -19,7 +19,7 @@ import torch
 
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 from torch_rlds._limits import check_batch_bytes
-from torch_rlds._windows import EpisodeSampler, Recipe
+from torch_rlds._windows import EpisodeSampler, Recipe, goal_step
 from torch_rlds.collate import allocate, collate
 
 # One step sample to make: (sampler, step, epoch).
@@ -75,6 +75,9 @@ class BatchBuilder:
         observations, action_shape = layout
         specs = [((size, w, *shape), _torch_dtype(dtype)) for _, shape, dtype, _ in observations]
         rows = (w,) if recipe.window_actions else ()
+        goals = [(key, shape, dtype) for key, shape, dtype, is_image in observations if is_image
+                 ] if recipe.goal_seed is not None else []
+        specs += [((size, *shape), _torch_dtype(dtype)) for _, shape, dtype in goals]
         specs += [((size, w), torch.bool), ((size, *rows, h, *action_shape), torch.float32),
                   ((size, *rows, h), torch.bool), ((size,), torch.int64), ((size,), torch.int64),
                   ((size,), torch.int64)]
@@ -82,7 +85,8 @@ class BatchBuilder:
                           items[0][0].name)
         tensors = allocate(specs)
         observation = dict(zip([key for key, _, _, _ in observations], tensors))
-        obs_pad, action, act_pad, episode, step, epoch = tensors[len(observations):]
+        task = dict(zip([key for key, _, _ in goals], tensors[len(observations):]))
+        obs_pad, action, act_pad, episode, step, epoch = tensors[len(observations) + len(goals):]
 
         steps = np.fromiter((t for _, t, _ in items), np.int64, size)
         lengths = np.fromiter((s.num_steps for s, _, _ in items), np.int64, size)
@@ -107,6 +111,8 @@ class BatchBuilder:
 
         frames: list[tuple[EncodedImages, int, np.ndarray, str]] = []
         copies: list[tuple[np.ndarray, np.ndarray]] = []
+        # The row each (sampler, camera, step) frame is decoded into: later uses copy it.
+        decoded: dict[tuple[int, str, int], np.ndarray] = {}
         for key, _, _, is_image in observations:
             out = observation[key].numpy()
             if not is_image:
@@ -114,17 +120,29 @@ class BatchBuilder:
                     np.take(sampler.observation[key], obs_idx[i], axis=0, out=out[i],
                             mode="clip")
                 continue
-            decoded: dict[tuple[int, int], np.ndarray] = {}
             for i, (sampler, _, _) in enumerate(items):
                 images = sampler.observation[key]
                 for j, t in enumerate(obs_idx[i].tolist()):
                     row = out[i, j]
-                    seen = decoded.get((id(sampler), t))
+                    seen = decoded.get((id(sampler), key, t))
                     if seen is not None:
                         copies.append((row, seen))
                     else:
-                        decoded[id(sampler), t] = row
+                        decoded[id(sampler), key, t] = row
                         frames.append((images, t, row, sampler.name))
+        if goals:
+            goal_steps = [goal_step(recipe.goal_seed, e, s.episode_index, t, s.num_steps)
+                          for s, t, e in items]
+            for key, _, _ in goals:
+                out = task[key].numpy()
+                for i, (sampler, _, _) in enumerate(items):
+                    seen = decoded.get((id(sampler), key, goal_steps[i]))
+                    if seen is not None:
+                        copies.append((out[i], seen))
+                    else:
+                        decoded[id(sampler), key, goal_steps[i]] = out[i]
+                        frames.append((sampler.observation[key], goal_steps[i], out[i],
+                                       sampler.name))
         meta = {"episode_index": episode, "step_index": step, "epoch": epoch}
         if any(self.recipe_of(s).dataset_index is not None for s, _, _ in items):
             meta["dataset_index"] = torch.tensor(
@@ -137,6 +155,8 @@ class BatchBuilder:
             "language_instruction": [s.text(t) for s, t, _ in items],
             "meta": meta,
         }
+        if goals:
+            batch["task"] = {**task, "goal_step": torch.tensor(goal_steps, dtype=torch.int64)}
         return _Direct(batch, self._decode(frames, recipe.fast_jpeg), copies, recipe.fast_jpeg)
 
     def _decode(self, frames: list, fast_jpeg: bool
@@ -197,7 +217,8 @@ class _SampleBySample(_Pending):
     def __init__(self, builder: BatchBuilder, items: Sequence[Item]) -> None:
         self.recipes = [builder.recipe_of(s) for s, _, _ in items]
         make = [(s.sample, (t, r.obs_window, r.action_horizon, e), r.fast_jpeg,
-                 r.window_actions) for (s, t, e), r in zip(items, self.recipes)]
+                 r.window_actions, r.goal_seed, r.decode_sizes)
+                for (s, t, e), r in zip(items, self.recipes)]
         if builder.pool is None:
             self.jobs = make
         else:
@@ -212,8 +233,9 @@ class _SampleBySample(_Pending):
 
 
 def _make(fn: Callable[..., dict[str, Any]], args: tuple, fast_jpeg: bool,
-          window_actions: bool) -> dict[str, Any]:
-    return fn(*args, fast_jpeg=fast_jpeg, window_actions=window_actions)
+          window_actions: bool, goal_seed: int | None, decode_sizes: tuple) -> dict[str, Any]:
+    return fn(*args, fast_jpeg=fast_jpeg, window_actions=window_actions, goal_seed=goal_seed,
+              decode_sizes=decode_sizes)
 
 
 def _decode_frames(frames: list, fast_jpeg: bool) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from torch_rlds._corrupt import CORRUPT_ERRORS
 from torch_rlds._global_order import GlobalOrder, host_samples, worker_batches
+from torch_rlds._images import EncodedImages
 from torch_rlds._plan import KeptSteps
 from torch_rlds._state import (
     GlobalCursor,
@@ -28,7 +29,7 @@ from torch_rlds._state import (
     make_global_state,
 )
 from torch_rlds._step_reader import StepFiles, StepReader
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._windows import EpisodeSampler, goal_step
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,8 @@ class GlobalStream:
         lie close together sharing one sampler; and how many corrupt samples each replaced."""
         items: list[Any] = [None] * len(positions)
         replaced = np.zeros(len(positions), dtype=np.int64)
-        # A plan's trajectory may differ by epoch (random choices): one sampler per epoch.
-        same_epoch = dataset._plan is not None
+        # A plan's trajectory and goal steps may differ by epoch: one sampler per epoch.
+        same_epoch = dataset._plan is not None or dataset.goal_seed is not None
         order = np.lexsort((steps, episodes, epochs if same_epoch else np.zeros_like(epochs)))
         start = 0
         while start < len(order):
@@ -221,7 +222,8 @@ class GlobalStream:
             first, last = int(steps[order[start]]), int(steps[order[stop - 1]])
             try:
                 sampler = self.sampler(dataset, episode, first, last,
-                                       epoch=int(epochs[order[start]]))
+                                       epoch=int(epochs[order[start]]),
+                                       steps=[int(steps[i]) for i in members])
                 for i in members:
                     items[i] = (sampler, int(steps[i]), int(epochs[i]))
             except CORRUPT_ERRORS:
@@ -254,12 +256,13 @@ class GlobalStream:
             epoch, episode, step = int(epochs[0]), int(episodes[0]), int(steps[0])
 
     def sampler(self, dataset: Any, episode: int, first: int, last: int | None = None, *,
-                epoch: int = 0) -> EpisodeSampler:
-        """The sampler of steps ``first..last`` (or ``first`` alone) of ``episode`` at
-        ``epoch``: the steps their samples need, read."""
+                epoch: int = 0, steps: list[int] | None = None) -> EpisodeSampler:
+        """The sampler of the samples of ``steps`` (default: ``first``) between ``first`` and
+        ``last`` of ``episode`` at ``epoch``: the steps those samples need, read."""
         last = first if last is None else last
+        steps = [first] if steps is None else steps
         if dataset._plan is not None:
-            return self._planned_sampler(dataset, episode, first, last, epoch)
+            return self._planned_sampler(dataset, episode, first, last, epoch, steps)
         window = (first - dataset.obs_window + 1, last)
         chunk = (first, last + dataset.action_horizon - 1)
         wants = {name: window for name in dataset._global_observations}
@@ -268,6 +271,14 @@ class GlobalStream:
             wants[dataset._global_language] = (first, last)
         episode_tree = self.reader.read(episode, wants)
         name = self.files.source.describe(episode)
+        if dataset.goal_seed is not None:
+            count = int(self.reader.lengths[episode])
+            goals = {goal_step(dataset.goal_seed, epoch, episode, t, count) for t in steps}
+            images = [k for k in dataset._global_observations
+                      if self.reader.leaf(k).kind == "image"]
+            for g in sorted(goals):
+                _merge_frames(episode_tree, self.reader.read(episode, {k: (g, g)
+                                                                      for k in images}))
         if dataset.key_map is not None:
             episode_tree = dataset.key_map.apply(episode_tree, name=name)
         return EpisodeSampler(episode_tree, dataset.observation_keys, dataset.action_key,
@@ -277,24 +288,47 @@ class GlobalStream:
 
 
     def _planned_sampler(self, dataset: Any, episode: int, first: int, last: int,
-                         epoch: int) -> EpisodeSampler:
+                         epoch: int, steps: list[int]) -> EpisodeSampler:
         """A sampler of trajectory steps ``first..last`` of ``episode`` under the dataset's
         plan: the numbers of the whole episode read and transformed, then the frames of the
         rows the samples' observation windows need."""
         plan = dataset._plan
-        steps = int(self.reader.lengths[episode])
+        count = int(self.reader.lengths[episode])
         name = self.files.source.describe(episode)
-        tree = self.reader.read(episode, {k: (0, steps - 1) for k in plan.number_features()})
+        tree = self.reader.read(episode, {k: (0, count - 1) for k in plan.number_features()})
         traj = plan.trajectory(tree, episode, epoch, name)
         rows = np.arange(max(0, first - dataset.obs_window + 1), last + 1)
         frame_steps = traj.frame_steps[rows]
         cameras = sorted({f"steps/{traj.cameras[role]}" for role in plan.key_map.cameras()})
         span = (int(frame_steps.min()), int(frame_steps.max()))
-        frames = _leaves_at(self.reader.read(episode, {k: span for k in cameras}), cameras)
+        tree = self.reader.read(episode, {k: span for k in cameras})
+        if dataset.goal_seed is not None:
+            goals = sorted({goal_step(dataset.goal_seed, epoch, episode, t, traj.num_steps)
+                            for t in steps})
+            for g in goals:
+                at = int(traj.frame_steps[g])
+                _merge_frames(tree, self.reader.read(episode, {k: (at, at) for k in cameras}))
+            rows = np.concatenate([rows, np.asarray(goals, dtype=np.int64)])
+        frames = _leaves_at(tree, cameras)
         return EpisodeSampler(plan.standard_episode(traj, frames, rows),
                               dataset.observation_keys, dataset.action_key,
                               dataset.language_key, episode, name,
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+
+
+def _merge_frames(tree: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add the frames ``other`` read (sparse :class:`EncodedImages` over the same episode) to
+    those of ``tree``."""
+    for key, value in other.items():
+        mine = tree.get(key)
+        if isinstance(value, dict) and isinstance(mine, dict):
+            _merge_frames(mine, value)
+        elif isinstance(value, EncodedImages) and isinstance(mine, EncodedImages):
+            merged = [a if a is not None else b for a, b in zip(mine.encoded, value.encoded)]
+            tree[key] = EncodedImages(merged, mine.shape, mine.dtype, name=mine.name,
+                                      format=mine.format)
+        elif mine is None:
+            tree[key] = value
 
 
 def _leaves_at(tree: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class MixtureStream:
         self.weights = np.asarray(weights, dtype=np.float64)
         self.draws = MixtureDraws(self.weights, seed)
         self.recipes = [Recipe(d.obs_window, d.action_horizon, d.fast_jpeg, d.sample_transform,
-                               i, d.window_actions) for i, d in enumerate(datasets)]
+                               i, d.window_actions, d.goal_seed, d.decode_sizes) for i, d in enumerate(datasets)]
 
     # -- identity and state --------------------------------------------------------------------
     def initial(self, mixture: Any) -> MixtureCursor:

@@ -433,6 +433,10 @@ class StepReader:
             self._leaves = {leaf.name: leaf for leaf in iter_leaves(source.features)}
         return self._leaves, self._dtypes
 
+    def leaf(self, name: str) -> FeatureLeaf:
+        """The feature ``name`` (``steps/observation/image``) of the source."""
+        return self._specs()[0][name]
+
     def indexed(self, episode: int) -> bool:
         """Whether reads of ``episode`` go by byte range (its shard's index is loaded)."""
         return self._index(int(self.files.shard_of[episode])) is not None

@@ -203,13 +203,15 @@ class StreamedDataset(torch.utils.data.IterableDataset):
     def _recipe_of_self(self) -> Recipe:
         """How this dataset's own samples are made (a mixture's carry their dataset's)."""
         return Recipe(self.obs_window, self.action_horizon, self.fast_jpeg,
-                      self.sample_transform, None, getattr(self, "window_actions", False))
+                      self.sample_transform, None, getattr(self, "window_actions", False),
+                      getattr(self, "goal_seed", None), getattr(self, "decode_sizes", ()))
 
     def _decoded(self, sampler: EpisodeSampler, t: int, epoch: int) -> dict[str, Any]:
         """The sample of step ``t``, its frames decoded (the part that runs on the pool)."""
         recipe = sampler.recipe or self._recipe_of_self()
         return sampler.sample(t, recipe.obs_window, recipe.action_horizon, epoch,
-                              fast_jpeg=recipe.fast_jpeg, window_actions=recipe.window_actions)
+                              fast_jpeg=recipe.fast_jpeg, window_actions=recipe.window_actions,
+                              goal_seed=recipe.goal_seed, decode_sizes=recipe.decode_sizes)
 
     def _finished(self, sampler: EpisodeSampler, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` transformed as its dataset says (in the iterating thread)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._bijection import derive_key
 from torch_rlds._features import flat_keys
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 
@@ -42,6 +43,16 @@ def window_action_indices(t: int, num_steps: int, obs_window: int,
     return np.clip(raw, 0, num_steps - 1), (raw >= num_steps) | (rows < 0)
 
 
+def goal_step(seed: int, epoch: int, episode: int, t: int, num_steps: int) -> int:
+    """The goal step of the sample of step ``t``: drawn uniformly from ``t .. num_steps - 1``,
+    a pure function of ``(seed, epoch, episode, t)`` (so a resumed stream draws the same)."""
+    u = (derive_key(seed, epoch, episode, t, _GOAL_TAG) >> 11) * 2.0 ** -53
+    return t + min(int(u * (num_steps - t)), num_steps - t - 1)
+
+
+_GOAL_TAG = 0x474F414C
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How a dataset makes its samples from its samplers: the windows, the JPEG mode, the
@@ -49,7 +60,11 @@ class Recipe:
 
     ``window_actions``: an action chunk for every row of the observation window
     (``[obs_window, action_horizon, A]``, see :func:`window_action_indices`) instead of the
-    current step's only (``[action_horizon, A]``).
+    current step's only (``[action_horizon, A]``). ``goal_seed``: with a seed, every sample
+    gets ``task``: each camera's frame at a goal step drawn by :func:`goal_step` (Octo's
+    uniform goal relabelling) and that ``goal_step``. ``decode_sizes``: ``(observation key,
+    (height, width))`` pairs of JPEG cameras decoded at the smallest of libjpeg's reduced
+    scales that is at least that size (the size a later resize makes of them).
 
     Immutable; one is shared by every sampler of a dataset."""
 
@@ -59,6 +74,8 @@ class Recipe:
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None
     dataset_index: int | None
     window_actions: bool = False
+    goal_seed: int | None = None
+    decode_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
 
     def finish(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` (as :meth:`EpisodeSampler.sample` makes it) transformed, and marked with
@@ -73,9 +90,11 @@ class Recipe:
     def same_sampling(self, other: Recipe) -> bool:
         """Whether samples of both are made alike but for the dataset index (no transform)."""
         return (self.transform is None and other.transform is None
-                and (self.obs_window, self.action_horizon, self.fast_jpeg, self.window_actions)
+                and not self.decode_sizes and not other.decode_sizes
+                and (self.obs_window, self.action_horizon, self.fast_jpeg, self.window_actions,
+                     self.goal_seed)
                 == (other.obs_window, other.action_horizon, other.fast_jpeg,
-                    other.window_actions))
+                    other.window_actions, other.goal_seed))
 
 
 class EpisodeSampler:
@@ -161,10 +180,14 @@ class EpisodeSampler:
         return "" if self.language is None else _text(self.language[t])
 
     def sample(self, t: int, obs_window: int, action_horizon: int, epoch: int, *,
-               fast_jpeg: bool = False, window_actions: bool = False) -> dict[str, Any]:
+               fast_jpeg: bool = False, window_actions: bool = False,
+               goal_seed: int | None = None,
+               decode_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()) -> dict[str, Any]:
         """The sample of step ``t``; images of the window are decoded here. With
-        ``window_actions`` the action chunk of every window row (see :class:`Recipe`)."""
+        ``window_actions`` the action chunk of every window row, with ``goal_seed`` the goal
+        frames (see :class:`Recipe`)."""
         obs_idx, obs_pad = observation_indices(t, self.num_steps, obs_window)
+        scales = dict(decode_sizes)
         if window_actions:
             act_idx, act_pad = window_action_indices(t, self.num_steps, obs_window,
                                                      action_horizon)
@@ -174,15 +197,17 @@ class EpisodeSampler:
         for key, value in self.observation.items():
             if isinstance(value, EncodedImages):
                 try:
-                    if self.keep_recent and obs_window > 1 and None not in value.shape:
+                    if (self.keep_recent and obs_window > 1 and None not in value.shape
+                            and key not in scales):
                         observation[key] = self._decode_reusing(key, value, obs_idx, fast_jpeg)
                     else:
-                        observation[key] = value.decode(obs_idx, fast=fast_jpeg)
+                        observation[key] = value.decode(obs_idx, fast=fast_jpeg,
+                                                        scale_to=scales.get(key))
                 except ImageDecodeError as e:
                     raise ImageDecodeError(f"{self.name}: {e}") from e
             else:
                 observation[key] = value[obs_idx]
-        return {
+        sample = {
             "observation": observation,
             "observation_is_pad": obs_pad,
             "action": self.action[act_idx],
@@ -194,6 +219,19 @@ class EpisodeSampler:
                 "epoch": np.int64(epoch),
             },
         }
+        if goal_seed is not None:
+            goal = goal_step(goal_seed, epoch, self.episode_index, t, self.num_steps)
+            task: dict[str, Any] = {}
+            for key, value in self.observation.items():
+                if isinstance(value, EncodedImages):
+                    try:
+                        task[key] = value.decode([goal], fast=fast_jpeg,
+                                                 scale_to=scales.get(key))[0]
+                    except ImageDecodeError as e:
+                        raise ImageDecodeError(f"{self.name}: {e}") from e
+            task["goal_step"] = np.int64(goal)
+            sample["task"] = task
+        return sample
 
     def _decode_reusing(self, key: str, images: EncodedImages, indices: np.ndarray,
                         fast_jpeg: bool) -> np.ndarray:

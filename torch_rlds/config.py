@@ -71,6 +71,8 @@ class DataConfig:
         None, nullable(STRINGS), "keys under steps/observation (null: all but text)")
     window_actions: bool = field(False, BOOL, "an action chunk for every observation-window "
                                               "row ([obs_window, action_horizon, A])")
+    goal_relabel: bool = field(False, BOOL, "a goal frame of every camera per sample, from a "
+                                            "step drawn uniformly from the current to the last")
     action_key: str = field("action", TEXT, "the action tensor under steps")
     language_key: str | None = field("language_instruction", nullable(TEXT),
                                      "the instruction under steps")
@@ -306,7 +308,9 @@ class Config:
             shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
             process_count=count, fast_jpeg=d.fast_jpeg, key_map=d.key_map,
             sample_transform=transform, order=d.order, trajectory=d.trajectory,
-            filters=d.filters, window_actions=d.window_actions,
+            filters=d.filters, window_actions=d.window_actions, goal_relabel=d.goal_relabel,
+            decode_sizes=(d.transform.decode_sizes(d.key_map, source)
+                          if d.transform is not None else None),
         )
 
     def make_loader(self, process_index: int | None = None, process_count: int | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -166,6 +166,14 @@ class RLDSDataset(StreamedDataset):
       window_actions: an action chunk for every observation-window row: ``action`` is
         ``[obs_window, action_horizon, A]`` and ``action_is_pad`` ``[obs_window,
         action_horizon]``, ``True`` past the episode's end and on padded rows (Octo's layout).
+      goal_relabel: every sample gets ``task``: each camera's frame at a goal step drawn
+        uniformly from the current step to the episode's last (seeded by ``seed``, epoch,
+        episode and step), and ``goal_step``.
+      decode_sizes: ``{observation key: (height, width)}``: decode those JPEG cameras at the
+        smallest of libjpeg's 1/2, 1/4 and 1/8 scales that is at least that size (the size
+        ``sample_transform`` resizes them to), skipping most of the decode; the frames then
+        arrive at that reduced size. Pixels differ from a full decode and resize (see
+        :mod:`torch_rlds._images`). Usually set by ``data.transform.reduced_decode``.
       filters: episode and sample filters (a :class:`torch_rlds.trajectory.FilterConfig` or
         its YAML mapping; needs ``key_map``): either order covers exactly the kept steps. The
         global order counts them once per dataset (numbers only, cached per shard).
@@ -182,7 +190,8 @@ class RLDSDataset(StreamedDataset):
                  batch_size: int | None = None, drop_last: bool = False,
                  decode_threads: int | None = None, on_corrupt: str = "raise",
                  order: str = "auto", trajectory: Any = None, filters: Any = None,
-                 window_actions: bool = False) -> None:
+                 window_actions: bool = False, goal_relabel: bool = False,
+                 decode_sizes: Mapping[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
         check_positive("obs_window", obs_window)
         if batch_size is not None:
@@ -214,6 +223,10 @@ class RLDSDataset(StreamedDataset):
         self.process_count = process_count
         self.fast_jpeg = bool(fast_jpeg)
         self.window_actions = bool(window_actions)
+        # The seed of the goal steps (the order's: a goal is a function of the sample's id).
+        self.goal_seed = seed if goal_relabel else None
+        self.decode_sizes = tuple((str(k), (int(v[0]), int(v[1])))
+                                  for k, v in (decode_sizes or {}).items())
         self.key_map = key_map
         self.sample_transform = sample_transform
         self.batch_size = batch_size

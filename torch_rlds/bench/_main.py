@@ -104,7 +104,7 @@ def _plan_size(settings: BenchSettings, windows: Sequence[int], with_tf: bool,
     rounds = settings.resume_rounds
     topologies = 1 + len(settings.elastic_topologies)
     sizes = {
-        "throughput": settings.throughput_rounds * (len(settings.workers) + 2 + with_tf),
+        "throughput": settings.throughput_rounds * (len(settings.workers) + 4 + with_tf),
         "resume": (1 + rounds * (1 + topologies * positions)
                    + len(windows) * (1 + rounds * (1 + positions))
                    + with_tf * (1 + rounds * (1 + 2 * positions))),
@@ -276,6 +276,8 @@ def _records(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
            for w, r in results["throughput"]["torch_rlds"].items()]
     out += [(f"torch_rlds window order num_workers={w}", r)
             for w, r in results["throughput"].get("torch_rlds_window", {}).items()]
+    out += [(f"torch_rlds resized after a {k} decode", r)
+            for k, r in results["throughput"].get("torch_rlds_resize", {}).items()]
     out += [(name, results["throughput"][key]) for key, name in
             (("limit", "decode limit"), ("tf_data", "tf.data")) if key in results["throughput"]]
     for name, runs in results["resume"]["torch_rlds"].items():

@@ -13,6 +13,8 @@ from torch_rlds.bench._cells import error as _error
 from torch_rlds.bench._cells import fmt as _fmt
 from torch_rlds.bench._cells import ok as _ok
 
+REDUCED_FULL = "torch_rlds resized to half: reduced decode / full decode"
+REDUCED_LIMIT = "torch_rlds resized to half, reduced decode / full-size decode limit"
 GLOBAL_LIMIT = "torch_rlds global order / decode limit (order_workers)"
 GLOBAL_TF = "torch_rlds global order / tf.data (order_workers)"
 WINDOW_LIMIT = "torch_rlds window order / decode limit (order_workers)"
@@ -85,6 +87,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     out[GLOBAL_TF] = paired_ratio(global_rates, tf_rates)
     out[WINDOW_LIMIT] = paired_ratio(window_rates, limit)
     out[GLOBAL_WINDOW] = paired_ratio(global_rates, window_rates)
+    resized = through.get("torch_rlds_resize", {})
+    reduced_rates = _rates(resized.get("reduced"))
+    out[REDUCED_FULL] = paired_ratio(reduced_rates, _rates(resized.get("full")))
+    out[REDUCED_LIMIT] = paired_ratio(reduced_rates, limit)
     first_window = next(iter(results["resume"]["torch_rlds"]), None)
     for name, runs in results["resume"]["torch_rlds"].items():
         key = ("torch_rlds resume 95% / 5%" if name == first_window
@@ -188,6 +194,8 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
     rows += [(f"torch_rlds num_workers={w}", r)
              for w, r in through.get("torch_rlds_window", {}).items()]
+    rows += [(f"torch_rlds num_workers={r.get('workers')}, resized to half after a {k} "
+              "decode", r) for k, r in through.get("torch_rlds_resize", {}).items()]
     rows += [("tf.data (Octo/openpi)", through.get("tf_data")),
              (f"decode limit ({s['limit_processes']} processes)", through.get("limit"))]
     for name, record in rows:

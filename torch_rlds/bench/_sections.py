@@ -55,6 +55,11 @@ class Bench:
         jobs["window"] = (f"torch_rlds throughput, window order (window {s.shuffle_window}), "
                           f"num_workers={s.order_workers}", "torch_throughput",
                           {**self.common, "workers": s.order_workers, "order": "window"}, _rate)
+        for resize in ("full", "reduced"):
+            jobs[f"resize_{resize}"] = (
+                f"torch_rlds throughput, cameras resized to half size after a {resize} decode, "
+                f"num_workers={most}", "torch_throughput",
+                {**self.common, "workers": most, "resize": resize}, _rate)
         jobs["limit"] = (
             f"decode limit: simplejpeg alone in {s.limit_processes} processes", "limit",
             {"settings": s.to_dict(), "frames_dir": frames, "cameras": len(CAMERAS)},
@@ -63,6 +68,8 @@ class Bench:
         for w in s.workers:
             out["torch_rlds"][str(w)] = median_record(runs[str(w)])
         out["torch_rlds_window"] = {str(s.order_workers): median_record(runs["window"])}
+        out["torch_rlds_resize"] = {resize: median_record(runs[f"resize_{resize}"])
+                                    for resize in ("full", "reduced")}
         for key in ("tf_data", "limit"):
             if key in runs:
                 out[key] = median_record(runs[key])

@@ -21,11 +21,22 @@ from torch_rlds.bench._settings import CAMERAS, BenchSettings
 
 def make_loader(settings: BenchSettings, dataset: str, workers: int, *,
                 shuffle_window: int | None = None, order: str = "auto", process_index: int = 0,
-                process_count: int = 1, cameras: tuple[str, ...] = CAMERAS):
+                process_count: int = 1, cameras: tuple[str, ...] = CAMERAS,
+                resize: str | None = None):
     """The torch_rlds DataLoader of the benchmark sample (see :class:`BenchSettings`) in
     ``order`` (``"auto"``: the dataset's default), for host ``process_index`` of
-    ``process_count`` (its share of the global batch ``batch_size``)."""
+    ``process_count`` (its share of the global batch ``batch_size``). ``resize``: ``"full"``
+    or ``"reduced"``: the cameras resized to half their size (stretch, bilinear) after a
+    full decode, or decoded at libjpeg's half scale (``decode_sizes``)."""
     from torch_rlds import DataLoader, RLDSDataset
+    from torch_rlds.transforms import Resize
+
+    half = (settings.image_size // 2, settings.image_size // 2)
+    extra: dict[str, Any] = {}
+    if resize is not None:
+        extra["sample_transform"] = Resize(half, "stretch", keys=cameras)
+        if resize == "reduced":
+            extra["decode_sizes"] = {camera: half for camera in cameras}
 
     data = RLDSDataset(
         dataset, "train", obs_window=settings.obs_window,
@@ -33,7 +44,7 @@ def make_loader(settings: BenchSettings, dataset: str, workers: int, *,
         shuffle=True, seed=settings.seed,
         shuffle_window=shuffle_window or settings.shuffle_window, repeat=True,
         fast_jpeg=settings.fast_jpeg, order=order, process_index=process_index,
-        process_count=process_count,
+        process_count=process_count, **extra,
     )
     options: dict[str, Any] = {"batch_size": settings.batch_size // process_count,
                                "num_workers": workers}
@@ -65,11 +76,12 @@ def global_batch(parts: list[Any]) -> Any:
 
 
 def throughput(settings: dict[str, Any], dataset: str, workers: int,
-               order: str = "auto") -> dict[str, Any]:
-    """Samples/s over ``measure_batches`` batches after ``warmup_batches``."""
+               order: str = "auto", resize: str | None = None) -> dict[str, Any]:
+    """Samples/s over ``measure_batches`` batches after ``warmup_batches`` (``resize``: see
+    :func:`make_loader`)."""
     s = BenchSettings.from_dict(settings)
     start = time.perf_counter()
-    loader = make_loader(s, dataset, workers, order=order)
+    loader = make_loader(s, dataset, workers, order=order, resize=resize)
     batches = iter(loader)
     batch = next(batches)
     first = time.perf_counter() - start
@@ -83,6 +95,7 @@ def throughput(settings: dict[str, Any], dataset: str, workers: int,
     return {
         "workers": workers,
         "order": loader.dataset.order,
+        "resize": resize,
         "samples_per_s": s.measure_batches * s.batch_size / seconds,
         "batches": s.measure_batches,
         "seconds": seconds,
