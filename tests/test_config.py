@@ -235,3 +235,13 @@ def test_configs_decode_jpeg_with_tf_decode_jpegs_pixels_unless_told(write_datas
     np.testing.assert_array_equal(pixels[None], simplejpeg.decode_jpeg(data, fastdct=True))
     np.testing.assert_array_equal(pixels["false"], simplejpeg.decode_jpeg(data, fastdct=False))
     assert not np.array_equal(pixels[None], pixels["false"])
+
+
+def test_mixture_balance_and_data_dir_are_checked_and_applied():
+    with pytest.raises(ConfigError, match=r"mixture.balance must be .*episodes or steps .got 'sometimes'"):
+        load_config("oxe_rtx", ["mixture.balance=sometimes"])
+    config = load_config("oxe_rtx", ["mixture.data_dir=/elsewhere"])
+    entry = config.mixture.datasets[0]
+    assert load_config(entry.config, config.mixture.entry_overrides(entry)).data.data_dir == (
+        "/elsewhere")
+    assert "  data_dir: /elsewhere" in format_config(config)

@@ -282,7 +282,25 @@ def test_octo_mixtures_have_octos_datasets_and_weights(mixture, weights):
     for entry in config.mixture.datasets:
         assert entry.config in OCTO
         got[_published.published(entry.config).name] = entry.weight
-        loaded = load_config(entry.config, entry.overrides)
+        loaded = load_config(entry.config, config.mixture.entry_overrides(entry))
         assert loaded.data.data_dir == "/data" and loaded.data.transform.pad_state_to == 8
     assert got == weights
-    assert config.mixture.balance is True
+    assert config.mixture.balance == "steps"
+
+
+def test_octos_magic_soup_builds_and_batches_from_its_stand_ins(stand_ins):
+    root = next(iter(stand_ins.values())).info.path.parent.parent
+    config = load_config("oxe_magic_soup", [f"mixture.data_dir={root}", "loader.batch_size=8",
+                                            "loader.num_workers=0"])
+    mixture = config.make_dataset()
+    assert len(mixture.datasets) == len(MAGIC_SOUP)
+    # balance: steps: each weight times the steps its dataset samples (Octo's weighting).
+    raw = np.asarray([e.weight for e in config.mixture.datasets])
+    steps = np.asarray([d.num_steps for d in mixture.datasets], dtype=np.float64)
+    np.testing.assert_allclose(mixture.weights, raw * steps / (raw * steps).sum())
+    loader = config.make_loader()
+    batch = next(iter(loader))
+    assert batch["observation"]["state"].shape == (8, 2, 8)  # two observation steps
+    assert batch["action"].shape[0] == 8 and batch["action"].shape[-1] == 7
+    assert batch["observation"]["image_primary"].shape[-3:] == (256, 256, 3)
+    assert batch["meta"]["dataset_index"].shape == (8,)

@@ -186,12 +186,16 @@ class MixtureConfig:
     """Several datasets sampled with weights in one loader (:class:`torch_rlds.MixtureDataset`).
 
     Each entry's config supplies its dataset (path, split, key map, transforms); the top-level
-    config supplies the loader. ``balance`` multiplies the weights by the datasets' episode
-    counts. Weights may change on restore (see :class:`~torch_rlds.MixtureDataset`)."""
+    config supplies the loader. ``balance`` multiplies the weights by the datasets' sizes:
+    ``episodes`` (or ``true``) their episode counts, ``steps`` their step counts (the steps
+    their filters keep; Octo's weighting). ``data_dir``, when set, is the data directory of
+    every entry (over the entry's own ``data.data_dir``). Weights may change on restore (see
+    :class:`~torch_rlds.MixtureDataset`)."""
 
     datasets: tuple[MixtureEntry, ...]
     seed: int = 0
-    balance: bool = False
+    balance: bool | str = False
+    data_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -209,7 +213,17 @@ class MixtureConfig:
             entries.append(entry)
         object.__setattr__(self, "datasets", tuple(entries))
         check_value("mixture.seed", self.seed, int_rule(0))
-        check_value("mixture.balance", self.balance, BOOL)
+        check_value("mixture.balance", self.balance, BALANCE)
+        check_value("mixture.data_dir", self.data_dir, nullable(TEXT))
+
+    def entry_overrides(self, entry: MixtureEntry) -> list[str]:
+        """The overrides ``entry``'s config is loaded with (``data_dir`` last)."""
+        return [*entry.overrides, *([f"data.data_dir={self.data_dir}"] if self.data_dir
+                                    else [])]
+
+
+BALANCE = Rule("false, true (by episodes), episodes or steps",
+               lambda v: (isinstance(v, bool) or v in ("episodes", "steps")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,10 +305,17 @@ class Config:
         if self.mixture is not None:
             from torch_rlds.mixture import MixtureDataset
 
-            children = [load_config(e.config, e.overrides).make_dataset(index, count)
-                        for e in self.mixture.datasets]
-            return MixtureDataset(children, [e.weight for e in self.mixture.datasets],
-                                  seed=self.mixture.seed, balance=self.mixture.balance)
+            mixture = self.mixture
+            children = [load_config(e.config, mixture.entry_overrides(e)).make_dataset(index,
+                                                                                      count)
+                        for e in mixture.datasets]
+            sizes = None
+            if mixture.balance == "steps":
+                sizes = [_step_count(child, e.config)
+                         for child, e in zip(children, mixture.datasets)]
+            return MixtureDataset(children, [e.weight for e in mixture.datasets],
+                                  seed=mixture.seed, balance=bool(mixture.balance),
+                                  sizes=sizes)
         d = self.data
         source = RLDSSource(self.dataset_path(), d.split, data_dir=d.data_dir)
         transform = None
@@ -345,7 +366,8 @@ def format_config(config: Config) -> str:
                   f"process_count: {_yaml(config.process_count)}"]
     if config.mixture is not None:
         lines += ["mixture:", f"  seed: {config.mixture.seed}",
-                  f"  balance: {_yaml(config.mixture.balance)}", "  datasets:"]
+                  f"  balance: {_yaml(config.mixture.balance)}",
+                  f"  data_dir: {_yaml(config.mixture.data_dir)}", "  datasets:"]
         for entry in config.mixture.datasets:
             lines += [f"    - config: {_yaml(entry.config)}", f"      weight: {entry.weight}",
                       f"      overrides: {_yaml(list(entry.overrides))}"]
@@ -450,6 +472,22 @@ def _build(cls, raw: Any, where: str):
         return cls(**values)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _step_count(dataset: Any, name: str) -> int:
+    """The steps ``dataset`` samples per epoch, for ``mixture.balance: steps``."""
+    try:
+        return int(dataset.num_steps)
+    except (AttributeError, ValueError):
+        pass
+    source = dataset.source
+    if source.info.file_format != "tfrecord":
+        raise ConfigError(f"mixture.balance: steps: {name} ({source.info.path}) holds "
+                          f"{source.info.file_format} shards, whose steps are not counted; "
+                          "balance by episodes")
+    from torch_rlds._step_reader import StepFiles
+
+    return int(StepFiles(source).lengths().clip(min=0).sum())
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> Config:

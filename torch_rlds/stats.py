@@ -426,9 +426,10 @@ def run(args: argparse.Namespace) -> int:
                          f"{len(config.mixture.datasets)} datasets; give a folder (each "
                          "dataset's norm_stats.json goes into a subfolder of its own)")
     for i, entry in enumerate(config.mixture.datasets):
-        child = load_config(entry.config, entry.overrides)
+        overrides = config.mixture.entry_overrides(entry)
+        child = load_config(entry.config, overrides)
         print(f"mixture {config.name}, dataset {i}: config {entry.config}"
-              f"{' ' + ' '.join(entry.overrides) if entry.overrides else ''}")
+              f"{' ' + ' '.join(overrides) if overrides else ''}")
         output = None
         if args.output:
             output = epath.Path(args.output) / f"{i}-{child.name}"

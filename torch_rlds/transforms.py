@@ -642,8 +642,9 @@ class Normalize:
 class PadDims:
     """Pad ``observation/state`` to ``state_dim`` and ``action`` to ``action_dim`` values with
     zeros, adding ``state_dim_is_pad`` / ``action_dim_is_pad`` (bool ``[dim]``, ``True`` on
-    the added dimensions), so datasets of different widths batch together. A wider value than
-    the target raises (nothing is cut off silently); ``None`` leaves that part alone."""
+    the added dimensions), so datasets of different widths batch together; a sample without
+    state gets a zero state, all of it marked as padding. A wider value than the target raises
+    (nothing is cut off silently); ``None`` leaves that part alone."""
 
     def __init__(self, state_dim: int | None = None, action_dim: int | None = None) -> None:
         for name, value in (("state_dim", state_dim), ("action_dim", action_dim)):
@@ -663,10 +664,15 @@ class PadDims:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = dict(sample)
-        if self.state_dim is not None and STATE in sample["observation"]:
+        if self.state_dim is not None:
             observation = dict(sample["observation"])
-            observation[STATE], out["state_dim_is_pad"] = self._pad(
-                observation[STATE], self.state_dim, "observation/state")
+            if STATE in observation:
+                observation[STATE], out["state_dim_is_pad"] = self._pad(
+                    observation[STATE], self.state_dim, "observation/state")
+            else:  # a dataset without state: all padding, so it batches with the others
+                rows = len(sample["observation_is_pad"])
+                observation[STATE] = np.zeros((rows, self.state_dim), np.float32)
+                out["state_dim_is_pad"] = np.ones(self.state_dim, bool)
             out["observation"] = observation
         if self.action_dim is not None:
             out["action"], out["action_dim_is_pad"] = self._pad(
