@@ -47,3 +47,22 @@ def test_without_the_main_guard_the_error_says_to_add_one(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: DataLoader worker")
     assert 'put the script\'s training code under `if __name__ == "__main__":`' in last
+
+
+def test_every_command_line_of_the_readme_parses():
+    """Each ``torch-rlds`` line of the README's shell blocks names a command and flags that
+    exist (parsed, not run: they name datasets under /data)."""
+    import shlex
+
+    from torch_rlds.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("torch-rlds ")]
+    assert len(commands) >= 8
+    parser = build_parser()
+    for argv in commands:
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README: torch-rlds {' '.join(argv)} does not parse")

@@ -139,8 +139,9 @@ class RLDSDataset(StreamedDataset):
       shuffle_window: episodes whose steps are mixed together (>= 1).
       repeat: an endless stream over epochs (training) or one pass.
       process_index, process_count: this host's part of every epoch.
-      fast_jpeg: decode JPEG with the fast DCT (the pixels of ``tf.io.decode_jpeg``) instead of
-        the accurate one (the pixels of TFDS's numpy decoding).
+      fast_jpeg: decode JPEG with the fast DCT, the pixels of ``tf.io.decode_jpeg`` that the
+        tf.data pipelines of Octo, OpenVLA and openpi train on (the default); ``False``: the
+        accurate DCT, the pixels of TFDS's numpy decoding.
       data_dir: the TFDS data directory when ``source`` is a dataset name.
       key_map: a :class:`torch_rlds.KeyMap` that turns each decoded episode into the standard
         layout (``observation/state``, ``observation/image_<role>``, ``action``,
@@ -184,7 +185,7 @@ class RLDSDataset(StreamedDataset):
                  observation_keys: Sequence[str] | None = None, action_key: str = "action",
                  language_key: str | None = "language_instruction", shuffle: bool = True,
                  seed: int = 0, shuffle_window: int = 16, repeat: bool = True,
-                 process_index: int = 0, process_count: int = 1, fast_jpeg: bool = False,
+                 process_index: int = 0, process_count: int = 1, fast_jpeg: bool = True,
                  data_dir: str | os.PathLike | None = None, key_map: KeyMap | None = None,
                  sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  batch_size: int | None = None, drop_last: bool = False,
