@@ -20,9 +20,33 @@ VARIED = dict(num_episodes=9, episode_lengths=LENGTHS, num_shards=3,
               cameras=(synthetic.Camera("image", 32, 32),))
 
 
+OTHER = dict(num_episodes=4, episode_lengths=(6, 3, 8, 5), num_shards=2,
+             cameras=(synthetic.Camera("image", 32, 32),))  # 22 steps
+
+
 @pytest.fixture(scope="module")
 def varied(write_dataset):
     return write_dataset(**VARIED)
+
+
+@pytest.fixture
+def make_mixture(make_config, write_dataset, tmp_path):
+    """``make_mixture(data_overrides, loader_overrides)`` -> the path of a YAML config of a
+    mixture (weights 2:1) of the varied dataset and another, both in the global order."""
+    other = write_dataset(**OTHER)
+
+    def make(data=None, loader=None, name="mixture"):
+        children = [make_config(data, name=f"{name}_a"),
+                    make_config({"path": str(other), "seed": 3, **(data or {})},
+                                name=f"{name}_b")]
+        raw = {"mixture": {"seed": 11, "datasets": [{"config": children[0], "weight": 2.0},
+                                                    {"config": children[1], "weight": 1.0}]},
+               "loader": {"batch_size": 6, "num_workers": 0, **(loader or {})}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+    return make
 
 
 @pytest.fixture
@@ -40,14 +64,17 @@ def make_config(varied, tmp_path):
     return make
 
 
-def _ids(batch) -> list[tuple[int, int, int]]:
+def _ids(batch) -> list[tuple[int, ...]]:
     meta = batch["meta"]
-    return list(zip(meta["epoch"].tolist(), meta["episode_index"].tolist(),
-                    meta["step_index"].tolist()))
+    ids = [meta["epoch"].tolist(), meta["episode_index"].tolist(), meta["step_index"].tolist()]
+    if "dataset_index" in meta:
+        ids.insert(0, meta["dataset_index"].tolist())
+    return list(zip(*ids))
 
 
-def _rows(rows) -> list[tuple[int, int, int]]:
-    return [(r.epoch, r.episode, r.step) for r in rows]
+def _rows(rows, mixture=False) -> list[tuple[int, ...]]:
+    return [((r.dataset_index,) if mixture else ()) + (r.epoch, r.episode, r.step)
+            for r in rows]
 
 
 def _loader_batches(config, count, **where):
@@ -109,9 +136,12 @@ def test_a_one_pass_config_starts_each_epoch_on_a_new_batch(make_config):
     assert [r.position for r in rows if r.batch == 10][:2] == [49, 50]
 
 
-def test_start_names_the_batches_after_a_resume_with_another_batch_size(make_config, tmp_path):
-    before = torch_rlds.load_config(make_config(loader={"batch_size": 8}, name="before"))
-    after = torch_rlds.load_config(make_config(loader={"batch_size": 5}, name="after"))
+@pytest.mark.parametrize("kind", ["make_config", "make_mixture"])
+def test_start_names_the_batches_after_a_resume_with_another_batch_size(request, kind,
+                                                                        tmp_path):
+    make = request.getfixturevalue(kind)
+    before = torch_rlds.load_config(make(loader={"batch_size": 8}, name="before"))
+    after = torch_rlds.load_config(make(loader={"batch_size": 5}, name="after"))
     loader = before.make_loader()
     it = iter(loader)
     for _ in range(3):
@@ -125,7 +155,7 @@ def test_start_names_the_batches_after_a_resume_with_another_batch_size(make_con
         if len(produced) == 4:
             break
     rows = ledger(after, range(4), start=3 * 8)
-    assert _rows(rows) == [i for batch in produced for i in batch]
+    assert _rows(rows, mixture=kind == "make_mixture") == [i for b in produced for i in b]
     assert rows[0].position == 24
 
 
@@ -181,9 +211,40 @@ def test_the_check_finds_a_host_that_builds_another_dataset(make_config, monkeyp
         check_hosts(make_config(), range(2), 2)
 
 
-def test_what_the_ledger_cannot_answer_is_named(make_config):
-    with pytest.raises(NotImplementedError, match="config demo_mixture is a mixture"):
-        ledger("demo_mixture", range(2))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_mixture_s_ledger_lists_the_samples_the_loader_produced(make_mixture, varied,
+                                                                 workers):
+    config = torch_rlds.load_config(make_mixture(loader={"num_workers": workers}))
+    produced = _loader_batches(config, 16)  # 96 samples: about 64 of 49 steps, 32 of 22
+    rows = ledger(config, range(16))
+    assert _rows(rows, mixture=True) == [i for batch in produced for i in batch]
+    assert [r.position for r in rows] == list(range(96))
+    names = {0: torch_rlds.RLDSSource(varied).info.name}
+    for r in rows:
+        assert r.dataset == names.setdefault(r.dataset_index, r.dataset)
+    # Both datasets, each into its second epoch: their own orders, counted apart.
+    for d in (0, 1):
+        assert {r.epoch for r in rows if r.dataset_index == d} == {0, 1}, d
+    assert ledger(config, range(9, 12)) == rows[54:72]
+
+
+def test_a_mixture_s_hosts_read_their_rows_and_the_check_confirms_them(make_mixture):
+    config = torch_rlds.load_config(make_mixture(loader={"num_workers": 1}))
+    rows = ledger(config, range(8), hosts=3)
+    for host in range(3):
+        produced = _loader_batches(config, 8, process_index=host, process_count=3)
+        mine = [r for r in rows if r.host == host]
+        assert _rows(mine, mixture=True) == [i for b in produced for i in b], f"host {host}"
+    assert check_hosts(config, range(8), 3) == rows
+    # Batches asked for out of order are counted from the stream's start again.
+    assert ledger(config, [7, 2, 5]) == [r._replace(host=0) for b in (7, 2, 5)
+                                         for r in rows if r.batch == b]
+
+
+def test_what_the_ledger_cannot_answer_is_named(make_config, make_mixture):
+    with pytest.raises(LedgerError, match=r"config window_mixture is a mixture \(.*\) whose "
+                                          "datasets do not all read endlessly in the global"):
+        ledger(make_mixture(data={"order": "window"}, name="window_mixture"), range(2))
     with pytest.raises(LedgerError, match="reads in the window order"):
         ledger(make_config(data={"order": "window"}), range(2))
     with pytest.raises(ValueError, match=r"batch numbers must be ints >= 0 \(got -1\)"):
@@ -202,8 +263,8 @@ def test_the_command_prints_the_table_or_json(make_config, capsys):
     assert cli.main(["ledger", "--config-name", path, "loader.batch_size=3", "--batches", "5",
                      "--check-hosts", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["batch", "row", "host", "position", "epoch", "dataset",
-                              "episode", "step", "file", "record", "offset"]
+    assert out[0].split() == ["batch", "row", "host", "position", "epoch", "dataset_index",
+                              "dataset", "episode", "step", "file", "record", "offset"]
     assert [line.split()[:4] for line in out[1:4]] == [["5", "0", "0", "15"],
                                                       ["5", "1", "1", "16"],
                                                       ["5", "2", "2", "17"]]

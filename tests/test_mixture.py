@@ -290,6 +290,28 @@ def test_a_global_mixture_takes_new_weights_on_restore(paths):
         assert mine == alone
 
 
+def test_a_global_mixture_locates_the_samples_it_reads(paths):
+    mixture = MixtureDataset(global_children(paths), [0.5, 0.3, 0.2], seed=8)
+    read = [i for batch in itertools.islice(torch_rlds.DataLoader(mixture, batch_size=10), 6)
+            for i in ids(batch)]
+    stream = mixture._stream
+    drawn, _, episodes, steps = stream.locate(np.arange(60))
+    assert list(zip(drawn.tolist(), episodes.tolist(), steps.tolist())) == read
+    # Positions with gaps, or counted on from a position whose counts are known, locate
+    # the same samples.
+    some = np.array([3, 4, 5, 17, 40, 41, 59])
+    located = stream.locate(some)
+    assert [a.tolist() for a in located] == [a[some].tolist() for a in stream.locate(
+        np.arange(60))]
+    counts = stream.draws.counts(0, 17)
+    assert [a.tolist() for a in stream.locate(some[3:], counts, 17)] == [
+        a[3:].tolist() for a in located]
+    with pytest.raises(ValueError, match="positions must ascend from at=17"):
+        stream.locate(some, counts, 17)
+    with pytest.raises(ValueError, match=r"counts one per dataset \(3\)"):
+        stream.locate(some, counts[:2])
+
+
 def test_a_global_mixture_state_is_checked(paths):
     mixture = MixtureDataset(global_children(paths), seed=3)
     next(iter(torch_rlds.DataLoader(mixture, batch_size=4)))

@@ -152,6 +152,43 @@ class MixtureStream:
                 done += size
             batch = batches[-1] + stride
 
+    def locate(self, positions: np.ndarray, counts: np.ndarray | None = None, at: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The dataset, and the epoch, episode and step in it, of the samples at the ascending
+        stream ``positions``: where :meth:`plan` reads them (each dataset's own
+        :meth:`~torch_rlds._global_stream.GlobalStream.locate` of its count there).
+
+        ``counts``: the samples each dataset had drawn before position ``at`` (<= the first
+        position), to count on from; by default the stream's start. Counting the draws
+        between costs time in proportion to the positions passed.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(self.datasets)
+        counts = np.zeros(n, dtype=np.int64) if counts is None else np.asarray(counts,
+                                                                               dtype=np.int64)
+        if positions.ndim != 1 or counts.shape != (n,):
+            raise ValueError(f"positions must be 1-d and counts one per dataset ({n}), got "
+                             f"shapes {positions.shape} and {counts.shape}")
+        if positions.size and (positions[0] < at or (np.diff(positions) <= 0).any()):
+            raise ValueError(f"positions must ascend from at={at} (got {positions[0]} .. "
+                             f"{positions[-1]})")
+        drawn = np.empty(len(positions), dtype=np.int64)
+        index = np.empty(len(positions), dtype=np.int64)
+        # Runs of consecutive positions, each counted from the draws before it.
+        cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+        for run in np.split(np.arange(len(positions)), cuts) if positions.size else []:
+            first, last = int(positions[run[0]]), int(positions[run[-1]])
+            counts = counts + self.draws.counts(at, first)
+            _, drawn[run], index[run] = self._locals(positions[run], counts)
+            counts = counts + np.bincount(drawn[run], minlength=n)
+            at = last + 1
+        epochs, episodes, steps = (np.empty(len(positions), dtype=np.int64) for _ in range(3))
+        for d in np.unique(drawn).tolist():
+            where = drawn == d
+            epochs[where], episodes[where], steps[where] = (
+                self.datasets[d]._stream.locate(index[where]))
+        return drawn, epochs, episodes, steps
+
     def _locals(self, samples: np.ndarray, before: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(samples, dataset, index in its dataset's stream)`` of a host slice whose first

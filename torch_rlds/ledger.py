@@ -25,14 +25,21 @@ slicing say which host reads it. :func:`check_hosts` builds it once per host ``p
 hosts read disjoint samples that together are the global batches.
 
 Each row names the batch, the row inside it (hosts' parts in host order), the host, the stream
-position, the epoch, the dataset, the episode (index in the split expression, as in a sample's
-``meta["episode_index"]``) and step (``meta["step_index"]``), and the tfrecord shard, record
-and byte offset of the episode. With ``data.on_corrupt: skip`` a sample whose episode turns out
-to be corrupt when read is replaced by the same position of a later epoch; the ledger, which
-reads nothing, lists the planned sample.
+position, the epoch, the dataset (its index in the mixture, 0 for a single dataset, as in a
+mixture sample's ``meta["dataset_index"]``, and its name), the episode (index in the split
+expression, as in a sample's ``meta["episode_index"]``) and step (``meta["step_index"]``), and
+the tfrecord shard, record and byte offset of the episode. With ``data.on_corrupt: skip`` a
+sample whose episode turns out to be corrupt when read is replaced by the same position of a
+later epoch; the ledger, which reads nothing, lists the planned sample.
 
-Mixture configs are not covered yet: which dataset a mixture sample comes from is decided per
-reader as it goes, not by the global order.
+**Mixtures.** A mixture config whose datasets all read endlessly in the global order is a
+:class:`~torch_rlds.mixture.GlobalMixture`: the dataset of global sample ``k`` is drawn from
+the mixture's seed, its weights and ``k`` alone, and the sample is the next one of that
+dataset's own global order (:mod:`torch_rlds._mixture_stream`), so the ledger answers for it
+too: the epoch, episode and step are those of the sample's dataset. It counts the draws from
+the stream's start, at the config's weights: for a run whose weights changed on a restore,
+the rows after the change are not the ones it read. A mixture of datasets in the window
+order, or of one-pass datasets, draws per reader as it goes, and is refused.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class Exposure(NamedTuple):
     host: int
     position: int
     epoch: int
+    dataset_index: int
     dataset: str
     episode: int
     step: int
@@ -156,21 +164,34 @@ class _Planner:
     def __init__(self, config: Any, process_index: int, process_count: int,
                  host_batch: int) -> None:
         from torch_rlds._global_stream import global_batch_size
+        from torch_rlds.mixture import GlobalMixture, MixtureDataset
 
         with _no_index_build():
             dataset = config.make_dataset(process_index, process_count)
-        if dataset.order != "global":
+        if isinstance(dataset, MixtureDataset):
+            if not isinstance(dataset, GlobalMixture):
+                names = ", ".join(e.config for e in config.mixture.datasets)
+                raise LedgerError(
+                    f"config {config.name} is a mixture ({names}) whose datasets do not all "
+                    "read endlessly in the global order (data.order=global, data.repeat=true): "
+                    "such a mixture draws its datasets per reader as it goes, which the "
+                    "config alone does not tell")
+            children = dataset.datasets
+        elif dataset.order != "global":
             raise LedgerError(f"config {config.name} reads in the window order (data.order="
                               f"{config.data.order}); the ledger needs the global order, where "
                               "the batches do not depend on the hosts and workers")
+        else:
+            children = [dataset]
+        self.mixture = isinstance(dataset, GlobalMixture)
         self.dataset = dataset.batching_view(host_batch)
         self.stream = self.dataset._stream
         self.batch_size = global_batch_size(self.dataset)
         self.fingerprint = self.stream.fingerprint(self.dataset)
-        self.name = dataset.source.info.name
-        files = self.stream.files
-        self._shard_of, self._record_of = files.shard_of, files.record_of
-        self._shards = [files.shard(s) for s in range(files.num_shards)]
+        self._children = [_Files(child) for child in children]
+        # A mixture's draws counted up to a position: (position, samples of each dataset
+        # before it), so that batches asked for in order are counted once.
+        self._counted: tuple[int, np.ndarray | None] = (0, None)
 
     def host_positions(self, start: int, batch: int) -> np.ndarray:
         """The stream positions this host reads of global batch ``batch`` (see the module
@@ -199,20 +220,48 @@ class _Planner:
         grid = first_end + epochs * steps
         return grid, index, grid + steps
 
+    def _locate(self, positions: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(dataset index, epoch, episode, step)`` of the ascending ``positions``."""
+        if not self.mixture:
+            epochs, episodes, steps = self.stream.locate(positions)
+            return np.zeros(len(positions), dtype=np.int64), epochs, episodes, steps
+        first = int(positions[0])
+        at, counts = self._counted
+        if counts is None or first < at:
+            at, counts = 0, np.zeros(len(self._children), dtype=np.int64)
+        counts = counts + self.stream.draws.counts(at, first)
+        self._counted = (first, counts)
+        return self.stream.locate(positions, counts, first)
+
     def locate(self, batch: int, positions: np.ndarray, *, row: int,
                host: int) -> list[Exposure]:
         """The rows of ``positions`` (this host's part of ``batch``), numbered from ``row``."""
         if positions.size == 0:
             return []
-        epochs, episodes, steps = self.stream.locate(positions)
-        out = []
-        for i, (position, epoch, episode, step) in enumerate(zip(
-                positions.tolist(), epochs.tolist(), episodes.tolist(), steps.tolist())):
-            shard = self._shards[int(self._shard_of[episode])]
-            record = int(self._record_of[episode])
-            out.append(Exposure(batch, row + i, host, position, epoch, self.name, episode, step,
-                                shard.path, record, int(shard.offsets[record])))
-        return out
+        located = self._locate(positions)
+        return [self._children[d].exposure(batch, row + i, host, position, epoch, d, episode,
+                                           step)
+                for i, (position, d, epoch, episode, step) in enumerate(zip(
+                    positions.tolist(), *(a.tolist() for a in located)))]
+
+
+class _Files:
+    """Where the episodes of one dataset (of a mixture) lie: its name, shards and records."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.name = dataset.source.info.name
+        files = dataset._stream.files
+        self._shard_of, self._record_of = files.shard_of, files.record_of
+        self._shards = [files.shard(s) for s in range(files.num_shards)]
+
+    def exposure(self, batch: int, row: int, host: int, position: int, epoch: int,
+                 dataset_index: int, episode: int, step: int) -> Exposure:
+        """The row of step ``step`` of ``episode`` of this dataset."""
+        shard = self._shards[int(self._shard_of[episode])]
+        record = int(self._record_of[episode])
+        return Exposure(batch, row, host, position, epoch, dataset_index, self.name, episode,
+                        step, shard.path, record, int(shard.offsets[record]))
 
 
 @contextlib.contextmanager
@@ -243,12 +292,6 @@ def _config(config: Any, overrides: Sequence[str]) -> Any:
     if not isinstance(config, Config):
         raise TypeError(f"config must be a torch_rlds.Config, a config name or a YAML path "
                         f"(got {type(config).__name__})")
-    if config.mixture is not None:
-        names = ", ".join(e.config for e in config.mixture.datasets)
-        raise NotImplementedError(
-            f"config {config.name} is a mixture ({names}): the ledger covers single-dataset "
-            "configs; a mixture's choice of dataset is made per reader as it goes, not by the "
-            "global order")
     return config
 
 
@@ -282,8 +325,7 @@ def _first_shared(parts: list[np.ndarray]) -> tuple[int, int, int] | None:
     return None
 
 
-COLUMNS = ("batch", "row", "host", "position", "epoch", "dataset", "episode", "step", "file",
-           "record", "offset")
+COLUMNS = Exposure._fields
 
 
 def format_table(rows: Sequence[Exposure]) -> str:
