@@ -329,3 +329,16 @@ def test_reduced_decode_gives_the_resized_size_close_to_a_full_decode(write_data
     assert same_ds.decode_sizes == (("image_primary", (200, 200)),)
     assert all((a["observation"]["image_primary"] == b["observation"]["image_primary"]).all()
                for a, b in zip(samples(False, size=(200, 200))[1], same))
+
+
+def test_the_ledger_of_a_filtered_recipe_lists_what_its_loader_produced(droid_dir):
+    from torch_rlds.ledger import ledger
+
+    config = droid_config(droid_dir, "data.order=global", "loader.batch_size=4",
+                          "loader.num_workers=2")
+    produced = [(int(e), int(t), int(p)) for b in itertools.islice(iter(config.make_loader()), 9)
+                for e, t, p in zip(b["meta"]["episode_index"], b["meta"]["step_index"],
+                                   b["meta"]["epoch"])]
+    rows = ledger(config, range(9))
+    assert [(r.episode, r.step, r.epoch) for r in rows] == produced
+    assert {(e, t) for e, t, _ in produced} == KEPT  # 36 samples: two epochs of 18 kept steps
