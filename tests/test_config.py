@@ -245,3 +245,27 @@ def test_mixture_balance_and_data_dir_are_checked_and_applied():
     assert load_config(entry.config, config.mixture.entry_overrides(entry)).data.data_dir == (
         "/elsewhere")
     assert "  data_dir: /elsewhere" in format_config(config)
+
+
+def test_data_fields_and_dataset_arguments_are_one_set_of_defaults():
+    import dataclasses
+    import inspect
+
+    from torch_rlds.config import DATASET_FIELDS
+
+    parameters = inspect.signature(torch_rlds.RLDSDataset.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(DataConfig)}
+    # What a config does not set on the dataset: the source, the process (from the runtime),
+    # the batch (from the loader section) and what the transform section builds.
+    not_config = {"self", "source", "process_index", "process_count", "sample_transform",
+                  "batch_size", "drop_last", "decode_sizes"}
+    assert set(parameters) - not_config == set(DATASET_FIELDS) | {"split", "data_dir"}
+    for name in [*DATASET_FIELDS, "split", "data_dir"]:
+        assert parameters[name].default == fields[name], name
+
+
+def test_on_corrupt_and_decode_threads_reach_the_dataset():
+    dataset = load_config("demo", ["data.on_corrupt=skip", "data.decode_threads=3"]).make_dataset()
+    assert (dataset.on_corrupt, dataset.decode_threads) == ("skip", 3)
+    with pytest.raises(ConfigError, match="data.on_corrupt"):
+        load_config("demo", ["data.on_corrupt=ignore"])

@@ -93,6 +93,11 @@ class DataConfig:
                                             "torch_rlds.trajectory")
     filters: Any = field(None, ANY_MAPPING, "episode and sample filters: see "
                                             "torch_rlds.trajectory.FilterConfig")
+    on_corrupt: str = field("raise", choice_rule(("raise", "skip")),
+                            "raise, or skip (and log) an episode or sample that does not read")
+    decode_threads: int | None = field(None, nullable(int_rule(1)),
+                                       "threads decoding frames per reader (null: the CPUs "
+                                       "divided among the workers, at most 8)")
     transform: Any = field(None, ANY_MAPPING, "see torch_rlds.transforms.TransformConfig")
 
     def __post_init__(self) -> None:
@@ -155,6 +160,12 @@ class LoaderConfig:
         check_fields(self, "loader")
         if self.num_workers is None:
             object.__setattr__(self, "num_workers", default_num_workers())
+
+
+# The data fields that are RLDSDataset arguments of the same name and meaning (the others:
+# path, which makes the source with split and data_dir, and transform, the sample transform).
+DATASET_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig)
+                       if f.name not in ("path", "split", "data_dir", "transform"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,14 +333,11 @@ class Config:
         if d.transform is not None:
             transform = d.transform.build(seed=d.seed, source=source, key_map=d.key_map,
                                           plan=self.plan())
+        # Every data field that RLDSDataset takes goes to it by name (DATASET_FIELDS); the
+        # rest of its arguments come from the process, the loader or the transform section.
         return RLDSDataset(
-            source, obs_window=d.obs_window, action_horizon=d.action_horizon,
-            observation_keys=d.observation_keys, action_key=d.action_key,
-            language_key=d.language_key, shuffle=d.shuffle, seed=d.seed,
-            shuffle_window=d.shuffle_window, repeat=d.repeat, process_index=index,
-            process_count=count, fast_jpeg=d.fast_jpeg, key_map=d.key_map,
-            sample_transform=transform, order=d.order, trajectory=d.trajectory,
-            filters=d.filters, window_actions=d.window_actions, goal_relabel=d.goal_relabel,
+            source, **{name: getattr(d, name) for name in DATASET_FIELDS},
+            process_index=index, process_count=count, sample_transform=transform,
             decode_sizes=(d.transform.decode_sizes(d.key_map, source)
                           if d.transform is not None else None),
         )
