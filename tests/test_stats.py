@@ -13,6 +13,7 @@ import pytest
 
 import torch_rlds
 from torch_rlds import _images, stats, synthetic
+from torch_rlds._stats_command import main as stats_main
 from torch_rlds.config import DataConfig
 from torch_rlds.keymap import KeyMap, key_map_from_config
 from torch_rlds.stats import RunningStats
@@ -137,12 +138,12 @@ def test_stats_command(small_dataset, small_spec, tmp_path, capsys):
     config.write_text(f"data:\n  path: {small_dataset}\n")
     out = tmp_path / "assets"
     out.mkdir()
-    assert stats.main(["--config-name", str(config), "--output", str(out),
+    assert stats_main(["--config-name", str(config), "--output", str(out),
                        "data.split=train[:4]"]) == 0
     captured = capsys.readouterr()
     assert "stats synthetic_rlds" in captured.err  # the progress bar
     assert "state (7 dims)" in captured.out and "q99" in captured.out
-    assert stats.main(["--config-name", str(config), "--output", str(out), "--no-progress",
+    assert stats_main(["--config-name", str(config), "--output", str(out), "--no-progress",
                        "--recompute", "data.split=train[:4]"]) == 0  # over the files of the first
     written = stats.read_norm_stats(out)
     state, _ = _synthetic_arrays(small_spec)

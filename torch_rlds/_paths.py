@@ -69,28 +69,31 @@ def _require_filesystem(path: str | os.PathLike) -> None:
                               f"installed: pip install 'torch-rlds[{extra}]'")
 
 
-# path -> (filesystem, the name it knows the object by): resolving a URL costs more than a
-# request's own work, and every header hop of an index build asks for it. Dropped in a forked
-# child (an async filesystem's event loop does not cross a fork) and when a filesystem is
-# registered (forget_filesystems).
-_filesystems: dict[str, tuple[Any, str]] = {}
+# path -> (filesystem, the name it knows the object by, the implementation fsspec had
+# registered for its scheme): resolving a URL costs more than a request's own work, and every
+# header hop of an index build asks for it. An entry whose scheme has another implementation
+# registered since (a simulated bucket installed or removed) is resolved again; the cache is
+# dropped in a forked child (an async filesystem's event loop does not cross a fork).
+_filesystems: dict[str, tuple[Any, str, Any]] = {}
 _MAX_CACHED = 1 << 16
 
 
 def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     """The fsspec filesystem of the remote ``path`` and the name it knows the object by."""
-    text = os.fspath(path)
-    found = _filesystems.get(text)
-    if found is not None:
-        return found
     import fsspec.core
+    from fsspec.registry import registry
 
+    text = os.fspath(path)
+    kind = scheme(text)
+    found = _filesystems.get(text)
+    if found is not None and registry.get(kind) is found[2]:
+        return found[0], found[1]
     _require_filesystem(text)
-    found = fsspec.core.url_to_fs(text)
+    fs, name = fsspec.core.url_to_fs(text)
     if len(_filesystems) >= _MAX_CACHED:
         _filesystems.clear()
-    _filesystems[text] = found
-    return found
+    _filesystems[text] = (fs, name, registry.get(kind))
+    return fs, name
 
 
 def forget_filesystems() -> None:

@@ -246,11 +246,8 @@ def _unregister() -> None:
 
 
 def _forget_cached_filesystems() -> None:
-    """etils.epath and torch_rlds keep the filesystem they found for ``gs://``; make them ask
-    fsspec again."""
-    from torch_rlds._paths import forget_filesystems
-
-    forget_filesystems()
+    """etils.epath keeps the filesystem it found for ``gs://``; make it ask fsspec again
+    (torch_rlds's own cache sees the registration change by itself)."""
     with contextlib.suppress(ImportError, AttributeError):
         from etils.epath import backend
 

@@ -131,7 +131,7 @@ def _first_step_key(source) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``torch-rlds``."""
-    from torch_rlds import stats
+    from torch_rlds import _stats_command as stats
 
     parser = argparse.ArgumentParser(prog="torch-rlds", description=__doc__.split("\n\n")[0])
     parser.add_argument(TRACEBACK_FLAG, action="store_true",

@@ -283,7 +283,7 @@ class Config:
         """The dataset location, writing the demo dataset first when ``data.path`` is demo."""
         d = self.data
         if d.path == DEMO and d.data_dir is None:
-            from torch_rlds.demo import demo_dataset
+            from torch_rlds.synthetic import demo_dataset
 
             return os.fspath(demo_dataset())
         if d.data_dir is None and "/" not in d.path and not os.path.exists(d.path):

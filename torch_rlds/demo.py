@@ -13,22 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from etils import epath
 
-from torch_rlds import synthetic
-from torch_rlds._cache import cache_root
 from torch_rlds.config import load_config
-
-DEMO_SPEC = synthetic.SyntheticSpec(
-    name="torch_rlds_demo", version="1.0.0", num_episodes=24, val_episodes=4, min_steps=20,
-    max_steps=60, num_shards=4, state_dim=7, action_dim=7,
-    cameras=(synthetic.Camera("image", 64, 64), synthetic.Camera("wrist_image", 64, 64)),
-)
-
-
-def demo_dataset() -> epath.Path:
-    """The demo dataset's version directory, written into the cache on first use."""
-    return synthetic.write_dataset_once(cache_root() / "demo", DEMO_SPEC, progress=True)
 
 
 def batch_digest(batch: Any) -> str:

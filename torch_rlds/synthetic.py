@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
+from torch_rlds._cache import cache_root
 from torch_rlds._tfrecord import write_tfrecord
 
 _BANDS = 4
@@ -362,6 +363,20 @@ def _write_shard(path: epath.Path, records: list[bytes], file_format: str) -> No
     finally:
         writer.close()
 
+
+
+# -- the demo dataset ----------------------------------------------------------------------------
+DEMO_SPEC = SyntheticSpec(
+    name="torch_rlds_demo", version="1.0.0", num_episodes=24, val_episodes=4, min_steps=20,
+    max_steps=60, num_shards=4, state_dim=7, action_dim=7,
+    cameras=(Camera("image", 64, 64), Camera("wrist_image", 64, 64)),
+)
+
+
+def demo_dataset() -> epath.Path:
+    """The demo dataset's version directory (the ``demo`` config's data), written into the
+    cache on first use."""
+    return write_dataset_once(cache_root() / "demo", DEMO_SPEC, progress=True)
 
 __all__ = [
     "Camera",

@@ -148,7 +148,12 @@ def window_reads(url: str, window: int, windows: int = 4) -> dict[str, Any]:
 
 def report_lines(results: dict[str, Any]) -> list[str]:
     """The section's tables for ``results.md``."""
-    from torch_rlds.bench._report import _error, _fmt, _memory, _ok, _rates, paired_ratio
+    from torch_rlds.bench._cells import error as _error
+    from torch_rlds.bench._cells import fmt as _fmt
+    from torch_rlds.bench._cells import memory as _memory
+    from torch_rlds.bench._cells import ok as _ok
+    from torch_rlds.bench._cells import paired_ratio
+    from torch_rlds.bench._cells import rates as _rates
 
     remote = results.get("remote") or {}
     record = remote.get("startup")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from typing import Any
 
 from torch_rlds.bench import _report_order
 from torch_rlds.bench._cells import error as _error
 from torch_rlds.bench._cells import fmt as _fmt
+from torch_rlds.bench._cells import memory as _memory
 from torch_rlds.bench._cells import ok as _ok
+from torch_rlds.bench._cells import paired_ratio
+from torch_rlds.bench._cells import rates as _rates
 
 REDUCED_FULL = "torch_rlds resized to half: reduced decode / full decode"
 REDUCED_LIMIT = "torch_rlds resized to half, reduced decode / full-size decode limit"
@@ -36,13 +38,6 @@ TARGETS = {
 }
 
 
-def _rates(record: dict[str, Any] | None) -> list[float | None]:
-    """A throughput record's samples/s, round by round (one round when it has no rounds)."""
-    r = _ok(record) or {}
-    rounds = r.get("rounds_samples_per_s")
-    return list(rounds) if rounds else [r.get("samples_per_s")]
-
-
 def _best_rates(results: dict[str, Any]) -> list[float | None]:
     """Round by round, the best torch_rlds samples/s over its worker counts."""
     per_workers = [_rates(r) for r in results["throughput"]["torch_rlds"].values()]
@@ -51,20 +46,6 @@ def _best_rates(results: dict[str, Any]) -> list[float | None]:
     rounds = max(len(rates) for rates in per_workers)
     return [max((rates[i] for rates in per_workers if i < len(rates) and rates[i]),
                 default=None) for i in range(rounds)]
-
-
-def paired_ratio(a: list[float | None], b: list[float | None]) -> float | None:
-    """The median over rounds of ``a / b`` in the same round: the pipelines of a round ran
-    minutes apart at most, so a machine whose speed drifts during the run skews no ratio.
-    Rounds where either failed are left out; lists of other lengths compare their medians."""
-    if len(a) != len(b):
-        a, b = [_median([x for x in a if x])], [_median([x for x in b if x])]
-    pairs = [x / y for x, y in zip(a, b) if x and y]
-    return _median(pairs)
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
@@ -128,11 +109,6 @@ def write_json(results: dict[str, Any], out_dir: str) -> str:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     return path
-
-
-def _memory(record: dict[str, Any] | None) -> tuple[str, str]:
-    memory = (record or {}).get("memory") or {}
-    return _fmt(memory.get("peak_rss_mb"), 0), _fmt(memory.get("peak_pss_mb"), 0)
 
 
 def markdown(results: dict[str, Any]) -> str:
