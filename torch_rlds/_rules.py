@@ -76,6 +76,12 @@ def check_value(where: str, value: Any, rule: Rule, error: type[Exception] = Con
     return rule.normalise(value)
 
 
+def check_int(where: str, value: Any, low: int, error: type[Exception] = ValueError) -> int:
+    """``value`` if it is an int (not a bool) >= ``low``; else raise ``error`` naming ``where``
+    (the one range check of arguments, config fields and state fields alike)."""
+    return check_value(where, value, int_rule(low), error)
+
+
 def check_fields(section: Any, where: str, error: type[Exception] = ConfigError) -> None:
     """Check every field of the frozen dataclass ``section`` that has a rule, in field order,
     and store each normalised value."""

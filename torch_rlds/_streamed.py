@@ -23,6 +23,7 @@ from typing import Any
 import torch.utils.data
 
 from torch_rlds._batch import BatchBuilder, Item
+from torch_rlds._rules import check_int
 from torch_rlds._window_stream import shutdown
 from torch_rlds._windows import EpisodeSampler, Recipe
 
@@ -142,7 +143,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
         cursor for both: iterating, :meth:`set_epoch` and :meth:`load_state_dict` on either
         move the other. What :class:`torch_rlds.DataLoader` iterates when given this dataset
         and a ``batch_size``."""
-        check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, 1)
         out = copy.copy(self)
         out.batch_size = batch_size
         out.drop_last = bool(drop_last)
@@ -154,7 +155,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
         takes the samples of whole host batches, so the loader's batches are those a
         batching view makes, under any worker count. What :class:`torch_rlds.DataLoader`
         iterates when given this dataset, a ``batch_size`` and a ``collate_fn``."""
-        check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, 1)
         if self.batch_size is not None:
             raise ValueError(f"the dataset emits batches (batch_size={self.batch_size}); a "
                              "sampling view is of a dataset that emits samples")
@@ -344,7 +345,3 @@ class Progress:
         return {**self.__dict__, "windows": {}}
 
 
-
-def check_positive(name: str, value: Any) -> None:
-    if type(value) is not int or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 (got {value!r})")

@@ -107,7 +107,7 @@ class DataConfig:
     def _build_sections(self) -> None:
         """Turn the ``key_map``, ``trajectory``, ``filters`` and ``transform`` sections into
         their typed objects."""
-        from torch_rlds.keymap import KeyMap, KeyMapError
+        from torch_rlds.keymap import KeyMap, KeyMapError, check_plain_keys
         from torch_rlds.trajectory import FilterConfig, TrajectoryConfig, TrajectoryError
         from torch_rlds.transforms import TransformConfig
 
@@ -117,12 +117,11 @@ class DataConfig:
                                                                      "data.key_map"))
             except KeyMapError as e:
                 raise ConfigError(str(e)) from e
-            if self.observation_keys is not None:
-                raise ConfigError("data.observation_keys must be null with data.key_map (the "
-                                  "key map names the observations)")
-            if self.action_key != "action" or self.language_key != "language_instruction":
-                raise ConfigError("data.action_key and data.language_key must stay at their "
-                                  "defaults with data.key_map (the key map names them)")
+            try:
+                check_plain_keys(self.observation_keys, self.action_key, self.language_key,
+                                 "data.")
+            except KeyMapError as e:
+                raise ConfigError(str(e)) from e
         try:
             object.__setattr__(self, "trajectory",
                                TrajectoryConfig.from_value(self.trajectory, "data.trajectory"))

@@ -12,11 +12,13 @@ import numpy as np
 from torch_rlds._global_stream import GlobalStream
 from torch_rlds._info import DatasetFormatError
 from torch_rlds._plan import EpisodePlan
+from torch_rlds._rules import check_int
 from torch_rlds._state import MAX_INT
 from torch_rlds._step_index import NotStepAddressable
 from torch_rlds._step_reader import IndexBuilder, StepFiles, StepReader
-from torch_rlds._streamed import Progress, StreamedDataset, check_positive
+from torch_rlds._streamed import Progress, StreamedDataset
 from torch_rlds._window_stream import WindowStream
+from torch_rlds.keymap import check_plain_keys
 from torch_rlds.source import RLDSSource
 
 if TYPE_CHECKING:
@@ -194,16 +196,16 @@ class RLDSDataset(StreamedDataset):
                  window_actions: bool = False, goal_relabel: bool = False,
                  decode_sizes: Mapping[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
-        check_positive("obs_window", obs_window)
+        check_int("obs_window", obs_window, 1)
         if batch_size is not None:
-            check_positive("batch_size", batch_size)
+            check_int("batch_size", batch_size, 1)
         if decode_threads is not None:
-            check_positive("decode_threads", decode_threads)
+            check_int("decode_threads", decode_threads, 1)
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {list(ON_CORRUPT)} (got {on_corrupt!r})")
-        check_positive("action_horizon", action_horizon)
-        check_positive("shuffle_window", shuffle_window)
-        check_positive("process_count", process_count)
+        check_int("action_horizon", action_horizon, 1)
+        check_int("shuffle_window", shuffle_window, 1)
+        check_int("process_count", process_count, 1)
         if type(seed) is not int or not 0 <= seed <= MAX_INT:
             raise ValueError(f"seed must be an int in [0, 2**63 - 1] (got {seed!r})")
         if type(process_index) is not int or not 0 <= process_index < process_count:
@@ -235,9 +237,7 @@ class RLDSDataset(StreamedDataset):
         self.decode_threads = decode_threads
         self.on_corrupt = on_corrupt
         if key_map is not None:
-            if observation_keys is not None:
-                raise ValueError("observation_keys must be None with a key_map (the key map "
-                                 "names the observations)")
+            check_plain_keys(observation_keys, action_key, language_key)
             key_map.validate(source)
             self.observation_keys = key_map.observation_keys()
             self.action_key = "action"

@@ -340,6 +340,19 @@ def _get(steps: Mapping[str, Any], key: str, field: str, name: str) -> Any:
     return node
 
 
+def check_plain_keys(observation_keys: Any, action_key: Any, language_key: Any,
+                     where: str = "") -> None:
+    """With a key map, the key map names the observations, the action and the instruction:
+    the plain key arguments (``where``-prefixed in errors, ``data.`` for a config) must be
+    left unset. Raises :class:`KeyMapError` otherwise."""
+    if observation_keys is not None:
+        raise KeyMapError(f"{where}observation_keys must be null with a key map (the key map "
+                          "names the observations)")
+    if action_key != ACTION or language_key != LANGUAGE:
+        raise KeyMapError(f"{where}action_key and {where}language_key must stay at their "
+                          "defaults with a key map (the key map names them)")
+
+
 def key_map_from_config(data: Any) -> KeyMap:
     """The key map of a ``DataConfig``: its ``key_map`` field when it has one; else the plain
     fields' equivalent, state ``observation/state`` and action ``data.action_key`` (no cameras,
@@ -351,4 +364,4 @@ def key_map_from_config(data: Any) -> KeyMap:
                   action_keys=(getattr(data, "action_key", ACTION),))
 
 
-__all__ = ["KeyMap", "KeyMapError", "image_key", "key_map_from_config"]
+__all__ = ["KeyMap", "KeyMapError", "check_plain_keys", "image_key", "key_map_from_config"]

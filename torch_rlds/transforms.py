@@ -45,6 +45,10 @@ from torch_rlds.keymap import IMAGE_PREFIX, STATE, image_key
 EPS = 1e-6
 NORMALIZE_MODES = ("zscore", "quantile", "bounds")
 RESIZE_MODES = ("pad", "stretch")
+
+# The rules every place that takes a mode checks it by (ValueError naming the place).
+RESIZE_MODE = Rule(f"one of {list(RESIZE_MODES)}", lambda v: v in RESIZE_MODES)
+NORMALIZE_MODE = Rule(f"one of {list(NORMALIZE_MODES)}", lambda v: v in NORMALIZE_MODES)
 RESIZE_FILTERS = ("bilinear", "lanczos3")
 _AUGMENT_TAG = 0x41554731
 _ROLE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -336,8 +340,7 @@ def resize_images(frames: np.ndarray, size: tuple[int, int], mode: str = "pad",
 
     ``filter``: ``bilinear`` (Pillow's), or ``lanczos3``, the antialiased Lanczos-3 of
     ``tf.image.resize`` that Octo and OpenVLA resize with (see :func:`lanczos3`)."""
-    if mode not in RESIZE_MODES:
-        raise ValueError(f"resize mode must be one of {RESIZE_MODES} (got {mode!r})")
+    check_value("resize mode", mode, RESIZE_MODE, ValueError)
     _check_filter(filter)
     out_h, out_w = size
     n, h, w, c = frames.shape
@@ -383,8 +386,7 @@ class Resize:
         else:
             self.size = _check_size(size, "size")
             self.sizes = None
-        if mode not in RESIZE_MODES:
-            raise ValueError(f"resize mode must be one of {RESIZE_MODES} (got {mode!r})")
+        check_value("resize mode", mode, RESIZE_MODE, ValueError)
         _check_filter(filter)
         self.mode = mode
         self.filter = filter
@@ -568,7 +570,7 @@ def _affine(stats: Any, mode: str, dims: int, eps: float = EPS
         scale = (q99 - q01 + eps) / 2.0
         shift = q01 + scale
     else:
-        raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES} (got {mode!r})")
+        check_value("normalize mode", mode, NORMALIZE_MODE, ValueError)
     if shift.shape != (dims,):
         raise ValueError(f"values have {dims} dimensions, the normalization statistics "
                          f"{shift.shape[0] if shift.ndim == 1 else shift.shape}")
@@ -591,8 +593,7 @@ class Normalize:
     def __init__(self, stats: Mapping[str, Any], mode: str, *,
                  mask: Mapping[str, Sequence[bool] | None] | None = None,
                  eps: float = EPS) -> None:
-        if mode not in NORMALIZE_MODES:
-            raise ValueError(f"normalize mode must be one of {NORMALIZE_MODES} (got {mode!r})")
+        check_value("normalize mode", mode, NORMALIZE_MODE, ValueError)
         if "state" not in stats and "actions" not in stats:
             raise ValueError(f"normalization statistics need 'state' or 'actions' (got "
                              f"{sorted(stats)})")
@@ -717,7 +718,7 @@ class TransformConfig:
         None, nullable(Rule("[height, width] with ints >= 1, or a mapping of camera role to "
                             "[height, width]", _is_sizes, _sizes)),
         "the size cameras are resized to (null: as stored)")
-    resize: str = field("pad", choice_rule(RESIZE_MODES),
+    resize: str = field("pad", RESIZE_MODE,
                         "pad keeps the aspect ratio, stretch does not")
     resize_filter: str = field("bilinear", choice_rule(RESIZE_FILTERS),
                                "lanczos3: tf.image.resize's antialiased Lanczos-3 (Octo's, "
@@ -732,7 +733,7 @@ class TransformConfig:
     contrast: float = field(0.2, number_rule(0.0, 1.0), "contrast factor range")
     pad_state_to: int | None = field(None, nullable(int_rule(1)), "pad state to this width")
     pad_action_to: int | None = field(None, nullable(int_rule(1)), "pad action to this width")
-    normalize: str | None = field(None, nullable(choice_rule(NORMALIZE_MODES)),
+    normalize: str | None = field(None, nullable(NORMALIZE_MODE),
                                   "normalize state and action")
     normalize_state_mask: tuple[bool, ...] | None = field(
         None, nullable(Rule("a list of true/false, one per state dimension", _is_bools,

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from torch_rlds import synthetic
+from torch_rlds._rules import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +109,9 @@ class BenchSettings:
                      "action_horizon", "shuffle_window", "tf_shuffle_buffer", "measure_batches",
                      "throughput_rounds", "resume_rounds", "limit_processes", "limit_episodes",
                      "limit_rounds", "save_repeats"):
-            _at_least(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_batches", "resume_workers", "seed"):
-            _at_least(name, getattr(self, name), 0)
+            check_int(name, getattr(self, name), 0)
         if self.max_steps < self.min_steps:
             raise ValueError(f"max_steps must be >= min_steps ({self.min_steps}) (got "
                              f"{self.max_steps})")
@@ -146,18 +147,18 @@ class BenchSettings:
                                  f"{(hosts, workers)!r})")
         for name in ("shuffle_steps", "shuffle_droid_steps", "shuffle_batch", "shuffle_buffer",
                      "memory_count_steps", "memory_size_episodes", "memory_batches"):
-            _at_least(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         hosts, readers = self.shuffle_topology
         if self.shuffle_batch % hosts:
             raise ValueError(f"shuffle_topology {hosts} must divide shuffle_batch "
                              f"{self.shuffle_batch}")
-        _at_least("shuffle_topology workers", readers, 1)
+        check_int("shuffle_topology workers", readers, 1)
         for name in ("memory_episodes", "memory_size_steps"):
             values = getattr(self, name)
             if len(values) < 2 or any(type(v) is not int or v < 1 for v in values):
                 raise ValueError(f"{name} must hold at least two ints >= 1 (got {values!r})")
         for name in ("memory_count_image", "memory_size_image"):
-            _at_least(name, getattr(self, name), 32)
+            check_int(name, getattr(self, name), 32)
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchSettings:
@@ -242,6 +243,4 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _at_least(name: str, value: Any, low: int) -> None:
-    if type(value) is not int or value < low:
-        raise ValueError(f"{name} must be an int >= {low} (got {value!r})")
+
