@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from torch_rlds import _fields
+from torch_rlds import _fields, _torchdata
 
 # Bytes before a pooled batch's first tensor: MAGIC, token, worker, slot, sequence (int64 each).
 HEADER = 64
@@ -66,7 +66,7 @@ _SHM_NAME = re.compile(r"<(/torch_\d+_\d+_\d+)>")
 
 
 def new_shared(nbytes: int) -> torch.UntypedStorage:
-    """A new shared-memory buffer of ``nbytes`` (``torch.UntypedStorage._new_shared``), with two
+    """A new shared-memory buffer of ``nbytes`` (torch's own, :func:`torch_rlds._torchdata.new_shared_storage`), with two
     guarantees torch does not give: a buffer larger than the free space of ``/dev/shm`` is
     refused before anything is allocated, and a failed allocation never leaves its
     ``/dev/shm/torch_*`` file behind."""
@@ -80,7 +80,7 @@ def new_shared(nbytes: int) -> torch.UntypedStorage:
             f"({st.f_bavail * st.f_frsize} bytes free); lower batch_size or num_workers, or "
             f"give {_SHM} more room")
     try:
-        return torch.UntypedStorage._new_shared(nbytes)
+        return _torchdata.new_shared_storage(nbytes)
     except BaseException as e:
         _remove_left_behind(e)
         raise

@@ -8,14 +8,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from torchdata.stateful_dataloader.stateful_dataloader import (
-    _StatefulMultiProcessingDataLoaderIter,
-    _StatefulSingleProcessDataLoaderIter,
-)
-
-from torch_rlds import _buffers, _fields
+from torch_rlds import _buffers, _fields, _torchdata
 from torch_rlds._loader_stats import StatsTracker
-from torch_rlds._state import DATASET_STATE
+from torch_rlds._torchdata import DATASET_STATE, MultiProcessIterBase, SingleProcessIterBase
 from torch_rlds._workers import (
     WorkerError,
     diagnose,
@@ -71,7 +66,7 @@ class Counting:
 
     def _start_counting(self) -> None:
         self._counting = True
-        if getattr(self, "_worker_pids_set", False):
+        if _torchdata.watched_by_sigchld(self):
             report_deaths_from_next(self)
 
     @property
@@ -137,26 +132,26 @@ class Counting:
         return super().state_dict()
 
 
-class SingleProcessIter(Counting, _StatefulSingleProcessDataLoaderIter):
+class SingleProcessIter(Counting, SingleProcessIterBase):
     """torchdata's iterator without workers, counting (see :class:`Counting`)."""
 
-    def __init__(self, loader: Any, next_iter_state: dict[str, Any] | None, run: Run) -> None:
+    def __init__(self, loader: Any, pending: dict[str, Any] | None, run: Run) -> None:
         self._run = run
-        super().__init__(loader, next_iter_state)
+        super().__init__(loader, pending)
         if run.ends_on_error:
             # The dataset moves past the samples of a batch that fails half way: mark where it
             # stood before each batch, to end the pass there.
-            self._mark = getattr(self._dataset, "_state_mark", None)
+            self._mark = getattr(_torchdata.iterator_dataset(self), "_state_mark", None)
         self._start_counting()
 
 
-class MultiProcessIter(Counting, _StatefulMultiProcessingDataLoaderIter):
+class MultiProcessIter(Counting, MultiProcessIterBase):
     """torchdata's iterator over worker processes, counting (see :class:`Counting`), freeing
     the buffer slots of batches the caller no longer holds (``leases``)."""
 
-    def __init__(self, loader: Any, next_iter_state: dict[str, Any] | None, run: Run,
+    def __init__(self, loader: Any, pending: dict[str, Any] | None, run: Run,
                  leases: _buffers.Leases | None) -> None:
         self._run = run
         self._leases = leases
-        super().__init__(loader, next_iter_state)
+        super().__init__(loader, pending)
         self._start_counting()

@@ -18,6 +18,7 @@ from etils import epath
 from torch_rlds import synthetic
 from torch_rlds._cache import cache_root
 from torch_rlds.config import load_config
+from torch_rlds.loader import dataset_states
 
 DEMO_SPEC = synthetic.SyntheticSpec(
     name="torch_rlds_demo", version="1.0.0", num_episodes=24, val_episodes=4, min_steps=20,
@@ -128,11 +129,7 @@ def run_demo(config_name: str = "demo", overrides: Sequence[str] = (), *, before
 
 
 def _worker_state_sizes(state: dict[str, Any]) -> list[int]:
-    snapshot = state.get("_snapshot")
-    if snapshot is None:
-        return [len(json.dumps(state.get("dataset_state")))]
-    workers = snapshot["_worker_snapshots"]
-    return [len(json.dumps(workers[key]["dataset_state"])) for key in sorted(workers)]
+    return [len(json.dumps(s)) for s in dataset_states(state)]
 
 
 if __name__ == "__main__":
