@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,37 +33,20 @@ ID_FIELDS = ("epoch", "episode_index", "step_index")
 
 
 # -- worker ---------------------------------------------------------------------------------
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        return out
-    return {prefix.rstrip("/"): tree}
-
-
-def _digest(array: Any) -> str:
-    import numpy as np
-
-    array = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{array.dtype.str}{array.shape}".encode())
-    h.update(array.tobytes())
-    return h.hexdigest()
-
-
 def _record(batch: dict[str, Any]) -> dict[str, Any]:
     """Shapes and per-shard digests of the global arrays; this process's sample ids."""
     import numpy as np
 
+    from torch_rlds._trees import array_digest, flat_items
+
     leaves, ids = {}, {}
-    for name, leaf in _flatten(batch).items():
+    for name, leaf in flat_items(batch).items():
         if not hasattr(leaf, "addressable_shards"):
             continue
         shards = {}
         for shard in leaf.addressable_shards:
             start = (shard.index[0].start or 0) if shard.index else 0
-            shards[str(start)] = _digest(np.asarray(shard.data))
+            shards[str(start)] = array_digest(shard.data)
         leaves[name] = {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "shards": shards}
         field = name.split("/")[-1]
         if name.startswith("meta/") and field in ID_FIELDS:

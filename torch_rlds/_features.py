@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from torch_rlds._images import FORMATS, EncodedImages, ImageDecodeError
 from torch_rlds._info import DatasetFormatError, read_metadata_json
 from torch_rlds._limits import max_value_bytes, value_over_limit
 from torch_rlds._state_file import loads_strict
+from torch_rlds._trees import flat_keys as flat_keys  # where error messages import it from
 
 STEPS = "steps"
 _FEATURES_FILE = "features.json"
@@ -365,12 +366,3 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The ``a/b/c`` paths of the leaves of a nested dict (what error messages list)."""
-    keys = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            keys.extend(flat_keys(v, f"{prefix}{k}/"))
-        else:
-            keys.append(prefix + k)
-    return keys

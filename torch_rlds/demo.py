@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,11 +11,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from etils import epath
 
 from torch_rlds import synthetic
 from torch_rlds._cache import cache_root
+from torch_rlds._trees import batch_digest
 from torch_rlds.config import load_config
 from torch_rlds.loader import dataset_states
 
@@ -30,31 +29,6 @@ DEMO_SPEC = synthetic.SyntheticSpec(
 def demo_dataset() -> epath.Path:
     """The demo dataset's version directory, written into the cache on first use."""
     return synthetic.write_dataset_once(cache_root() / "demo", DEMO_SPEC, progress=True)
-
-
-def batch_digest(batch: Any) -> str:
-    """A SHA-256 over every leaf of a batch (dtype, shape and bytes; strings as UTF-8), in key
-    order: two batches have the same digest exactly when they are equal bit for bit."""
-    h = hashlib.sha256()
-    _digest_into(h, batch)
-    return h.hexdigest()
-
-
-def _digest_into(h, tree: Any) -> None:
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            h.update(f"<{key}>".encode())
-            _digest_into(h, tree[key])
-    elif isinstance(tree, (list, tuple)):
-        h.update(f"[{len(tree)}]".encode())
-        for item in tree:
-            _digest_into(h, item)
-    elif isinstance(tree, str):
-        h.update(b"s" + tree.encode() + b"\0")
-    else:
-        array = np.ascontiguousarray(tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree))
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(array.tobytes())
 
 
 def _shapes(batch: dict[str, Any]) -> str:
