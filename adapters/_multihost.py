@@ -71,6 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from torch_rlds._files import write_atomic
     from torch_rlds.adapters.jax import JaxLoader
     from torch_rlds.adapters.orbax import restore_state, save_state
     from torch_rlds.config import load_config
@@ -132,10 +133,8 @@ def _worker(args: argparse.Namespace) -> int:
     loader.close()
     manager.close()
     record["total_s"] = time.perf_counter() - started
-    path = os.path.join(args.out, f"{args.phase}_p{args.process_id}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(args.out, f"{args.phase}_p{args.process_id}.json"),
+                 json.dumps(record).encode())
     jax.distributed.shutdown()
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from etils import epath
 
+from torch_rlds._files import write_atomic
 from torch_rlds._paths import to_path
 
 _TMP_MARK = ".tmp-"
@@ -52,17 +53,7 @@ def write_json_atomic(path: epath.Path, obj: Any, *, indent: int | None = None) 
         tmp.write_text(data)
         tmp.replace(path)
         return
-    try:
-        with open(os.fspath(tmp), "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.fspath(tmp), os.fspath(path))  # atomic on a local disk
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(os.fspath(tmp))
-        raise
-    _fsync_folder(os.fspath(path.parent))
+    write_atomic(os.fspath(path), data.encode(), temporary=os.fspath(tmp))
 
 
 def _host() -> str:
@@ -94,18 +85,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse to fsync a folder; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def read_json(path: str | os.PathLike, what: str = "state") -> Any:

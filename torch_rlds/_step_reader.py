@@ -136,20 +136,8 @@ class StepFiles:
     def save(self, path: Path, data: bytes) -> bool:
         """Write ``data`` to ``path`` atomically; ``False`` (with one warning per folder) where
         the cache cannot be written."""
-        import tempfile
-
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _files.write_atomic(path, data)
         except OSError as e:
             _warn_once(path.parent, e)
             return False
