@@ -85,7 +85,7 @@ class StatefulPrefetcher:
 
     Each batch travels through the queue with the loader's state captured right after the
     loader produced it, so :meth:`state_dict` is the state after the last batch the caller
-    received, however far the thread has run ahead (contract 3 of the design), and
+    received, however far the thread has run ahead (contract 3 of torch_rlds/DESIGN.md), and
     ``state_dict(held=1)`` the state before it (for a loop that fetches its next batch before
     it saves, as openpi's does: the batch it holds is handed out again first). That state is
     the wrapped loader's own format: it can be loaded into the loader directly, and vice versa.
