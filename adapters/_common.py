@@ -56,11 +56,11 @@ def state_filename(process_index: int, process_count: int) -> str:
 
 def saved_process_counts(directory: str | os.PathLike) -> dict[int, list[int]]:
     """``{process_count: [process_index, ...]}`` of the state files found in ``directory``."""
-    directory = epath.Path(directory)
+    folder = epath.Path(directory)
     found: dict[int, list[int]] = {}
-    if not directory.is_dir():
+    if not folder.is_dir():
         return found
-    for path in directory.iterdir():
+    for path in folder.iterdir():
         match = _STATE_FILE.fullmatch(path.name)
         if match:
             found.setdefault(int(match.group(2)), []).append(int(match.group(1)))

@@ -293,12 +293,12 @@ def run_two_hosts(out: str, *, config: str = "demo", overrides: Sequence[str] = 
     cfg.local_batch_size(2)
     ids = epoch_step_ids(cfg) if cover_epoch else None
     if steps is None:
-        steps = (steps_for_epoch(len(ids), global_batch, 2, cfg.loader.num_workers) if ids
+        steps = (steps_for_epoch(len(ids), global_batch, 2, cfg.loader.num_workers or 0) if ids
                  else save_at + 5)
     steps = max(steps, save_at + 1)
     os.makedirs(out, exist_ok=True)
-    common = dict(config=config, overrides=overrides, steps=steps, save_at=save_at,
-                  devices=devices, timeout=timeout)
+    common: dict[str, Any] = dict(config=config, overrides=overrides, steps=steps,
+                                  save_at=save_at, devices=devices, timeout=timeout)
     t0 = time.perf_counter()
     runs = run_phase("run", out, **common)
     t1 = time.perf_counter()

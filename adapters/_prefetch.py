@@ -7,7 +7,7 @@ import copy
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 _END = object()
 _POLL_S = 0.1
@@ -167,13 +167,14 @@ class StatefulPrefetcher:
         self._thread.start()
 
     def _get(self) -> Any:
+        items = cast(queue.Queue, self._queue)  # a pass with a thread is under way
         while True:
             try:
-                return self._queue.get(timeout=_POLL_S)
+                return items.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._thread is not None and not self._thread.is_alive():
                     try:
-                        return self._queue.get_nowait()
+                        return items.get_nowait()
                     except queue.Empty:
                         raise RuntimeError(f"{self._name}: the prefetch thread ended without "
                                            "a batch or an error") from None

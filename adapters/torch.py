@@ -98,10 +98,10 @@ def dcp_template(checkpoint_id: str | os.PathLike, loader: Any,
     path = os.path.join(os.fspath(checkpoint_id), _METADATA)
     prefix = f"{item}."
     saved = {}
-    for fqn, size in _saved_sizes(path).items():
+    for fqn, nbytes in _saved_sizes(path).items():
         match = _RANK_KEY.fullmatch(fqn[len(prefix):]) if fqn.startswith(prefix) else None
         if match:
-            saved[(int(match.group(1)), int(match.group(2)))] = size
+            saved[(int(match.group(1)), int(match.group(2)))] = nbytes
     if not saved:
         raise FileNotFoundError(f"{checkpoint_id} holds no data loader state (no "
                                 f"'{prefix}rank_<i>-of-<n>' entry)")

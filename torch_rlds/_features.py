@@ -20,7 +20,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from etils import epath
@@ -233,7 +233,7 @@ class EpisodeDecoder:
         self.leaves = tuple(iter_leaves(features))
         self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
 
-    def decode(self, serialized: bytes, *, name: str = "episode",
+    def decode(self, serialized: bytes | memoryview, *, name: str = "episode",
                decode_images: bool = False) -> dict[str, Any]:
         """Decode ``serialized`` (a ``tf.train.Example``); ``name`` labels errors."""
         try:
@@ -321,7 +321,8 @@ def _tensor_from_bytes(value: bytes, leaf: FeatureLeaf, where: str) -> np.ndarra
     if not isinstance(value, bytes):
         raise EpisodeDecodeError(f"{where}: expected the tensor's bytes, found "
                                  f"{type(value).__name__}")
-    known = None if None in leaf.shape else math.prod(leaf.shape) * leaf.dtype.itemsize
+    known = (None if None in leaf.shape
+             else math.prod(cast(tuple[int, ...], leaf.shape)) * leaf.dtype.itemsize)
     if leaf.encoding == "zlib":
         value = _inflate(value, max_value_bytes() if known is None else known, where)
     if len(value) % leaf.dtype.itemsize:

@@ -57,6 +57,7 @@ class Counting:
     from a mark of the dataset's position before each batch: no ``state_dict()`` call).
     """
 
+    # A mixin: super() is the torchdata iterator it is mixed into (hence type: ignore[misc]).
     _run: Run
     _counting = False
     _ended: WorkerError | str | None = None
@@ -76,7 +77,7 @@ class Counting:
 
     def __next__(self) -> Any:
         if not self._counting:  # torchdata replaying batches to restore a state
-            return super().__next__()
+            return super().__next__()  # type: ignore[misc]
         if self._ended is not None:
             raise self._ended_error()
         run = self._run
@@ -86,7 +87,7 @@ class Counting:
             self._leases.release()
         _fields.settle_loose()
         try:
-            batch = super().__next__()
+            batch = super().__next__()  # type: ignore[misc]
         except StopIteration:
             raise
         except BaseException as e:
@@ -107,7 +108,8 @@ class Counting:
         self._ended = (WorkerError(str(error), error.worker, error.pid, error.exitcode)
                        if isinstance(error, WorkerError) else summary(error))
         try:
-            state = super().state_dict()  # with workers: as of the last batch handed out
+            # With workers: as of the last batch handed out.
+            state = super().state_dict()  # type: ignore[misc]
             if mark is not None:
                 state = {**state, DATASET_STATE: mark()}
             self._ended_state = state
@@ -129,7 +131,7 @@ class Counting:
         batch it handed out."""
         if self._ended_state is not None:
             return copy.deepcopy(self._ended_state)
-        return super().state_dict()
+        return super().state_dict()  # type: ignore[misc]
 
 
 class SingleProcessIter(Counting, SingleProcessIterBase):

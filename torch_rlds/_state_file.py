@@ -94,17 +94,17 @@ def read_json(path: str | os.PathLike, what: str = "state") -> Any:
     anything that is not one whole JSON document (see :func:`loads_strict`) or is larger than
     :data:`MAX_STATE_BYTES`.
     """
-    path = to_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no {what} file")
-    with path.open("rb") as f:
+    file = to_path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no {what} file")
+    with file.open("rb") as f:
         data = f.read(MAX_STATE_BYTES + 1)
     if len(data) > MAX_STATE_BYTES:
-        raise ValueError(f"{path}: not a JSON {what} (larger than {MAX_STATE_BYTES} bytes)")
+        raise ValueError(f"{file}: not a JSON {what} (larger than {MAX_STATE_BYTES} bytes)")
     try:
         return loads_strict(data)
     except ValueError as e:
-        raise ValueError(f"{path}: not a JSON {what} ({e})") from None
+        raise ValueError(f"{file}: not a JSON {what} ({e})") from None
 
 
 def loads_strict(data: bytes | bytearray | memoryview) -> Any:
@@ -132,8 +132,8 @@ def _short(error: BaseException) -> str:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
-        seen = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"duplicate key {duplicate[:80]!r}")
     return out
 

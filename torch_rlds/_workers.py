@@ -96,15 +96,15 @@ def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
             break
         time.sleep(0.01)
     if str(error).startswith(_TORCH_TIMEOUT):
-        worker = _torchdata.waited_worker(inner)
-        if worker is not None:
-            process = workers[worker]
+        waited = _torchdata.waited_worker(inner)
+        if waited is not None:
+            process = workers[waited]
             timeout = _torchdata.worker_timeout(inner)
             return WorkerError(f"DataLoader timed out after {timeout} seconds: worker "
-                               f"{worker} (pid {process.pid}) sent no batch in time (stuck or "
+                               f"{waited} (pid {process.pid}) sent no batch in time (stuck or "
                                "too slow); the loader stopped it and its other workers. Its "
                                "state still ends at the last batch handed out: iter() again "
-                               "resumes there with fresh workers", worker, process.pid, None)
+                               "resumes there with fresh workers", waited, process.pid, None)
     return None
 
 

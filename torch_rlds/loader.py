@@ -158,18 +158,21 @@ class DataLoader(LoaderBase[_T_co]):
         rlds = is_rlds_dataset(dataset)
         workers = isinstance(num_workers, int) and num_workers > 0
         asked = None
+        # (type: ignore[attr-defined] below: each StreamedDataset sets batch_size, which the
+        # class itself does not declare.)
         if (isinstance(dataset, StreamedDataset) and collate_fn is None and batch_sampler is None
-                and (batch_size is not None or dataset.batch_size is not None)):
+                and (batch_size is not None
+                     or dataset.batch_size is not None)):  # type: ignore[attr-defined]
             # Whole batches built by the dataset, in its workers: see "batches built by the
             # dataset".
             if batch_size is not None:
                 asked = (batch_size, bool(drop_last))
-                dataset = _batching(dataset, *asked)
+                dataset = _batching(dataset, *asked)  # type: ignore[arg-type]
                 drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
         else:
             if isinstance(dataset, StreamedDataset) and batch_size is not None \
-                    and dataset.batch_size is None and batch_sampler is None:
+                    and dataset.batch_size is None and batch_sampler is None:  # type: ignore[attr-defined]
                 # Collated samples: under the global order a reader takes whole host batches.
                 dataset = dataset.sampling_view(batch_size)
             if batch_size is not None and (collate_fn is collate
@@ -249,7 +252,7 @@ class DataLoader(LoaderBase[_T_co]):
                 and self.collate_fn in (_whole_batch, _collate)):
             leases = _buffers.Leases(self.num_workers, (self.prefetch_factor or 0)
                                      + _SPARE_BUFFERS)
-        init, method = self.worker_init_fn, start_method_for(self)
+        init, method = self.worker_init_fn, start_method_for(self)  # type: ignore[has-type]
         self.worker_init_fn = functools.partial(
             init_worker, os.getpid(), leases.worker_args() if leases is not None else None,
             init)
@@ -265,7 +268,7 @@ class DataLoader(LoaderBase[_T_co]):
         finally:
             self.worker_init_fn = init
             if method is not None:
-                self.multiprocessing_context = None
+                self.multiprocessing_context = None  # type: ignore[assignment]
         _torchdata.set_pending_state(self, None)
         for part in _rlds_parts(self.dataset):
             part._progress.windows.clear()  # read by the checks for the workers, now forked
@@ -444,7 +447,7 @@ def _batching(dataset: RLDSDataset, batch_size: int, drop_last: bool) -> RLDSDat
     """``dataset`` emitting the loader's batches: a batching view of it (one cursor for both),
     or itself when it already emits those batches."""
     if dataset.batch_size is None:
-        return dataset.batching_view(batch_size, drop_last=drop_last)
+        return dataset.batching_view(batch_size, drop_last=drop_last)  # type: ignore[return-value]
     if (dataset.batch_size, dataset.drop_last) != (batch_size, drop_last):
         raise ValueError(
             f"the dataset emits batches already (batch_size={dataset.batch_size}, drop_last="
