@@ -9,6 +9,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from torch_rlds.adapters._common import StatefulLoader
+
 _END = object()
 _POLL_S = 0.1
 _JOIN_TIMEOUT_S = 300.0
@@ -99,7 +101,7 @@ class StatefulPrefetcher:
     Not thread-safe: one thread iterates, saves and restores.
     """
 
-    def __init__(self, loader: Any, transform: Callable[[Any], Any], prefetch: int = 2,
+    def __init__(self, loader: StatefulLoader, transform: Callable[[Any], Any], prefetch: int = 2,
                  *, name: str = "prefetch") -> None:
         if type(prefetch) is not int or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0 (got {prefetch!r})")

@@ -8,6 +8,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from torchdata.stateful_dataloader import StatefulDataLoader
+
 from torch_rlds import _buffers, _fields, _torchdata
 from torch_rlds._loader_stats import StatsTracker
 from torch_rlds._torchdata import DATASET_STATE, MultiProcessIterBase, SingleProcessIterBase
@@ -137,7 +139,8 @@ class Counting:
 class SingleProcessIter(Counting, SingleProcessIterBase):
     """torchdata's iterator without workers, counting (see :class:`Counting`)."""
 
-    def __init__(self, loader: Any, pending: dict[str, Any] | None, run: Run) -> None:
+    def __init__(self, loader: StatefulDataLoader, pending: dict[str, Any] | None,
+                 run: Run) -> None:
         self._run = run
         super().__init__(loader, pending)
         if run.ends_on_error:
@@ -151,7 +154,7 @@ class MultiProcessIter(Counting, MultiProcessIterBase):
     """torchdata's iterator over worker processes, counting (see :class:`Counting`), freeing
     the buffer slots of batches the caller no longer holds (``leases``)."""
 
-    def __init__(self, loader: Any, pending: dict[str, Any] | None, run: Run,
+    def __init__(self, loader: StatefulDataLoader, pending: dict[str, Any] | None, run: Run,
                  leases: _buffers.Leases | None) -> None:
         self._run = run
         self._leases = leases
