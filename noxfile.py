@@ -1,4 +1,4 @@
-"""Sessions: ``tests`` (the default), ``dev``, ``lint`` and ``bench``.
+"""Sessions: ``tests`` (the default), ``dev``, ``lint`` (ruff and mypy) and ``bench``.
 
 ``tests`` runs the suite against what a user installs: the wheel built from this tree, not the
 tree itself. ``dev`` is the quick loop on an editable install. Every session installs under
@@ -60,10 +60,13 @@ def dev(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Run ruff over the package, the adapters and the tests."""
+    """Run ruff over the package, the adapters and the tests, then mypy over the package and
+    the adapters (its settings: setup.cfg's ``[mypy]``), against the pinned dependencies."""
     session.install("ruff")
     session.run("ruff", "check", "--config", ".ci/ruff.toml", "torch_rlds", "adapters", "tests",
                 "noxfile.py")
+    session.install("-c", CONSTRAINTS, "-e", ".", "mypy")
+    session.run("mypy")
 
 
 @nox.session(python=PYTHON)

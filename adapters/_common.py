@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from etils import epath
+
+
+class StatefulLoader(Protocol):
+    """What the adapters ask of a loader: batches, and a state that resumes them
+    (:class:`torch_rlds.DataLoader`, torchdata's ``StatefulDataLoader``, the adapters' own
+    loaders around either)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
 
 _STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 # The item of an orbax checkpoint step that holds the loader states.
@@ -56,11 +70,11 @@ def state_filename(process_index: int, process_count: int) -> str:
 
 def saved_process_counts(directory: str | os.PathLike) -> dict[int, list[int]]:
     """``{process_count: [process_index, ...]}`` of the state files found in ``directory``."""
-    directory = epath.Path(directory)
+    folder = epath.Path(directory)
     found: dict[int, list[int]] = {}
-    if not directory.is_dir():
+    if not folder.is_dir():
         return found
-    for path in directory.iterdir():
+    for path in folder.iterdir():
         match = _STATE_FILE.fullmatch(path.name)
         if match:
             found.setdefault(int(match.group(2)), []).append(int(match.group(1)))

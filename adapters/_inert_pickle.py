@@ -72,6 +72,7 @@ def read(data: bytes) -> Any:
 
     try:
         ops = pickletools.genops(data)
+        arg: Any  # what the opcode carries: its kind depends on the opcode
         for opcode, arg, _ in ops:
             name = opcode.name
             if name in ("PROTO", "FRAME"):
@@ -98,9 +99,9 @@ def read(data: bytes) -> Any:
                 n = _TUPLES[name]
                 if len(stack) < n:
                     raise InertPickleError("pickle builds a tuple of missing items")
-                items = tuple(stack[-n:])
+                members = tuple(stack[-n:])
                 del stack[-n:]
-                stack.append(items)
+                stack.append(members)
             elif name == "LIST":
                 stack.append(pop_mark())
             elif name == "DICT":

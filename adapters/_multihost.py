@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -34,37 +33,20 @@ ID_FIELDS = ("epoch", "episode_index", "step_index")
 
 
 # -- worker ---------------------------------------------------------------------------------
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        return out
-    return {prefix.rstrip("/"): tree}
-
-
-def _digest(array: Any) -> str:
-    import numpy as np
-
-    array = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{array.dtype.str}{array.shape}".encode())
-    h.update(array.tobytes())
-    return h.hexdigest()
-
-
 def _record(batch: dict[str, Any]) -> dict[str, Any]:
     """Shapes and per-shard digests of the global arrays; this process's sample ids."""
     import numpy as np
 
+    from torch_rlds._trees import array_digest, flat_items
+
     leaves, ids = {}, {}
-    for name, leaf in _flatten(batch).items():
+    for name, leaf in flat_items(batch).items():
         if not hasattr(leaf, "addressable_shards"):
             continue
         shards = {}
         for shard in leaf.addressable_shards:
             start = (shard.index[0].start or 0) if shard.index else 0
-            shards[str(start)] = _digest(np.asarray(shard.data))
+            shards[str(start)] = array_digest(shard.data)
         leaves[name] = {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "shards": shards}
         field = name.split("/")[-1]
         if name.startswith("meta/") and field in ID_FIELDS:
@@ -89,6 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from torch_rlds._files import write_atomic
     from torch_rlds.adapters.jax import JaxLoader
     from torch_rlds.adapters.orbax import restore_state, save_state
     from torch_rlds.config import load_config
@@ -150,10 +133,8 @@ def _worker(args: argparse.Namespace) -> int:
     loader.close()
     manager.close()
     record["total_s"] = time.perf_counter() - started
-    path = os.path.join(args.out, f"{args.phase}_p{args.process_id}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(args.out, f"{args.phase}_p{args.process_id}.json"),
+                 json.dumps(record).encode())
     jax.distributed.shutdown()
     return 0
 
@@ -312,12 +293,12 @@ def run_two_hosts(out: str, *, config: str = "demo", overrides: Sequence[str] = 
     cfg.local_batch_size(2)
     ids = epoch_step_ids(cfg) if cover_epoch else None
     if steps is None:
-        steps = (steps_for_epoch(len(ids), global_batch, 2, cfg.loader.num_workers) if ids
+        steps = (steps_for_epoch(len(ids), global_batch, 2, cfg.loader.num_workers or 0) if ids
                  else save_at + 5)
     steps = max(steps, save_at + 1)
     os.makedirs(out, exist_ok=True)
-    common = dict(config=config, overrides=overrides, steps=steps, save_at=save_at,
-                  devices=devices, timeout=timeout)
+    common: dict[str, Any] = dict(config=config, overrides=overrides, steps=steps,
+                                  save_at=save_at, devices=devices, timeout=timeout)
     t0 = time.perf_counter()
     runs = run_phase("run", out, **common)
     t1 = time.perf_counter()

@@ -7,7 +7,9 @@ import copy
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
+
+from torch_rlds.adapters._common import StatefulLoader
 
 _END = object()
 _POLL_S = 0.1
@@ -85,7 +87,7 @@ class StatefulPrefetcher:
 
     Each batch travels through the queue with the loader's state captured right after the
     loader produced it, so :meth:`state_dict` is the state after the last batch the caller
-    received, however far the thread has run ahead (contract 3 of the design), and
+    received, however far the thread has run ahead (contract 3 of torch_rlds/DESIGN.md), and
     ``state_dict(held=1)`` the state before it (for a loop that fetches its next batch before
     it saves, as openpi's does: the batch it holds is handed out again first). That state is
     the wrapped loader's own format: it can be loaded into the loader directly, and vice versa.
@@ -99,7 +101,7 @@ class StatefulPrefetcher:
     Not thread-safe: one thread iterates, saves and restores.
     """
 
-    def __init__(self, loader: Any, transform: Callable[[Any], Any], prefetch: int = 2,
+    def __init__(self, loader: StatefulLoader, transform: Callable[[Any], Any], prefetch: int = 2,
                  *, name: str = "prefetch") -> None:
         if type(prefetch) is not int or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0 (got {prefetch!r})")
@@ -167,13 +169,14 @@ class StatefulPrefetcher:
         self._thread.start()
 
     def _get(self) -> Any:
+        items = cast(queue.Queue, self._queue)  # a pass with a thread is under way
         while True:
             try:
-                return self._queue.get(timeout=_POLL_S)
+                return items.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._thread is not None and not self._thread.is_alive():
                     try:
-                        return self._queue.get_nowait()
+                        return items.get_nowait()
                     except queue.Empty:
                         raise RuntimeError(f"{self._name}: the prefetch thread ended without "
                                            "a batch or an error") from None

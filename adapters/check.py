@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._trees import array_digest
+
 OK, FAIL, SKIP = "✓", "✗", "-"
 FIRST_BATCHES = 5
 COMPARED_BATCHES = 5
@@ -88,10 +90,7 @@ def _digest(tree: Any) -> dict[str, str]:
             for i, v in enumerate(x):
                 walk(v, f"{path}[{i}]")
         elif x is not None:
-            a = np.ascontiguousarray(np.asarray(x))
-            h = hashlib.blake2b(f"{a.dtype.str}{a.shape}".encode(), digest_size=16)
-            h.update(a.tobytes())
-            out[path] = h.hexdigest()
+            out[path] = array_digest(x)
 
     walk(tree, "batch")
     return out

@@ -168,11 +168,10 @@ class JaxLoader(StatefulPrefetcher):
                 f"the loader with process_count={convert.num_processes} (jax.process_count())"
             )
         _avoid_fork(loader)
+        transform: Callable[[Any], Any] = convert
         if preprocess is not None:
             def transform(batch: Any) -> Any:
                 return convert(preprocess(to_numpy(batch)))
-        else:
-            transform = convert
         super().__init__(loader, transform, prefetch, name="JaxLoader")
 
     @classmethod

@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from torch_rlds import _torchdata
 from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds.adapters._common import (
     DATA_LOADER_ITEM,
@@ -198,7 +199,7 @@ def _loader_needs(manager: ocp.CheckpointManager, loader: Any, step: int) -> boo
         return False  # there already
     handed = getattr(loader, "batches_received", None)
     if handed is None:
-        handed = getattr(getattr(loader, "_iterator", None), "_num_yielded", 0)
+        handed = _torchdata.yielded_in_pass(loader)
     if handed:
         raise ValueError(
             f"the data loader has handed out {handed} batch(es) of a fresh stream before this "

@@ -46,7 +46,7 @@ import torch
 from torch_rlds import _files
 from torch_rlds._state_file import loads_strict
 from torch_rlds.adapters import _inert_pickle
-from torch_rlds.adapters._common import loader_processes, topology_free
+from torch_rlds.adapters._common import StatefulLoader, loader_processes, topology_free
 
 __all__ = ["dcp_key", "dcp_state", "dcp_template", "load_dcp_state", "load_loader_state",
            "loader_state"]
@@ -59,14 +59,14 @@ MAX_METADATA_BYTES = 1 << 30
 _DCP_MODULE = "torch.distributed.checkpoint.metadata"
 
 
-def loader_state(loader: Any) -> dict[str, Any]:
+def loader_state(loader: StatefulLoader) -> dict[str, Any]:
     """``loader``'s state as plain Python values, for a ``torch.save`` checkpoint that
     ``torch.load(..., weights_only=True)`` reads."""
     # The JSON round trip both checks the state and drops any non-plain type (numpy ints...).
     return json.loads(json.dumps(loader.state_dict(), allow_nan=False))
 
 
-def load_loader_state(loader: Any, state: dict[str, Any]) -> None:
+def load_loader_state(loader: StatefulLoader, state: dict[str, Any]) -> None:
     """Resume ``loader`` from a state saved by :func:`loader_state`."""
     loader.load_state_dict(state)
 
@@ -76,7 +76,7 @@ def dcp_key(rank: int, world_size: int) -> str:
     return f"rank_{rank}-of-{world_size}"
 
 
-def dcp_state(loader: Any) -> dict[str, torch.Tensor]:
+def dcp_state(loader: StatefulLoader) -> dict[str, torch.Tensor]:
     """``{"rank_{i}-of-{n}": uint8 tensor of the state's JSON}`` for this rank, to save with
     ``torch.distributed.checkpoint`` under a ``data_loader`` entry."""
     rank, world = loader_processes(loader)
@@ -84,7 +84,7 @@ def dcp_state(loader: Any) -> dict[str, torch.Tensor]:
     return {dcp_key(rank, world): torch.frombuffer(bytearray(data), dtype=torch.uint8)}
 
 
-def dcp_template(checkpoint_id: str | os.PathLike, loader: Any,
+def dcp_template(checkpoint_id: str | os.PathLike, loader: StatefulLoader,
                  item: str = DCP_ITEM) -> dict[str, torch.Tensor]:
     """The entry to pass to ``dcp.load`` for this rank's loader state: a tensor of the size
     saved in ``checkpoint_id`` (read from its ``.metadata`` without unpickling it; see the
@@ -98,10 +98,10 @@ def dcp_template(checkpoint_id: str | os.PathLike, loader: Any,
     path = os.path.join(os.fspath(checkpoint_id), _METADATA)
     prefix = f"{item}."
     saved = {}
-    for fqn, size in _saved_sizes(path).items():
+    for fqn, nbytes in _saved_sizes(path).items():
         match = _RANK_KEY.fullmatch(fqn[len(prefix):]) if fqn.startswith(prefix) else None
         if match:
-            saved[(int(match.group(1)), int(match.group(2)))] = size
+            saved[(int(match.group(1)), int(match.group(2)))] = nbytes
     if not saved:
         raise FileNotFoundError(f"{checkpoint_id} holds no data loader state (no "
                                 f"'{prefix}rank_<i>-of-<n>' entry)")
@@ -177,7 +177,7 @@ def _field(obj: _inert_pickle.Call, name: str, path: str) -> Any:
     return state[name]
 
 
-def load_dcp_state(loader: Any, entry: dict[str, torch.Tensor]) -> None:
+def load_dcp_state(loader: StatefulLoader, entry: dict[str, torch.Tensor]) -> None:
     """Resume ``loader`` from the ``data_loader`` entry that ``dcp.load`` filled."""
     rank, world = loader_processes(loader)
     key = dcp_key(rank, world)

@@ -135,8 +135,9 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def _tree_files() -> set[str]:
-    """What the wheel must hold: every module of torch_rlds/ and adapters/, every config."""
-    want = set()
+    """What the wheel must hold: every module of torch_rlds/ and adapters/, every config, the
+    design file."""
+    want = {"torch_rlds/DESIGN.md"}
     for base, dest in (("torch_rlds", "torch_rlds"), ("adapters", "torch_rlds/adapters")):
         for path in (REPO / base).rglob("*.py"):
             want.add(f"{dest}/{path.relative_to(REPO / base).as_posix()}")
@@ -188,3 +189,20 @@ def test_console_script_of_the_wheel_runs_from_elsewhere(wheel, tmp_path):
     assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert results["throughput"]["torch_rlds"], "no torch_rlds throughput measured"
+
+
+def test_the_design_ships_with_the_package_and_every_contract_cited_is_in_it():
+    import importlib.resources
+    import re
+
+    design = importlib.resources.files("torch_rlds").joinpath("DESIGN.md").read_text()
+    section = design.split("## Contracts", 1)[1].split("\n## ", 1)[0]
+    numbered = {int(n) for n in re.findall(r"^(\d+)\. \*\*", section, re.MULTILINE)}
+    assert numbered == set(range(1, 9))
+    cited = []
+    for base in ("torch_rlds", "adapters"):
+        for path in (REPO / base).rglob("*.py"):
+            for match in re.finditer(r"contracts? (\d+)(?: of ([\w/.]+))?", path.read_text()):
+                cited.append((path.name, int(match[1]), match[2]))
+    assert cited, "no docstring cites a contract"
+    assert [c for c in cited if c[2] != "torch_rlds/DESIGN.md" or c[1] not in numbered] == []

@@ -1,4 +1,8 @@
-"""torch_rlds: RLDS datasets for PyTorch and JAX, exactly resumable, without TensorFlow."""
+"""torch_rlds: RLDS datasets for PyTorch and JAX, exactly resumable, without TensorFlow.
+
+The design (the flow of data, the numbered contracts, the state formats) is the file
+``DESIGN.md`` beside this module, shipped with the package.
+"""
 
 # First: in a source checkout, mounts adapters/ and configs/ as subpackages (see _checkout).
 import torch_rlds._checkout  # noqa: F401, I001

@@ -24,7 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import IO, Any, cast
 
 from torch_rlds import _files
 
@@ -88,12 +88,14 @@ class _Helper:
                 proc = self._proc = subprocess.Popen(
                     [sys.executable, "-c", _HELPER, str(_files.max_open_files()), OPTIONS],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            # Popen with PIPE: both ends are there.
+            stdin, stdout = cast(IO[bytes], proc.stdin), cast(IO[bytes], proc.stdout)
             try:
-                proc.stdin.write(_REQUEST.pack(op, len(encoded), record) + encoded)
-                proc.stdin.flush()
-                head = proc.stdout.read(_REPLY.size)
+                stdin.write(_REQUEST.pack(op, len(encoded), record) + encoded)
+                stdin.flush()
+                head = stdout.read(_REPLY.size)
                 status, size = _REPLY.unpack(head)
-                data = proc.stdout.read(size)
+                data = stdout.read(size)
                 if len(data) != size:
                     raise struct.error("short reply")
             except (OSError, struct.error):
@@ -113,7 +115,7 @@ class _Helper:
         if proc is not None:
             for pipe in (proc.stdin, proc.stdout):
                 with contextlib.suppress(OSError, ValueError):
-                    os.close(pipe.fileno())
+                    os.close(cast(IO[bytes], pipe).fileno())
 
 
 _helper = _Helper()

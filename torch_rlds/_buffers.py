@@ -39,13 +39,13 @@ import os
 import re
 import secrets
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from torch_rlds import _fields
+from torch_rlds import _fields, _torchdata
 
 # Bytes before a pooled batch's first tensor: MAGIC, token, worker, slot, sequence (int64 each).
 HEADER = 64
@@ -66,7 +66,7 @@ _SHM_NAME = re.compile(r"<(/torch_\d+_\d+_\d+)>")
 
 
 def new_shared(nbytes: int) -> torch.UntypedStorage:
-    """A new shared-memory buffer of ``nbytes`` (``torch.UntypedStorage._new_shared``), with two
+    """A new shared-memory buffer of ``nbytes`` (torch's own, :func:`torch_rlds._torchdata.new_shared_storage`), with two
     guarantees torch does not give: a buffer larger than the free space of ``/dev/shm`` is
     refused before anything is allocated, and a failed allocation never leaves its
     ``/dev/shm/torch_*`` file behind."""
@@ -80,7 +80,7 @@ def new_shared(nbytes: int) -> torch.UntypedStorage:
             f"({st.f_bavail * st.f_frsize} bytes free); lower batch_size or num_workers, or "
             f"give {_SHM} more room")
     try:
-        return torch.UntypedStorage._new_shared(nbytes)
+        return _torchdata.new_shared_storage(nbytes)
     except BaseException as e:
         _remove_left_behind(e)
         raise
@@ -162,12 +162,13 @@ class WorkerPool:
         go from offset ``HEADER`` on."""
         need = HEADER + nbytes
         free = [s for s in range(len(self._flags)) if self._flags[s] == 0]
-        fits = [s for s in free if self._storages[s] is not None
-                and self._storages[s].nbytes() >= need]
+        fits = [s for s in free if (held := self._storages[s]) is not None
+                and held.nbytes() >= need]
         self._seq += 1
+        storage: torch.UntypedStorage
         if fits:
             slot = fits[0]
-            storage = self._storages[slot]
+            storage = cast(torch.UntypedStorage, self._storages[slot])  # one of the fits
         elif free:
             slot = free[0]
             storage = self._storages[slot] = new_shared(need)
@@ -177,7 +178,7 @@ class WorkerPool:
             storage = new_shared(need)
         if slot >= 0:
             self._flags[slot] = self._seq
-        header = torch.empty(0, dtype=torch.int64).set_(storage, 0, (_FIELDS,))
+        header = tensor_on(storage, torch.int64, 0, (_FIELDS,))
         header.copy_(torch.tensor([MAGIC, self.token, self.worker, slot, self._seq]))
         return storage
 
@@ -231,11 +232,12 @@ class _Packed:
             self._reduced: tuple[Any, tuple[Any, ...]] = (_plain, (batch,))
             return
         storage = base[0]
-        slot = _pool.mapped(storage) if _pool is not None else None
-        if slot is not None:
-            self._reduced = (_unpack_mapped, (_pool.token, _pool.worker, slot, views, skeleton))
+        pool = _pool
+        slot = pool.mapped(storage) if pool is not None else None
+        if pool is not None and slot is not None:
+            self._reduced = (_unpack_mapped, (pool.token, pool.worker, slot, views, skeleton))
             return
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        whole = tensor_on(storage, torch.uint8, 0, (storage.nbytes(),))
         self._reduced = (_unpack, (whole, views, skeleton))
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
@@ -286,6 +288,13 @@ def _strip(tree: Any, base: list[torch.UntypedStorage], views: list) -> Any:
         values = [_strip(v, base, views) for v in tree]
         return _Tree(type(tree), values) if _holds_views(values) else tree
     return tree
+
+
+def tensor_on(storage: torch.UntypedStorage, dtype: torch.dtype, offset: int,
+              shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` over ``storage`` from element ``offset``, no copy."""
+    # torch's stubs type set_() with typed storages only; it takes an untyped one as well.
+    return torch.empty(0, dtype=dtype).set_(storage, offset, shape)  # type: ignore[call-overload]
 
 
 def _holds_views(stripped: Any) -> bool:

@@ -12,9 +12,12 @@ it before anything else.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
+from typing import cast
 
 _PACKAGE = __name__.rpartition(".")[0]
 _MOUNTED = ("adapters", "configs")
@@ -44,9 +47,12 @@ def mount(package_dir: str) -> list[str]:
         spec = importlib.util.spec_from_file_location(
             f"{_PACKAGE}.{name}", os.path.join(folder, "__init__.py"),
             submodule_search_locations=[folder])
+        # A file location always has a spec with a loader (the folder's __init__.py exists).
+        spec = cast(importlib.machinery.ModuleSpec, spec)
+        loader = cast(importlib.abc.Loader, spec.loader)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
         setattr(package, name, module)
     return missing
 

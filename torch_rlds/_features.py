@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import numpy as np
 from etils import epath
@@ -29,6 +29,7 @@ from torch_rlds._images import FORMATS, EncodedImages, ImageDecodeError
 from torch_rlds._info import DatasetFormatError, read_metadata_json
 from torch_rlds._limits import max_value_bytes, value_over_limit
 from torch_rlds._state_file import loads_strict
+from torch_rlds._trees import flat_keys as flat_keys  # where error messages import it from
 
 STEPS = "steps"
 _FEATURES_FILE = "features.json"
@@ -232,7 +233,7 @@ class EpisodeDecoder:
         self.leaves = tuple(iter_leaves(features))
         self._parser = example_parser.ExampleParserNp(features.get_serialized_info())
 
-    def decode(self, serialized: bytes, *, name: str = "episode",
+    def decode(self, serialized: bytes | memoryview, *, name: str = "episode",
                decode_images: bool = False) -> dict[str, Any]:
         """Decode ``serialized`` (a ``tf.train.Example``); ``name`` labels errors."""
         try:
@@ -320,7 +321,8 @@ def _tensor_from_bytes(value: bytes, leaf: FeatureLeaf, where: str) -> np.ndarra
     if not isinstance(value, bytes):
         raise EpisodeDecodeError(f"{where}: expected the tensor's bytes, found "
                                  f"{type(value).__name__}")
-    known = None if None in leaf.shape else math.prod(leaf.shape) * leaf.dtype.itemsize
+    known = (None if None in leaf.shape
+             else math.prod(cast(tuple[int, ...], leaf.shape)) * leaf.dtype.itemsize)
     if leaf.encoding == "zlib":
         value = _inflate(value, max_value_bytes() if known is None else known, where)
     if len(value) % leaf.dtype.itemsize:
@@ -365,12 +367,3 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The ``a/b/c`` paths of the leaves of a nested dict (what error messages list)."""
-    keys = []
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            keys.extend(flat_keys(v, f"{prefix}{k}/"))
-        else:
-            keys.append(prefix + k)
-    return keys

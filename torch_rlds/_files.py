@@ -133,24 +133,55 @@ def read_regular(path: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, *,
+                 temporary: str | os.PathLike | None = None) -> None:
     """Write ``data`` to the local file ``path`` (its folder made if need be) so that readers
-    see the whole file or the one before it, never a part: a temporary file beside it,
-    renamed into place. Raises ``OSError`` where it cannot be written; leaves nothing then."""
+    see the whole file or the one before it, never a part, and so that the new file survives a
+    power cut once this returns: a temporary file beside it, flushed to disk, renamed into
+    place, and the folder flushed after the rename.
+
+    ``temporary``: the temporary file's path, in ``path``'s folder (created with the process's
+    umask); by default a fresh ``.tmp-*`` name, readable by all (what is cached holds nothing
+    secret). Raises ``OSError`` where it cannot be written, and leaves no temporary file then.
+    """
     import tempfile
 
     folder = os.path.dirname(os.fspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    if temporary is None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        mode: int | None = 0o644  # mkstemp makes it private
+    else:
+        tmp = os.fspath(temporary)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        mode = None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; what is cached holds nothing secret
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)  # atomic on a local disk
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_folder(folder)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse to fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:

@@ -187,18 +187,18 @@ class DatasetInfo:
         must stay inside ``path``. A remote directory is listed once (unless ``objects`` is
         that listing) and its ``dataset_info.json`` read in one request: two requests.
         """
-        path = epath.Path(path)
-        info_path = path / _INFO_FILE
-        if _paths.is_remote(path) and objects is None:
+        folder = epath.Path(path)
+        info_path = folder / _INFO_FILE
+        if _paths.is_remote(folder) and objects is None:
             try:
-                objects = _paths.list_folder(path)
+                objects = _paths.list_folder(folder)
             except FileNotFoundError:
                 objects = {}
 
         def exists(name: str) -> bool:
             if objects is not None:
                 return name in objects and objects[name].is_file
-            return (path / name).exists()
+            return (folder / name).exists()
 
         if not exists(_INFO_FILE):
             raise FileNotFoundError(
@@ -207,10 +207,10 @@ class DatasetInfo:
             )
         if not exists(_FEATURES_FILE):
             raise FileNotFoundError(
-                f"{path / _FEATURES_FILE}: no {_FEATURES_FILE}; torch_rlds decodes episodes with "
-                "the feature specification TFDS writes beside dataset_info.json"
+                f"{folder / _FEATURES_FILE}: no {_FEATURES_FILE}; torch_rlds decodes episodes "
+                "with the feature specification TFDS writes beside dataset_info.json"
             )
-        info = cls._from_json(path, info_path, read_metadata_json(info_path))
+        info = cls._from_json(folder, info_path, read_metadata_json(info_path))
         return dataclasses.replace(info, objects=objects)
 
     @classmethod

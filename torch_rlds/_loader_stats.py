@@ -91,8 +91,8 @@ class StatsTracker:
         newest = max(epochs, default=self.epoch)
         if newest > self.epoch:
             self.epoch, self._epoch_steps, self._epoch_episodes = newest, 0, set()
-            for entry in self._datasets.values():
-                _fold(entry, newest)  # keeps the newest epoch and the one before it
+            for folded in self._datasets.values():
+                _fold(folded, newest)  # keeps the newest epoch and the one before it
         for d, epoch, episode in zip(datasets, epochs, episodes):
             if epoch == self.epoch:
                 self._epoch_steps += 1

@@ -8,14 +8,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from torchdata.stateful_dataloader.stateful_dataloader import (
-    _StatefulMultiProcessingDataLoaderIter,
-    _StatefulSingleProcessDataLoaderIter,
-)
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torch_rlds import _buffers, _fields
+from torch_rlds import _buffers, _fields, _torchdata
 from torch_rlds._loader_stats import StatsTracker
-from torch_rlds._state import DATASET_STATE
+from torch_rlds._torchdata import DATASET_STATE, MultiProcessIterBase, SingleProcessIterBase
 from torch_rlds._workers import (
     WorkerError,
     diagnose,
@@ -62,6 +59,7 @@ class Counting:
     from a mark of the dataset's position before each batch: no ``state_dict()`` call).
     """
 
+    # A mixin: super() is the torchdata iterator it is mixed into (hence type: ignore[misc]).
     _run: Run
     _counting = False
     _ended: WorkerError | str | None = None
@@ -71,7 +69,7 @@ class Counting:
 
     def _start_counting(self) -> None:
         self._counting = True
-        if getattr(self, "_worker_pids_set", False):
+        if _torchdata.watched_by_sigchld(self):
             report_deaths_from_next(self)
 
     @property
@@ -81,7 +79,7 @@ class Counting:
 
     def __next__(self) -> Any:
         if not self._counting:  # torchdata replaying batches to restore a state
-            return super().__next__()
+            return super().__next__()  # type: ignore[misc]
         if self._ended is not None:
             raise self._ended_error()
         run = self._run
@@ -91,7 +89,7 @@ class Counting:
             self._leases.release()
         _fields.settle_loose()
         try:
-            batch = super().__next__()
+            batch = super().__next__()  # type: ignore[misc]
         except StopIteration:
             raise
         except BaseException as e:
@@ -112,7 +110,8 @@ class Counting:
         self._ended = (WorkerError(str(error), error.worker, error.pid, error.exitcode)
                        if isinstance(error, WorkerError) else summary(error))
         try:
-            state = super().state_dict()  # with workers: as of the last batch handed out
+            # With workers: as of the last batch handed out.
+            state = super().state_dict()  # type: ignore[misc]
             if mark is not None:
                 state = {**state, DATASET_STATE: mark()}
             self._ended_state = state
@@ -134,29 +133,30 @@ class Counting:
         batch it handed out."""
         if self._ended_state is not None:
             return copy.deepcopy(self._ended_state)
-        return super().state_dict()
+        return super().state_dict()  # type: ignore[misc]
 
 
-class SingleProcessIter(Counting, _StatefulSingleProcessDataLoaderIter):
+class SingleProcessIter(Counting, SingleProcessIterBase):
     """torchdata's iterator without workers, counting (see :class:`Counting`)."""
 
-    def __init__(self, loader: Any, next_iter_state: dict[str, Any] | None, run: Run) -> None:
+    def __init__(self, loader: StatefulDataLoader, pending: dict[str, Any] | None,
+                 run: Run) -> None:
         self._run = run
-        super().__init__(loader, next_iter_state)
+        super().__init__(loader, pending)
         if run.ends_on_error:
             # The dataset moves past the samples of a batch that fails half way: mark where it
             # stood before each batch, to end the pass there.
-            self._mark = getattr(self._dataset, "_state_mark", None)
+            self._mark = getattr(_torchdata.iterator_dataset(self), "_state_mark", None)
         self._start_counting()
 
 
-class MultiProcessIter(Counting, _StatefulMultiProcessingDataLoaderIter):
+class MultiProcessIter(Counting, MultiProcessIterBase):
     """torchdata's iterator over worker processes, counting (see :class:`Counting`), freeing
     the buffer slots of batches the caller no longer holds (``leases``)."""
 
-    def __init__(self, loader: Any, next_iter_state: dict[str, Any] | None, run: Run,
+    def __init__(self, loader: StatefulDataLoader, pending: dict[str, Any] | None, run: Run,
                  leases: _buffers.Leases | None) -> None:
         self._run = run
         self._leases = leases
-        super().__init__(loader, next_iter_state)
+        super().__init__(loader, pending)
         self._start_counting()

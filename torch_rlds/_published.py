@@ -39,7 +39,7 @@ class PublishedDataset:
     name: str
     version: str
     configs: tuple[str, ...]
-    features: Callable[[], object]
+    features: Callable[[], Any]  # a tfds.features.FeaturesDict
 
     @property
     def config(self) -> str:
@@ -591,7 +591,7 @@ def published_example(features, episode: int, num_steps: int, painters=None,
         leaf.path: _painter(leaf) for leaf in leaves
         if leaf.kind == "image" and leaf.name not in values}
     example: dict = {}
-    steps = [{} for _ in range(num_steps)]
+    steps: list[dict[str, Any]] = [{} for _ in range(num_steps)]
     for position, leaf in enumerate(leaves):
         tag = 10 * position
         override = values.get(leaf.name)

@@ -7,7 +7,6 @@ import multiprocessing
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -62,7 +61,7 @@ def default_start_method() -> str | None:
     return "forkserver"
 
 
-def start_method_for(loader: Any) -> str | None:
+def start_method_for(loader: torch.utils.data.DataLoader) -> str | None:
     """The start method for the workers ``loader`` is about to start, when torch_rlds picks
     one: only where the caller left ``multiprocessing_context`` at ``None`` and forking is
     unsafe (:func:`default_start_method`). Warns the first time."""

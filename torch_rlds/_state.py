@@ -26,6 +26,31 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from torch_rlds._torchdata import (
+    BASE_SEED,
+    DATASET_ITER_STATE,
+    DATASET_STATE,
+    FETCHER_ENDED,
+    FETCHER_STATE,
+    INDEX_SAMPLER_STATE,
+    ITERABLE_LEN_CALLED,
+    ITERATOR_FINISHED,
+    LAST_YIELDED_WORKER_ID,
+    MAIN_SNAPSHOT,
+    NUM_WORKERS,
+    NUM_YIELDED,
+    SAMPLER_ITER_STATE,
+    SAMPLER_ITER_YIELDED,
+    SAMPLES_YIELDED,
+    SHARED_SEED,
+    SNAPSHOT,
+    SNAPSHOT_STEP,
+    STEPS_SINCE_SNAPSHOT,
+    WORKER_ID,
+    WORKER_SNAPSHOTS,
+    worker_key,
+)
+
 STATE_VERSION = 1
 MAX_INT = 2**63 - 1
 # The most a growing counter may hold in a state that loads: 2**62 batches (or epochs) of
@@ -327,36 +352,26 @@ def load_mixture_cursor(state: Any, expected: dict[str, Any]) -> MixtureCursor:
 
 
 # -- the DataLoader's state ---------------------------------------------------------------------
-# The layout of a StatefulDataLoader state (torchdata 0.10, 0.11): without workers the dataset
-# state sits at the top; with workers each worker's sits in the last snapshot.
+# The layout of a StatefulDataLoader state is torchdata's (its keys: torch_rlds._torchdata).
 LOADER_STATE_KEY = "torch_rlds"
 LOADER_STATE_VERSION = 1
-ITERATOR_FINISHED = "_iterator_finished"
-DATASET_STATE = "dataset_state"
-SNAPSHOT = "_snapshot"
-MAIN_SNAPSHOT = "_main_snapshot"
-WORKER_SNAPSHOTS = "_worker_snapshots"
-NUM_WORKERS = "_num_workers"
-NUM_YIELDED = "_num_yielded"
-FETCHER_STATE = "fetcher_state"
-FETCHER_ENDED = "fetcher_ended"
-_SAMPLER_FIELDS = ("_index_sampler_state", "_sampler_iter_state")
+_SAMPLER_FIELDS = (INDEX_SAMPLER_STATE, SAMPLER_ITER_STATE)
 # Field kinds: "count" grows with the run (at most MAX_COUNT), "seed" is any int of the format,
 # a trailing "?" allows None.
-_COMMON_MAIN_FIELDS = {"_sampler_iter_yielded": "count", "_IterableDataset_len_called": "count?",
-                       "_shared_seed": "seed?", **dict.fromkeys(_SAMPLER_FIELDS, "sampler")}
+_COMMON_MAIN_FIELDS = {SAMPLER_ITER_YIELDED: "count", ITERABLE_LEN_CALLED: "count?",
+                       SHARED_SEED: "seed?", **dict.fromkeys(_SAMPLER_FIELDS, "sampler")}
 _SINGLE_FIELDS = {**_COMMON_MAIN_FIELDS, NUM_YIELDED: "count", FETCHER_STATE: "fetcher",
                   DATASET_STATE: "dataset", ITERATOR_FINISHED: "bool"}
-_MULTI_FIELDS = {SNAPSHOT: "snapshot", "_steps_since_snapshot": "count",
+_MULTI_FIELDS = {SNAPSHOT: "snapshot", STEPS_SINCE_SNAPSHOT: "count",
                  ITERATOR_FINISHED: "bool"}
-_SNAPSHOT_FIELDS = {"_snapshot_step": "count", "_last_yielded_worker_id": "seed",
+_SNAPSHOT_FIELDS = {SNAPSHOT_STEP: "count", LAST_YIELDED_WORKER_ID: "seed",
                     MAIN_SNAPSHOT: "main", WORKER_SNAPSHOTS: "workers"}
-_MAIN_FIELDS = {NUM_WORKERS: "seed", "_base_seed": "seed", **_COMMON_MAIN_FIELDS}
-_WORKER_FIELDS = {"worker_id": "seed", DATASET_STATE: "dataset", FETCHER_STATE: "fetcher"}
-_FETCHER_FIELDS = {"dataset_iter_state": "iter", FETCHER_ENDED: "bool"}
+_MAIN_FIELDS = {NUM_WORKERS: "seed", BASE_SEED: "seed", **_COMMON_MAIN_FIELDS}
+_WORKER_FIELDS = {WORKER_ID: "seed", DATASET_STATE: "dataset", FETCHER_STATE: "fetcher"}
+_FETCHER_FIELDS = {DATASET_ITER_STATE: "iter", FETCHER_ENDED: "bool"}
 # What an RLDSDataset's loader saves as its sampler states: none (batch_size=None), or the
 # count of torchdata's batch sampler over torch's infinite constant sampler.
-_RLDS_SAMPLER_FIELDS = {"samples_yielded": "count"}
+_RLDS_SAMPLER_FIELDS = {SAMPLES_YIELDED: "count"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,13 +451,13 @@ def check_loader_state(state: Any, *, num_workers: int | None, rlds: bool) -> Lo
         checker.check(state, _SINGLE_FIELDS, "")
         return LoaderState(batches_seen, [state[DATASET_STATE]], [_ended(state[FETCHER_STATE])])
     checker.check(state, _MULTI_FIELDS, "")
-    steps = state["_steps_since_snapshot"]
+    steps = state[STEPS_SINCE_SNAPSHOT]
     if batches_seen is not None and steps > batches_seen:
         # torchdata replays these on load: never more than were handed out
-        raise ValueError(f"loader state field '_steps_since_snapshot': {steps} batches to "
+        raise ValueError(f"loader state field {STEPS_SINCE_SNAPSHOT!r}: {steps} batches to "
                          f"replay, but 'batches_seen' says {batches_seen} were handed out")
     workers = state[SNAPSHOT][WORKER_SNAPSHOTS]
-    snapshots = [workers[f"worker_{i}"] for i in range(num_workers)]
+    snapshots = [workers[worker_key(i)] for i in range(num_workers)]
     return LoaderState(batches_seen, [w[DATASET_STATE] for w in snapshots],
                        [_ended(w[FETCHER_STATE]) for w in snapshots], multi=True)
 
@@ -502,7 +517,7 @@ class _LoaderStateChecker:
     def _sampler(self, value: Any, field: str, optional: bool) -> None:
         if not self.rlds or value is None:
             return
-        if field.endswith("_index_sampler_state"):
+        if field.endswith(INDEX_SAMPLER_STATE):
             self._fail(field, "None for a torch_rlds dataset", value)
         self.check(value, _RLDS_SAMPLER_FIELDS, f"{field}.")
 
@@ -518,9 +533,9 @@ class _LoaderStateChecker:
 
     def _snapshot(self, value: Any, field: str, optional: bool) -> None:
         self.check(value, _SNAPSHOT_FIELDS, f"{field}.")
-        last = value["_last_yielded_worker_id"]
+        last = value[LAST_YIELDED_WORKER_ID]
         if last >= self.num_workers:
-            raise ValueError(f"loader state field '{field}._last_yielded_worker_id' must be in "
+            raise ValueError(f"loader state field '{field}.{LAST_YIELDED_WORKER_ID}' must be in "
                              f"[0, {self.num_workers - 1}] (got {last})")
 
     def _main(self, value: Any, field: str, optional: bool) -> None:
@@ -528,12 +543,12 @@ class _LoaderStateChecker:
 
     def _workers(self, value: Any, field: str, optional: bool) -> None:
         # Worker ids, not fields: torchdata refuses any other set of them.
-        self.check(value, {f"worker_{i}": "worker" for i in range(self.num_workers)},
+        self.check(value, {worker_key(i): "worker" for i in range(self.num_workers)},
                    f"{field}.", exact=True)
 
     def _worker(self, value: Any, field: str, optional: bool) -> None:
         self.check(value, _WORKER_FIELDS, f"{field}.")
         expected = int(field.rsplit("_", 1)[1])
-        if value["worker_id"] != expected:
-            raise ValueError(f"loader state field '{field}.worker_id' must be {expected} (got "
-                             f"{value['worker_id']})")
+        if value[WORKER_ID] != expected:
+            raise ValueError(f"loader state field '{field}.{WORKER_ID}' must be {expected} (got "
+                             f"{value[WORKER_ID]})")

@@ -15,6 +15,7 @@ from typing import Any
 
 from etils import epath
 
+from torch_rlds._files import write_atomic
 from torch_rlds._paths import to_path
 
 _TMP_MARK = ".tmp-"
@@ -52,17 +53,7 @@ def write_json_atomic(path: epath.Path, obj: Any, *, indent: int | None = None) 
         tmp.write_text(data)
         tmp.replace(path)
         return
-    try:
-        with open(os.fspath(tmp), "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.fspath(tmp), os.fspath(path))  # atomic on a local disk
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(os.fspath(tmp))
-        raise
-    _fsync_folder(os.fspath(path.parent))
+    write_atomic(os.fspath(path), data.encode(), temporary=os.fspath(tmp))
 
 
 def _host() -> str:
@@ -94,18 +85,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable (where the platform lets a folder be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse to fsync a folder; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def read_json(path: str | os.PathLike, what: str = "state") -> Any:
@@ -115,17 +94,17 @@ def read_json(path: str | os.PathLike, what: str = "state") -> Any:
     anything that is not one whole JSON document (see :func:`loads_strict`) or is larger than
     :data:`MAX_STATE_BYTES`.
     """
-    path = to_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no {what} file")
-    with path.open("rb") as f:
+    file = to_path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no {what} file")
+    with file.open("rb") as f:
         data = f.read(MAX_STATE_BYTES + 1)
     if len(data) > MAX_STATE_BYTES:
-        raise ValueError(f"{path}: not a JSON {what} (larger than {MAX_STATE_BYTES} bytes)")
+        raise ValueError(f"{file}: not a JSON {what} (larger than {MAX_STATE_BYTES} bytes)")
     try:
         return loads_strict(data)
     except ValueError as e:
-        raise ValueError(f"{path}: not a JSON {what} ({e})") from None
+        raise ValueError(f"{file}: not a JSON {what} ({e})") from None
 
 
 def loads_strict(data: bytes | bytearray | memoryview) -> Any:
@@ -153,8 +132,8 @@ def _short(error: BaseException) -> str:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
-        seen = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"duplicate key {duplicate[:80]!r}")
     return out
 

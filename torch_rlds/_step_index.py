@@ -422,7 +422,7 @@ class ShardStepIndex:
 
     @classmethod
     def from_records(cls, features: Sequence[IndexedFeature], records: Sequence[RecordBlocks],
-                     sizes: Sequence[int], problems: dict[int, str] | None = None
+                     sizes: Sequence[int] | np.ndarray, problems: dict[int, str] | None = None
                      ) -> ShardStepIndex:
         """Assemble the index of a shard from its records' blocks and payload sizes, in record
         order (``problems``: why each record built with :meth:`RecordBlocks.whole` is)."""

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class StepFiles:
       source: an :class:`~torch_rlds.RLDSSource` of tfrecord shards.
       cache_dir: the folder (default ``<cache>/steps``).
     """
+
+    _probed: tuple[int, np.ndarray] | None = None  # (shard, its probed lengths), the last one
 
     def __init__(self, source: Any, cache_dir: str | os.PathLike | None = None) -> None:
         self.source = source
@@ -136,20 +138,8 @@ class StepFiles:
     def save(self, path: Path, data: bytes) -> bool:
         """Write ``data`` to ``path`` atomically; ``False`` (with one warning per folder) where
         the cache cannot be written."""
-        import tempfile
-
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _files.write_atomic(path, data)
         except OSError as e:
             _warn_once(path.parent, e)
             return False
@@ -250,7 +240,7 @@ class StepFiles:
 
     def shard_lengths_probed(self, shard: int) -> np.ndarray:
         """The probed steps of every record of ``shard`` (the lengths file, else a probe)."""
-        if getattr(self, "_probed", None) is None or self._probed[0] != shard:
+        if self._probed is None or self._probed[0] != shard:
             path = self.lengths_path(shard)
             sizes = self._sizes(shard)
             try:
@@ -431,7 +421,7 @@ class StepReader:
             self._dtypes = {name: np.dtype(info.np_dtype) if info.np_dtype is not None
                             else np.dtype(object) for name, info in flat.items()}
             self._leaves = {leaf.name: leaf for leaf in iter_leaves(source.features)}
-        return self._leaves, self._dtypes
+        return self._leaves, cast(dict[str, np.dtype], self._dtypes)  # set with _leaves
 
     def leaf(self, name: str) -> FeatureLeaf:
         """The feature ``name`` (``steps/observation/image``) of the source."""

@@ -40,7 +40,7 @@ import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeAlias, cast
 
 import crc32c
 import numpy as np
@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 _MASK_DELTA = 0xA282EAD8
+# A shard opened for reading: a local file, or a remote one read range by range.
+ShardFile: TypeAlias = "BinaryIO | _RemoteRanges"
 _HEADER = struct.Struct("<QI")  # payload length, masked crc of the length
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
@@ -125,7 +127,7 @@ def write_tfrecord(path: str | os.PathLike, records: Iterable[bytes]) -> int:
 
 
 def build_index(
-    f: BinaryIO, file_size: int, name: str, *, progress: tqdm | None = None
+    f: ShardFile, file_size: int, name: str, *, progress: tqdm | None = None
 ) -> np.ndarray:
     """The offsets of every record in the open TFRecord file ``f`` of ``file_size`` bytes.
 
@@ -240,7 +242,7 @@ def _remote_key(path: str, stat: ObjectInfo | None) -> tuple[str, int, str]:
         return path, stat.size, f"mtime:{stat.mtime}:{_fingerprint(f, stat.size)}"
 
 
-def _fingerprint(f: BinaryIO, size: int) -> str:
+def _fingerprint(f: ShardFile, size: int) -> str:
     """CRC32C of the first and the last few KiB of a shard of ``size`` bytes, read from ``f``."""
     head = min(size, _FINGERPRINT_BYTES)
     f.seek(0)
@@ -467,8 +469,9 @@ class RecordIndex:
         folder = _folder(cache_dir)
         with contextlib.ExitStack() as stack:
             if _is_local(path):
-                f: BinaryIO = stack.enter_context(_open_local(path))
-                absolute, size, generation = _local_key(path, f)
+                local = stack.enter_context(_open_local(path))
+                absolute, size, generation = _local_key(path, local)
+                f: ShardFile = local
             else:
                 absolute, size, generation = _remote_key(path, stat)
                 f = stack.enter_context(_RemoteRanges(path, size))
@@ -549,14 +552,14 @@ class RecordIndex:
         first = start + _HEADER_SIZE + offset
         return first, first + size
 
-    def open(self) -> BinaryIO:
+    def open(self) -> ShardFile:
         """Open the shard for reading, in the mode ``read`` works best with (local: unbuffered;
         remote: every read one exact-range request); close it after use."""
         if _is_local(self.path):
             return _open_local(self.path)
         return _RemoteRanges(self.path, self.file_size)
 
-    def read(self, i: int, f: BinaryIO | None = None) -> bytes:
+    def read(self, i: int, f: ShardFile | None = None) -> bytes:
         """The payload of record ``i``, read from ``f`` (an open file of this shard, used by
         one thread at a time) or, when None, through the process's shared descriptors (local
         shards) or its pool of open files (remote ones), see :mod:`torch_rlds._files`.
@@ -568,7 +571,7 @@ class RecordIndex:
         """
         return bytes(self.read_view(i, f))
 
-    def read_view(self, i: int, f: BinaryIO | None = None) -> memoryview:
+    def read_view(self, i: int, f: ShardFile | None = None) -> memoryview:
         """Like ``read``, but returns a memoryview of the payload inside the buffer read, without
         copying it."""
         i, start, end = self._bounds(i)
@@ -634,7 +637,7 @@ class RecordIndex:
             f"bytes when indexed)"
         )
 
-    def _read_at(self, f: BinaryIO, i: int, start: int, end: int) -> bytes:
+    def _read_at(self, f: ShardFile, i: int, start: int, end: int) -> bytes:
         size = end - start
         f.seek(start)
         buf = f.read(size)
@@ -697,7 +700,8 @@ def _build_on_loop(paths: Sequence[str], stats: Sequence[ObjectInfo], folder: Pa
         for k, found in zip(todo, built):
             offsets[k] = found
             _save_atomic(files[k], found)
-    return [RecordIndex._keyed(path, found, file, key[2])
+    # every shard's offsets are known or built by now
+    return [RecordIndex._keyed(path, cast(np.ndarray, found), file, key[2])
             for path, found, file, key in zip(paths, offsets, files, keys)]
 
 
@@ -763,21 +767,22 @@ def build_indexes(
     listing) and ``published`` are passed on to each load. With ``progress``, one bar over
     shards shows when loading takes more than a second. The first error raised by a shard is
     raised here; shards not yet started are cancelled."""
-    paths = [os.fspath(p) for p in paths]
+    names = [os.fspath(p) for p in paths]
     if num_threads is None:
-        remote = any(not _is_local(p) for p in paths)
+        remote = any(not _is_local(p) for p in names)
         num_threads = _files.remote_threads() if remote else 8
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1 (got {num_threads})")
-    stats = list(stats) if stats is not None else [None] * len(paths)
-    if len(stats) != len(paths):
-        raise ValueError(f"stats must give one entry per path ({len(paths)} paths, "
+    stats = list(stats) if stats is not None else [None] * len(names)
+    if len(stats) != len(names):
+        raise ValueError(f"stats must give one entry per path ({len(names)} paths, "
                          f"{len(stats)} stats)")
-    if _on_one_loop(paths, stats):
-        return _build_on_loop(paths, stats, _folder(cache_dir), published, progress)
+    if _on_one_loop(names, stats):  # then every shard has its stat
+        return _build_on_loop(names, cast(list[ObjectInfo], stats), _folder(cache_dir),
+                              published, progress)
     with (
         tqdm(
-            total=len(paths),
+            total=len(names),
             desc="Indexing shards",
             unit="shard",
             delay=_PROGRESS_DELAY_S,
@@ -785,13 +790,13 @@ def build_indexes(
             disable=not progress,
         ) as bar,
         concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(num_threads, max(len(paths), 1)), thread_name_prefix="torch_rlds-index"
+            max_workers=min(num_threads, max(len(names), 1)), thread_name_prefix="torch_rlds-index"
         ) as pool,
     ):
         futures = [
             pool.submit(RecordIndex.load, p, cache_dir=cache_dir, progress=False, stat=st,
                         published=published)
-            for p, st in zip(paths, stats)
+            for p, st in zip(names, stats)
         ]
         try:
             for future in concurrent.futures.as_completed(futures):

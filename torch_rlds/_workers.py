@@ -10,11 +10,10 @@ import select
 import signal
 import threading
 import time
-import weakref
+from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.utils.data
+from torch_rlds import _torchdata
 
 
 class WorkerError(RuntimeError):
@@ -62,9 +61,8 @@ def diagnose(inner: Any, error: Exception) -> WorkerError | None:
     ``RuntimeError`` in the main thread at any moment once a worker has died."""
     for _ in range(3):
         try:
-            if getattr(inner, "_worker_pids_set", False):  # the pass ends: stop watching them
-                torch.utils.data._utils.signal_handling._remove_worker_pids(id(inner))
-                inner._worker_pids_set = False
+            if _torchdata.watched_by_sigchld(inner):  # the pass ends: stop watching them
+                _torchdata.unwatch_workers(inner)
             return _worker_failure(inner, error)
         except RuntimeError as late:  # the handler ran first; its message names the worker
             error = late
@@ -74,7 +72,7 @@ def diagnose(inner: Any, error: Exception) -> WorkerError | None:
 def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
     """The :class:`WorkerError` that ``error``, raised by ``inner``'s ``__next__``, stands for;
     ``None`` when it is no worker's death or silence (a dataset's own error passes as it is)."""
-    workers = list(getattr(inner, "_workers", None) or ())
+    workers = _torchdata.worker_processes(inner)
     if not workers:
         return None
     text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
@@ -98,15 +96,15 @@ def _worker_failure(inner: Any, error: Exception) -> WorkerError | None:
             break
         time.sleep(0.01)
     if str(error).startswith(_TORCH_TIMEOUT):
-        task = getattr(inner, "_task_info", {}).get(getattr(inner, "_rcvd_idx", None))
-        if task:
-            worker = task[0]
-            process = workers[worker]
-            return WorkerError(f"DataLoader timed out after {inner._timeout} seconds: worker "
-                               f"{worker} (pid {process.pid}) sent no batch in time (stuck or "
+        waited = _torchdata.waited_worker(inner)
+        if waited is not None:
+            process = workers[waited]
+            timeout = _torchdata.worker_timeout(inner)
+            return WorkerError(f"DataLoader timed out after {timeout} seconds: worker "
+                               f"{waited} (pid {process.pid}) sent no batch in time (stuck or "
                                "too slow); the loader stopped it and its other workers. Its "
                                "state still ends at the last batch handed out: iter() again "
-                               "resumes there with fresh workers", worker, process.pid, None)
+                               "resumes there with fresh workers", waited, process.pid, None)
     return None
 
 
@@ -128,14 +126,14 @@ def stop_workers(inner: Any, stuck: int | None) -> None:
     """Shut ``inner``'s workers down now, rather than when it is collected, and make sure none
     outlives this call: worker ``stuck`` (one the loader timed out on) and any other that does
     not exit when asked are killed."""
-    workers = list(getattr(inner, "_workers", None) or ())
+    workers = _torchdata.worker_processes(inner)
     if not workers:
         return
     if stuck is not None and workers[stuck].is_alive():
         workers[stuck].kill()
     # torch's SIGCHLD handler may raise for a worker that exits while it shuts the rest down.
     with contextlib.suppress(RuntimeError):
-        inner._shutdown_workers()
+        _torchdata.shutdown_workers(inner)
     for process in workers:
         process.join(timeout=5.0)
         if process.exitcode is None:
@@ -156,20 +154,20 @@ def report_deaths_from_next(iterator: Any) -> None:
     and instead has ``next()``, while it waits for a batch, check them every ``_POLL_S``
     seconds (torch's own check, which it otherwise makes every 5 s).
     """
-    torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
-    iterator._worker_pids_set = False
-    ref = weakref.ref(iterator)  # no reference cycle: the iterator still dies with its owner
-    method = type(iterator)._try_get_data
+    _torchdata.unwatch_workers(iterator)
+    _torchdata.wrap_data_wait(iterator, _poll_workers)
 
-    def try_get_data(timeout: float = torch.utils.data._utils.MP_STATUS_CHECK_INTERVAL) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            step = min(_POLL_S, max(deadline - time.monotonic(), 0.0))
-            success, data = method(ref(), step)  # raises once a worker is dead
-            if success or time.monotonic() >= deadline:
-                return success, data
 
-    iterator._try_get_data = try_get_data
+def _poll_workers(wait: Callable[[float], tuple[bool, Any]],
+                  timeout: float) -> tuple[bool, Any]:
+    """Wait up to ``timeout`` seconds for a batch through torch's ``wait``, which checks the
+    workers each time it returns, in steps of ``_POLL_S``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        step = min(_POLL_S, max(deadline - time.monotonic(), 0.0))
+        success, data = wait(step)  # raises once a worker is dead
+        if success or time.monotonic() >= deadline:
+            return success, data
 
 
 # How often a worker checks that the training process lives, where the system cannot say at

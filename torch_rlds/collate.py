@@ -70,7 +70,7 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
         storage = pool.take(offset - _buffers.HEADER)
     else:
         storage = _buffers.new_shared(max(offset, 1))  # as default_collate does
-    return [torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
+    return [_buffers.tensor_on(storage, dtype, start // dtype.itemsize, shape)
             for (shape, dtype), start in zip(specs, offsets)]
 
 

@@ -1,8 +1,7 @@
-"""The embedded demo dataset and the ``torch-rlds demo`` walk-through."""
+"""The ``torch-rlds demo`` walk-through (its dataset: :func:`torch_rlds.synthetic.demo_dataset`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -12,34 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from torch_rlds._trees import batch_digest
 from torch_rlds.config import load_config
-
-
-def batch_digest(batch: Any) -> str:
-    """A SHA-256 over every leaf of a batch (dtype, shape and bytes; strings as UTF-8), in key
-    order: two batches have the same digest exactly when they are equal bit for bit."""
-    h = hashlib.sha256()
-    _digest_into(h, batch)
-    return h.hexdigest()
-
-
-def _digest_into(h, tree: Any) -> None:
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            h.update(f"<{key}>".encode())
-            _digest_into(h, tree[key])
-    elif isinstance(tree, (list, tuple)):
-        h.update(f"[{len(tree)}]".encode())
-        for item in tree:
-            _digest_into(h, item)
-    elif isinstance(tree, str):
-        h.update(b"s" + tree.encode() + b"\0")
-    else:
-        array = np.ascontiguousarray(tree.numpy() if hasattr(tree, "numpy") else np.asarray(tree))
-        h.update(f"{array.dtype.str}{array.shape}".encode())
-        h.update(array.tobytes())
+from torch_rlds.loader import dataset_states
 
 
 def _shapes(batch: dict[str, Any]) -> str:
@@ -114,11 +88,7 @@ def run_demo(config_name: str = "demo", overrides: Sequence[str] = (), *, before
 
 
 def _worker_state_sizes(state: dict[str, Any]) -> list[int]:
-    snapshot = state.get("_snapshot")
-    if snapshot is None:
-        return [len(json.dumps(state.get("dataset_state")))]
-    workers = snapshot["_worker_snapshots"]
-    return [len(json.dumps(workers[key]["dataset_state"])) for key in sorted(workers)]
+    return [len(json.dumps(s)) for s in dataset_states(state)]
 
 
 if __name__ == "__main__":

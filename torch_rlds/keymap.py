@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -177,7 +177,7 @@ class KeyMap:
                 size = None if size is None or n is None else size + n
             shapes[out] = (size,)
         for role in self.cameras():
-            key = self.image_keys[role]
+            key = cast(str, self.image_keys[role])  # cameras(): the roles that name a key
             leaf = _find(leaves, key, f"key_map.images.{role}", dataset)
             if leaf.kind != "image":
                 raise KeyMapError(f"{dataset}: key_map.images.{role}: {key!r} is a "
@@ -207,7 +207,7 @@ class KeyMap:
         if self.state_keys:
             observation[STATE] = self._concat(steps, self.state_keys, "state", name)
         for role in self.cameras() if images else ():
-            observation[image_key(role)] = _get(steps, self.image_keys[role],
+            observation[image_key(role)] = _get(steps, cast(str, self.image_keys[role]),
                                                 f"key_map.images.{role}", name)
         out_steps: dict[str, Any] = {
             "observation": observation,
@@ -300,7 +300,7 @@ def _describe(leaf) -> str:
 def _size(shape: tuple[int | None, ...]) -> int | None:
     if any(d is None for d in shape):
         return None
-    return int(np.prod(shape, dtype=np.int64))
+    return int(np.prod(cast(tuple[int, ...], shape), dtype=np.int64))
 
 
 _MISSING = object()

@@ -14,28 +14,33 @@ from typing import Any, TypeVar
 import torch
 import torch.utils.data
 from etils import epath
-from torchdata.stateful_dataloader import StatefulDataLoader
 
-from torch_rlds import _buffers
+from torch_rlds import _buffers, _torchdata
 from torch_rlds._bootstrap import explain_start_failure, refuse_inside_bootstrap
 from torch_rlds._fields import to_numpy
 from torch_rlds._loader_stats import LoaderStats, StatsTracker
 from torch_rlds._pass import MultiProcessIter, Run, SingleProcessIter
 from torch_rlds._start import default_start_method, init_worker, start_method_for
 from torch_rlds._state import (
-    DATASET_STATE,
-    ITERATOR_FINISHED,
     LOADER_STATE_KEY,
     LOADER_STATE_VERSION,
-    MAIN_SNAPSHOT,
-    NUM_WORKERS,
-    SNAPSHOT,
-    WORKER_SNAPSHOTS,
     check_loader_state,
     saved_num_workers,
 )
 from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds._streamed import StreamedDataset
+from torch_rlds._torchdata import (
+    DATASET_STATE,
+    ITERATOR_FINISHED,
+    MAIN_SNAPSHOT,
+    NUM_WORKERS,
+    SNAPSHOT,
+    SNAPSHOT_STEP,
+    STEPS_SINCE_SNAPSHOT,
+    WORKER_SNAPSHOTS,
+    LoaderBase,
+    worker_key,
+)
 from torch_rlds._workers import WorkerError
 from torch_rlds.collate import collate
 from torch_rlds.dataset import RLDSDataset
@@ -64,7 +69,7 @@ def is_rlds_dataset(dataset: Any) -> bool:
     return False
 
 
-class DataLoader(StatefulDataLoader[_T_co]):
+class DataLoader(LoaderBase[_T_co]):
     """torchdata's ``StatefulDataLoader``, with torch_rlds's batching and passes for its own
     datasets.
 
@@ -153,18 +158,21 @@ class DataLoader(StatefulDataLoader[_T_co]):
         rlds = is_rlds_dataset(dataset)
         workers = isinstance(num_workers, int) and num_workers > 0
         asked = None
+        # (type: ignore[attr-defined] below: each StreamedDataset sets batch_size, which the
+        # class itself does not declare.)
         if (isinstance(dataset, StreamedDataset) and collate_fn is None and batch_sampler is None
-                and (batch_size is not None or dataset.batch_size is not None)):
+                and (batch_size is not None
+                     or dataset.batch_size is not None)):  # type: ignore[attr-defined]
             # Whole batches built by the dataset, in its workers: see "batches built by the
             # dataset".
             if batch_size is not None:
                 asked = (batch_size, bool(drop_last))
-                dataset = _batching(dataset, *asked)
+                dataset = _batching(dataset, *asked)  # type: ignore[arg-type]
                 drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
         else:
             if isinstance(dataset, StreamedDataset) and batch_size is not None \
-                    and dataset.batch_size is None and batch_sampler is None:
+                    and dataset.batch_size is None and batch_sampler is None:  # type: ignore[attr-defined]
                 # Collated samples: under the global order a reader takes whole host batches.
                 dataset = dataset.sampling_view(batch_size)
             if batch_size is not None and (collate_fn is collate
@@ -178,8 +186,7 @@ class DataLoader(StatefulDataLoader[_T_co]):
                          snapshot_every_n_steps=snapshot_every_n_steps)
         if asked is not None:
             # What was asked for, as torch reports it; the dataset makes the batches.
-            object.__setattr__(self, "batch_size", asked[0])
-            object.__setattr__(self, "drop_last", asked[1])
+            _torchdata.report_batching(self, *asked)
         exact = num_workers == 0 or in_order
         if continue_passes is None:
             continue_passes = rlds and exact
@@ -221,38 +228,38 @@ class DataLoader(StatefulDataLoader[_T_co]):
     # -- passes ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Any]:
         refuse_inside_bootstrap()
-        previous = self._iterator
+        previous = _torchdata.live_iterator(self)
         if previous is not None and previous.ended:
             # A pass that ended with an error (its workers are stopped): a torch_rlds stream
             # goes on from its state; another dataset gets a new pass, with fresh workers.
             if self._rlds:
                 self.load_state_dict(previous.state_dict())
             else:
-                self._iterator = None
-                self._initial_iter_for_state_dict = False
+                _torchdata.forget_iterator(self)
         elif self.continue_passes:
             self._continue_pass()
         return super().__iter__()
 
-    def _get_iterator(self) -> Any:
+    def _new_iterator(self) -> Any:
+        pending = _torchdata.pending_state(self)
         if self.num_workers == 0:
-            iterator = SingleProcessIter(self, self.next_iter_state, self._run)
-            self.next_iter_state = None
+            iterator = SingleProcessIter(self, pending, self._run)
+            _torchdata.set_pending_state(self, None)
             return iterator
-        self.check_worker_number_rationality()
+        _torchdata.check_worker_count(self)
         leases = None
         if (self.reuse_buffers and not self.pin_memory
                 and self.collate_fn in (_whole_batch, _collate)):
             leases = _buffers.Leases(self.num_workers, (self.prefetch_factor or 0)
                                      + _SPARE_BUFFERS)
-        init, method = self.worker_init_fn, start_method_for(self)
+        init, method = self.worker_init_fn, start_method_for(self)  # type: ignore[has-type]
         self.worker_init_fn = functools.partial(
             init_worker, os.getpid(), leases.worker_args() if leases is not None else None,
             init)
         if method is not None:
             self.multiprocessing_context = method
         try:
-            iterator = MultiProcessIter(self, self.next_iter_state, self._run, leases)
+            iterator = MultiProcessIter(self, pending, self._run, leases)
         except RuntimeError as error:
             explained = explain_start_failure(error, method or self.multiprocessing_context)
             if explained is None:
@@ -261,8 +268,8 @@ class DataLoader(StatefulDataLoader[_T_co]):
         finally:
             self.worker_init_fn = init
             if method is not None:
-                self.multiprocessing_context = None
-        self.next_iter_state = None
+                self.multiprocessing_context = None  # type: ignore[assignment]
+        _torchdata.set_pending_state(self, None)
         for part in _rlds_parts(self.dataset):
             part._progress.windows.clear()  # read by the checks for the workers, now forked
         # torch stops workers by sending None down their index queues. When the iterator is
@@ -271,26 +278,24 @@ class DataLoader(StatefulDataLoader[_T_co]):
         # so the None never arrives and shutting down waits 5 s per worker before killing it.
         # Holding the queues from outside the cycle until the iterator is gone keeps them
         # open for its shutdown.
-        weakref.finalize(iterator, _drop, iterator._index_queues).atexit = False
+        weakref.finalize(iterator, _drop, _torchdata.index_queues(iterator)).atexit = False
         return iterator
 
     def _continue_pass(self) -> None:
         """Make the iterator ``StatefulDataLoader.__iter__`` is about to build continue the
         stream (see "one stream over passes")."""
-        previous = self._iterator
-        if self.next_iter_state is not None:
-            pending = self.next_iter_state  # a loaded state: the next iterator resumes it
-        elif previous is None:
-            return
-        elif self._initial_iter_for_state_dict:
-            pending = previous.state_dict()  # an iterator built by state_dict(), not yet used
-        elif previous._finished:
+        previous = _torchdata.live_iterator(self)
+        pending = _torchdata.pending_state(self)  # a loaded state: the next iterator resumes it
+        if pending is None:
+            if previous is None:
+                return
+            if not (_torchdata.iterator_unused(self) or _torchdata.pass_finished(previous)):
+                # An unfinished pass: resume it from the batches handed out, not from what the
+                # workers had already fetched.
+                self.load_state_dict(self.state_dict())
+                return
+            # A finished pass, or an iterator built by state_dict() and not yet used.
             pending = previous.state_dict()
-        else:
-            # An unfinished pass: resume it from the batches handed out, not from what the
-            # workers had already fetched.
-            self.load_state_dict(self.state_dict())
-            return
         if (pending.get(ITERATOR_FINISHED) is True and self.num_workers > 0
                 and not self.persistent_workers and isinstance(self.dataset, RLDSDataset)
                 and not self.dataset.repeat):
@@ -298,9 +303,8 @@ class DataLoader(StatefulDataLoader[_T_co]):
             # dataset, which never advanced: move that copy to the epoch after the finished one.
             states = [s for s in dataset_states(pending) if isinstance(s, dict)]
             self.dataset.set_epoch(self.dataset.epoch_after(states))
-            self.next_iter_state = None
-            self._iterator = None
-            self._initial_iter_for_state_dict = False
+            _torchdata.set_pending_state(self, None)
+            _torchdata.forget_iterator(self)
 
     def stats(self) -> LoaderStats:
         """Throughput, time the caller waited for data, epoch progress and steps and episodes
@@ -372,7 +376,7 @@ class DataLoader(StatefulDataLoader[_T_co]):
         if found.num_workers:
             # The batches handed out in the pass the state was saved in: the snapshot counts
             # them, and every worker's state names the pass's start.
-            handed = state_dict[SNAPSHOT]["_snapshot_step"] + state_dict["_steps_since_snapshot"]
+            handed = state_dict[SNAPSHOT][SNAPSHOT_STEP] + state_dict[STEPS_SINCE_SNAPSHOT]
         cursor = self.dataset._stream.resume_cursor(self.dataset, cursors, handed)
         super().load_state_dict({})
         # Until a batch is handed out, state_dict() is the state loaded, as torchdata's is.
@@ -426,9 +430,9 @@ def dataset_states(state: dict[str, Any]) -> list[Any]:
     count = state[SNAPSHOT][MAIN_SNAPSHOT][NUM_WORKERS]
     out = []
     for i in range(count):
-        worker = workers.get(f"worker_{i}")
+        worker = workers.get(worker_key(i))
         if not isinstance(worker, dict):
-            raise ValueError(f"loader state: {WORKER_SNAPSHOTS}.worker_{i} is missing ("
+            raise ValueError(f"loader state: {WORKER_SNAPSHOTS}.{worker_key(i)} is missing ("
                              f"{count} workers saved)")
         out.append(worker.get(DATASET_STATE))
     return out
@@ -443,7 +447,7 @@ def _batching(dataset: RLDSDataset, batch_size: int, drop_last: bool) -> RLDSDat
     """``dataset`` emitting the loader's batches: a batching view of it (one cursor for both),
     or itself when it already emits those batches."""
     if dataset.batch_size is None:
-        return dataset.batching_view(batch_size, drop_last=drop_last)
+        return dataset.batching_view(batch_size, drop_last=drop_last)  # type: ignore[return-value]
     if (dataset.batch_size, dataset.drop_last) != (batch_size, drop_last):
         raise ValueError(
             f"the dataset emits batches already (batch_size={dataset.batch_size}, drop_last="
@@ -469,7 +473,7 @@ def _collate(samples: list[Any]) -> Any:
 
 
 def _drop(*_: Any) -> None:
-    """The finalizer of a worker iterator (see ``DataLoader._get_iterator``): it only needs to
+    """The finalizer of a worker iterator (see ``DataLoader._new_iterator``): it only needs to
     have held its arguments."""
 
 

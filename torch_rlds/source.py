@@ -8,7 +8,7 @@ import stat
 import threading
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from etils import epath
@@ -138,7 +138,7 @@ class RLDSSource:
             return [self._readers[name].read(e) for name, e in located]
         items = []
         for name, episode in located:
-            reader = self._readers[name]
+            reader = cast(_TFRecordReader, self._readers[name])  # tfrecord: checked above
             shard, record = reader._shard_of(episode)
             items.append((reader.indexes[shard], record))
         try:
@@ -188,7 +188,7 @@ class RLDSSource:
     def record_index(self, split: str, shard: int) -> RecordIndex:
         """The record index of shard ``shard`` of split ``split`` as it is now (a reader
         replaces an index it found stale: see :meth:`read`)."""
-        return self._readers[split].indexes[shard]
+        return cast(_TFRecordReader, self._readers[split]).indexes[shard]
 
     def describe(self, index: int) -> str:
         """``file @ offset`` (tfrecord) or ``file #record`` of episode ``index``, for messages."""
@@ -244,6 +244,14 @@ class _ShardedReader:
     def __init__(self, split: SplitInfo) -> None:
         self.split = split
         self._ends = list(np.cumsum(split.shard_lengths))
+
+    def read(self, episode: int) -> bytes | memoryview:
+        """The serialized record of ``episode`` of the split."""
+        raise NotImplementedError
+
+    def describe(self, episode: int) -> str:
+        """Where ``episode`` lies (its shard and record), for messages."""
+        raise NotImplementedError
 
     def _shard_of(self, episode: int) -> tuple[int, int]:
         shard = bisect.bisect_right(self._ends, episode)

@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -251,7 +252,7 @@ def episode_example(spec: SyntheticSpec, episode: int, num_steps: int,
     """The example dict of one episode, images already encoded, for ``encode_example``."""
     steps = []
     for t in range(num_steps):
-        observation = {"state": state_value(spec, episode, t)}
+        observation: dict[str, Any] = {"state": state_value(spec, episode, t)}
         for painter in painters:
             observation[painter.cam.name] = painter.frame(episode, t)
         if spec.zlib_tensor:

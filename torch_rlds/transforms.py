@@ -23,7 +23,7 @@ import functools
 import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch.utils.data
@@ -222,13 +222,13 @@ def _resize_frame(frame: np.ndarray, height: int, width: int,
     if frame.dtype == np.uint8 and frame.shape[2] in (1, 3, 4):
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[frame.shape[2]]
         image = Image.fromarray(frame[:, :, 0] if mode == "L" else frame, mode)
-        resized = np.asarray(image.resize((width, height), Image.BILINEAR))
+        resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
         return resized.reshape(height, width, frame.shape[2])
     # Other dtypes (uint16 depth, float): each channel through Pillow's 32-bit float mode.
     channels = []
     for c in range(frame.shape[2]):
         image = Image.fromarray(np.ascontiguousarray(frame[:, :, c], dtype=np.float32), "F")
-        channels.append(np.asarray(image.resize((width, height), Image.BILINEAR)))
+        channels.append(np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)))
     return _rounded(np.stack(channels, axis=-1), frame.dtype)
 
 
@@ -381,8 +381,9 @@ class Resize:
                  mode: str = "pad", keys: Sequence[str] | None = None,
                  filter: str = "bilinear") -> None:  # noqa: A002
         if isinstance(size, Mapping):
-            self.sizes = {str(k): _check_size(v, f"size[{k!r}]") for k, v in size.items()}
-            self.size = None
+            self.sizes: dict[str, tuple[int, int]] | None = {
+                str(k): _check_size(v, f"size[{k!r}]") for k, v in size.items()}
+            self.size: tuple[int, int] | None = None
         else:
             self.size = _check_size(size, "size")
             self.sizes = None
@@ -397,7 +398,8 @@ class Resize:
         if self.sizes is not None:
             targets = {k: v for k, v in self.sizes.items() if k in observation}
         else:
-            targets = {k: self.size for k in self.keys or _images(observation)}
+            size = cast(tuple[int, int], self.size)  # one size for all when sizes is None
+            targets = {k: size for k in self.keys or _images(observation)}
         for key, size in targets.items():
             observation[key] = resize_images(observation[key], size, self.mode, self.filter)
         return _with_observation(sample, observation)
@@ -507,7 +509,7 @@ def _stat(stats: Any, name: str) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-def normalize(x: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | None = None,
+def normalize(x: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | np.ndarray | None = None,
               eps: float = EPS) -> np.ndarray:
     """``x`` ``[..., D]`` normalized with per-dimension ``stats`` (an object or mapping with
     ``mean``, ``std``, ``q01``, ``q99``):
@@ -531,7 +533,7 @@ def normalize(x: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | No
     return _masked(y, x64, mask, x.shape[-1]).astype(out_dtype)
 
 
-def unnormalize(y: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | None = None,
+def unnormalize(y: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | np.ndarray | None = None,
                 eps: float = EPS) -> np.ndarray:
     """The inverse of :func:`normalize`: ``unnormalize(normalize(x)) == x`` up to the rounding
     of ``x``'s dtype (a few ulp in float32, exact to ~1e-15 relative in float64), with the
@@ -544,15 +546,14 @@ def unnormalize(y: np.ndarray, stats: Any, mode: str, *, mask: Sequence[bool] | 
     return _masked(y64 * scale + shift, y64, mask, y.shape[-1]).astype(out_dtype)
 
 
-def _masked(mapped: np.ndarray, original: np.ndarray, mask: Sequence[bool] | None,
+def _masked(mapped: np.ndarray, original: np.ndarray, mask: Sequence[bool] | np.ndarray | None,
             dims: int) -> np.ndarray:
     if mask is None:
         return mapped
-    mask = _check_mask(mask, dims, "mask")
-    return np.where(mask, mapped, original)
+    return np.where(_check_mask(mask, dims, "mask"), mapped, original)
 
 
-def _check_mask(mask: Sequence[bool], dims: int, name: str) -> np.ndarray:
+def _check_mask(mask: Sequence[bool] | np.ndarray, dims: int, name: str) -> np.ndarray:
     array = np.asarray(mask)
     if array.dtype != np.bool_ or array.shape != (dims,):
         raise ValueError(f"{name} must be {dims} bools, one per dimension (got "
@@ -602,13 +603,13 @@ class Normalize:
         self.eps = float(eps)
         self.stats = {k: {n: _stat(v, n) for n in ("mean", "std", "q01", "q99")}
                       for k, v in stats.items() if k in ("state", "actions")}
-        mask = {k: v for k, v in (mask or {}).items() if v is not None}
-        unknown = sorted(set(mask) - {"state", "actions"})
+        given = {k: v for k, v in (mask or {}).items() if v is not None}
+        unknown = sorted(set(given) - {"state", "actions"})
         if unknown:
             raise ValueError(f"normalization mask: unknown parts {unknown} (allowed: "
                              "['actions', 'state'])")
-        self.mask = {}
-        for part, value in mask.items():
+        self.mask: dict[str, np.ndarray] = {}
+        for part, value in given.items():
             if part not in self.stats:
                 raise ValueError(f"normalization mask for {part!r}, which has no statistics")
             dims = len(self.stats[part]["mean"])
@@ -748,7 +749,7 @@ class TransformConfig:
                                               "their size at libjpeg's reduced scale (faster; "
                                               "pixels differ slightly)")
     norm_stats: str | None = field(None, nullable(Rule("a path to a norm_stats.json",
-                                                       lambda v: isinstance(v, str) and v)),
+                                                       lambda v: isinstance(v, str) and v != "")),
                                    "statistics to normalize with (null: computed and cached)")
 
     def __post_init__(self) -> None:
