@@ -227,8 +227,37 @@ def test_a_restore_reads_one_batch_of_samples(varied, monkeypatch):
     restored = _dataset(varied, batch_size=4)
     restored.load_state_dict(state)
     next(iter(restored))
-    # One group of host batches at most (64 samples), never the epoch before it.
-    assert 1 <= len(reads) <= 64 and len(reads) < sum(VARIED["episode_lengths"]) * 7 / 4
+    # One group of host batches (64 samples) and the one read ahead at most, never the epoch
+    # before it.
+    assert 1 <= len(reads) <= 128 and len(reads) < sum(VARIED["episode_lengths"]) * 7 / 4
+
+
+def test_the_next_group_is_read_ahead_in_a_thread_and_its_error_raised_in_turn(varied,
+                                                                               monkeypatch):
+    import threading
+
+    from torch_rlds._global_stream import GlobalStream
+
+    threads, calls = [], []
+    items = GlobalStream._items
+
+    def recording(self, dataset, positions, *rest):
+        threads.append(threading.current_thread().name)
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise OSError("the third group does not read")
+        return items(self, dataset, positions, *rest)
+
+    reference = list(itertools.islice(iter(_dataset(varied, batch_size=8)), 16))
+    monkeypatch.setattr(GlobalStream, "_items", recording)
+    iterator = iter(_dataset(varied, batch_size=8))
+    got = [next(iterator) for _ in range(16)]  # two groups of 8 host batches of 8
+    for a, b in zip(reference, got):
+        assert_batches_equal(a, b, "read ahead")
+    assert threads[0] == threading.current_thread().name  # the first group: read in turn
+    assert all(name.startswith("torch_rlds-read") for name in threads[1:])
+    with pytest.raises(OSError, match="third group"):
+        next(iterator)
 
 
 # -- reading ---------------------------------------------------------------------------------

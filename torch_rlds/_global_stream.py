@@ -12,6 +12,7 @@ build got.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +30,7 @@ from torch_rlds._state import (
     make_global_state,
 )
 from torch_rlds._step_reader import StepFiles, StepReader
+from torch_rlds._window_stream import shutdown
 from torch_rlds._windows import EpisodeSampler, goal_step
 
 logger = logging.getLogger(__name__)
@@ -151,9 +153,10 @@ class GlobalStream:
             return self.at_epoch(dataset, cursor.start // self.num_steps + 1, cursor)
         return cursor
 
-    def reads(self, dataset: Any) -> _NoReads:
-        """The read-ahead of a pass (the reading happens as the plan is consumed)."""
-        return _NoReads()
+    def reads(self, dataset: Any) -> GroupReads:
+        """The read-ahead of a pass: the next group of host batches, read in a background
+        thread while the current one is decoded."""
+        return GroupReads()
 
     def plan(self, dataset: Any, cursor: GlobalCursor, num_workers: int, worker: int,
              reads: Any = None) -> Iterator[tuple[EpisodeSampler | None, int, int,
@@ -172,8 +175,9 @@ class GlobalStream:
         # one episode (shuffle=False).
         group = max(1, _GROUP_SAMPLES // local)
         skipped = cursor.skipped
-        while True:
-            batches = [batch + i * stride for i in range(group)]
+
+        def positions_of(first_batch: int) -> tuple[list[int], list[np.ndarray]]:
+            batches = [first_batch + i * stride for i in range(group)]
             parts = []
             for b in batches:
                 positions = host_samples(cursor.start, b, batch_size, dataset.process_index,
@@ -181,10 +185,26 @@ class GlobalStream:
                 if end is not None:
                     positions = positions[positions < end]
                 parts.append(positions)
+            return batches, parts
+
+        def read(parts: list[np.ndarray]) -> tuple[list[Any], np.ndarray]:
             everything = np.concatenate(parts)
             epochs, episodes, steps = (self.locate(everything) if everything.size
                                        else (everything,) * 3)
-            items, replaced = self._items(dataset, everything, epochs, episodes, steps)
+            return self._items(dataset, everything, epochs, episodes, steps)
+
+        batches, parts = positions_of(batch)
+        pending: Any = None
+        while True:
+            # This group's samples, read ahead while the previous group was handed out (an
+            # error of the read is raised here, in its turn).
+            items, replaced = pending.result() if pending is not None else read(parts)
+            pending = None
+            following = None
+            if all(p.size for p in parts):  # not the end of a one-pass epoch: read on
+                following = positions_of(batches[-1] + stride)
+                if reads is not None:
+                    pending = reads.submit(read, following[1])
             first = 0
             for b, positions in zip(batches, parts):
                 if positions.size == 0:
@@ -198,7 +218,9 @@ class GlobalStream:
                     sampler, step, epoch = items[i]
                     yield sampler, step, epoch, after if i == last - 1 else middle
                 first = last
-            batch = batches[-1] + stride
+            if following is None:  # (an empty part returned above)
+                return
+            batches, parts = following
 
     def _items(self, dataset: Any, positions: np.ndarray, epochs: np.ndarray,
                episodes: np.ndarray, steps: np.ndarray
@@ -353,11 +375,26 @@ def host_batch_size(dataset: Any) -> int:
     return dataset.batch_size or dataset._host_batch
 
 
-class _NoReads:
-    """The global order's read-ahead hooks, which have nothing to do."""
+class GroupReads:
+    """The global order's read-ahead: one background thread that reads the next group of
+    host batches (:meth:`submit`) while the current one is decoded. What is read never depends
+    on timing; :meth:`close` drops what was read ahead and stops the thread."""
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, read: Any, *args: Any) -> concurrent.futures.Future:
+        """Run ``read(*args)`` in the read-ahead thread."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="torch_rlds-read")
+        return self._executor.submit(read, *args)
 
     def start(self) -> None:
-        """Nothing is read ahead."""
+        """Nothing to start: reads are submitted by the plan."""
 
     def close(self) -> None:
-        """Nothing to stop."""
+        """Drop what is read ahead and stop the thread."""
+        if self._executor is not None:
+            shutdown(self._executor)
+            self._executor = None
