@@ -57,3 +57,22 @@ def test_a_named_temporary_is_the_one_renamed(tmp_path, monkeypatch):
     _files.write_atomic(target, b"{}", temporary=temporary)
     assert renamed == [os.fspath(temporary)]
     assert target.read_bytes() == b"{}" and not temporary.exists()
+
+
+def test_a_mapped_file_reads_as_its_bytes_holds_no_descriptor_and_is_read_only(tmp_path,
+                                                                             monkeypatch):
+    from torch_rlds import _files
+
+    path = tmp_path / "index"
+    path.write_bytes(bytes(range(256)) * 64)
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    maps = [_files.map_regular(str(path), 1 << 20) for _ in range(50)]
+    assert all(bytes(m) == path.read_bytes() for m in maps)
+    if before is not None:  # fifty maps, no descriptor kept open for them
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
+    assert isinstance(maps[0], memoryview) and maps[0].readonly
+    assert _files.map_regular(str(path), 100) is None  # over the limit
+    (tmp_path / "empty").write_bytes(b"")
+    assert _files.map_regular(str(tmp_path / "empty"), 100) is None
+    monkeypatch.setattr(_files, "_map", lambda fd, size: None)  # no C mmap: read instead
+    assert _files.map_regular(str(path), 1 << 20) == path.read_bytes()

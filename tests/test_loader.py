@@ -505,3 +505,31 @@ def test_the_resume_helper_catches_a_wrong_resume():
         assert_resumes_exactly(lambda: _Counting(length=6), 5, ends=True)
     with pytest.raises(ValueError, match="restore point 6 outside"):
         assert_resumes_exactly(_Counting, 6, restore_points=[6])
+
+
+def _freeze_count(_worker: int) -> None:
+    import gc
+
+    info = torch.utils.data.get_worker_info()
+    info.dataset.frozen_in_worker = gc.get_freeze_count()
+
+
+class _ReportsFreeze(torch.utils.data.IterableDataset):
+    """Yields how many of the parent's objects its worker found frozen."""
+
+    frozen_in_worker = -1
+
+    def __iter__(self):
+        yield self.frozen_in_worker
+
+
+@pytest.mark.parametrize("method, frozen", [("fork", True), ("spawn", False)])
+def test_forked_workers_inherit_the_parent_s_objects_frozen(method, frozen):
+    import gc
+
+    held = [(i, str(i)) for i in range(20_000)]  # the parent's objects a collection would visit
+    loader = torch_rlds.DataLoader(_ReportsFreeze(), batch_size=None, num_workers=1,
+                                   worker_init_fn=_freeze_count, multiprocessing_context=method)
+    (count,) = [int(x) for x in loader]
+    assert (count >= len(held)) is frozen
+    assert gc.get_freeze_count() == 0  # the parent collects its own objects as before

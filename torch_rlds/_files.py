@@ -30,9 +30,13 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
+import mmap
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -109,6 +113,63 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise
     return fd, st
+
+
+def map_regular(path: str, limit: int) -> memoryview | bytes | None:
+    """The whole regular file at ``path``, if it holds between 1 and ``limit`` bytes, as a
+    read-only memory map (else ``None``): its pages are the page cache's, shared by every
+    process that maps the file, so a worker's private memory does not grow with it, and the
+    map holds no file descriptor (a dataset of thousands of shards maps thousands of files).
+    The map is released when the last view of it goes. Where the C library cannot map files
+    the bytes are read instead. Raises :class:`SpecialFileError` and ``OSError`` as
+    :func:`open_regular`. For files replaced by a rename, never rewritten in place (a map of
+    a file truncated under it would fault)."""
+    fd, st = open_regular(path)
+    try:
+        if not 0 < st.st_size <= limit:
+            return None
+        mapped = _map(fd, st.st_size)
+        if mapped is not None:
+            return mapped
+        data = bytearray()
+        while len(data) < st.st_size:
+            chunk = os.read(fd, st.st_size - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
+def _map(fd: int, size: int) -> memoryview | None:
+    """``size`` bytes of ``fd`` mapped read-only through the C library's ``mmap`` (Python's own
+    ``mmap`` keeps a duplicate of the descriptor open for the life of the map), unmapped by a
+    finalizer; ``None`` where that is not available."""
+    libc = _libc()
+    if libc is None:
+        return None
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        return None
+    buffer = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(buffer, libc.munmap, address, size)
+    return memoryview(buffer).cast("B").toreadonly()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def read_regular(path: str, limit: int) -> bytes | None:

@@ -114,7 +114,8 @@ class StepFiles:
         path = self.index_path(shard)
         records = self.shard(shard).num_records
         try:
-            data = _files.read_regular(os.fspath(path), 64 * (1 << 20) + records * 4096)
+            # Mapped, not read: every worker of every loader on this host shares its pages.
+            data = _files.map_regular(os.fspath(path), 64 * (1 << 20) + records * 4096)
         except (OSError, _files.SpecialFileError):
             return None
         if data is None:

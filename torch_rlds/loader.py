@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
+import multiprocessing
 import os
 import warnings
 import weakref
@@ -258,6 +260,14 @@ class DataLoader(LoaderBase[_T_co]):
             init)
         if method is not None:
             self.multiprocessing_context = method
+        # Forked workers share the parent's objects until they write to them, and a garbage
+        # collection in a worker writes to every object it visits: frozen, the parent's
+        # objects are never visited there, so a worker's private memory does not grow with
+        # what the parent holds (per-episode tables of large datasets). Unfrozen in the
+        # parent once the workers exist.
+        frozen = _method_name(self.multiprocessing_context) == "fork"
+        if frozen:
+            gc.freeze()
         try:
             iterator = MultiProcessIter(self, pending, self._run, leases)
         except RuntimeError as error:
@@ -266,6 +276,8 @@ class DataLoader(LoaderBase[_T_co]):
                 raise
             raise explained from error
         finally:
+            if frozen:
+                gc.unfreeze()
             self.worker_init_fn = init
             if method is not None:
                 self.multiprocessing_context = None  # type: ignore[assignment]
@@ -470,6 +482,13 @@ def _whole_batch(batch: Any) -> Any:
 def _collate(samples: list[Any]) -> Any:
     """:func:`torch_rlds.collate`, packed for the trip out of a worker."""
     return _buffers.packed(collate(samples))
+
+
+def _method_name(context: Any) -> str:
+    """The start method ``multiprocessing_context`` (``None``, a name or a context) means."""
+    if context is None:
+        return multiprocessing.get_start_method()
+    return context if isinstance(context, str) else context.get_start_method()
 
 
 def _drop(*_: Any) -> None:
