@@ -43,90 +43,40 @@ class RLDSDataset(StreamedDataset):
          "meta": {"episode_index", "step_index", "epoch"}}   # int64 scalars
 
     Before an episode's first step the observation window repeats step 0; past its last step
-    the action chunk repeats the last action; the masks are ``True`` exactly on those repeated
-    entries (repeating real values keeps padded inputs in range; losses should use the masks).
+    the action chunk repeats the last action; the masks are ``True`` exactly there.
 
-    **Order** (``order``). Two, each a pure function of the seed and the data:
+    **Order** (``order``): ``"global"`` permutes every step of the split per epoch and cuts
+    the permutation into global batches (``batch_size * process_count``), of which host ``p``
+    takes its slice and worker ``w`` of ``W`` the host batches ``w, w + W, ...``; a sample reads
+    only the steps it needs, by byte range. ``"window"`` reads episodes whole and permutes the
+    steps of windows of ``shuffle_window`` episodes, per reader (for array_record shards and
+    object stores). ``"auto"``: global for local tfrecord datasets, else window. Either way
+    every kept step appears once per epoch across all hosts and workers.
 
-    * ``"global"``: every step of the split in one keyed permutation per epoch
-      (:mod:`torch_rlds._global_order`: i.i.d.-like shuffling at any dataset size, in O(1)
-      memory), cut into global batches of ``batch_size * process_count`` samples; host ``p``
-      takes its slice of each, and DataLoader worker ``w`` of ``W`` makes its host's batches
-      ``w, w + W, ...``, the order in which the DataLoader hands them out. The sequence of
-      global batches therefore does not depend on the hosts or workers, and a state saved
-      under one topology resumes under any other (bit-identical global batches with the same
-      global batch size; with another, every step of the epoch exactly once). A sample reads
-      only the steps it needs, by byte range, through the step index
-      (:mod:`torch_rlds._step_index`, built in the background the first time a dataset is
-      read; until then whole records are read, with the same result). Needs tfrecord shards.
-    * ``"window"``: each epoch permutes the episodes and reader ``process_index * W + worker``
-      of ``process_count * W`` takes every such episode in turn, cuts its share into windows
-      of ``shuffle_window`` episodes and emits every step of a window in a seeded permutation.
-      Episodes are read whole, once per window: the order for media where random reads are
-      slow (array_record shards, object stores). A state resumes under the same hosts and
-      workers only.
-    * ``"auto"`` (the default): ``"global"`` for local tfrecord datasets, else ``"window"``.
+    **State.** ``state_dict()`` is a small versioned JSON object of ints and strings (the
+    formats: ``torch_rlds/DESIGN.md``). A global-order state loads under any hosts and workers
+    (bit-identical global batches with the same global batch size; with another, every step of
+    the epoch once); a window-order state under the same ones. Every fingerprint difference is
+    named in the ``ValueError``. Restoring reads one batch (global) or one window, never a
+    replay.
 
-    Either way every step of every episode appears exactly once per epoch across all hosts
-    and workers, and images are decoded only for the samples emitted, and only the frames
-    their observation windows use.
+    **Passes.** With ``repeat=True`` every ``iter()`` continues one endless stream. With
+    ``repeat=False`` a pass is the rest of one epoch, and the next pass the next epoch
+    (:meth:`set_epoch` picks another); a restored pass ends where the uninterrupted one would.
 
-    **State.** ``state_dict()`` holds ints and strings, JSON-serialisable, a few hundred bytes
-    whatever the dataset, the shuffle or the step count, versioned (a state of another version
-    is refused, never misread). Under the global order it is ``{"version": 2, "order":
-    "global", "fingerprint", "start", "batch_size", "done", "skipped"}``: the stream this reader
-    reads starts at sample ``start``, in global batches of ``batch_size``, and ``done`` is the
-    host batch after the last one it handed out; its fingerprint (dataset, version, split,
-    episode and step counts, seed, shuffle, obs_window, action_horizon, recipe) names no host
-    or worker. Under the window order it is ``{"version": 1, "fingerprint", "epoch",
-    "window", "position", "skipped"}``: step ``position`` of the permutation of window
-    ``window`` of ``epoch``, with a fingerprint that also names the process index and count
-    and the worker count and index. ``skipped`` counts the corrupt episodes (window order) or
-    samples (global order) this reader skipped (see "Corrupt episodes"). Every fingerprint
-    field must match on ``load_state_dict``; every difference is named in the ``ValueError``
-    with both values. Restoring reads one batch's samples (global order) or one window of
-    episodes (window order), never a replay.
+    **Batches.** With ``batch_size`` every item is a batch, equal bit for bit to
+    :func:`torch_rlds.collate` of its samples, built straight into one buffer (shared memory in
+    a DataLoader worker) with each frame decoded once into its row. A state saved by either
+    form loads into the other. Frames are decoded by ``decode_threads`` threads and the next
+    group of reads is done in a background thread; neither changes what is emitted or the
+    state.
 
-    **Passes.** Every ``iter()`` is a pass. With ``repeat=True`` a pass is endless and continues
-    from the cursor. With ``repeat=False`` a pass is (the rest of) one epoch: the first
-    ``iter()`` after ``load_state_dict`` emits the rest of the saved epoch (nothing if this
-    reader had finished it, as happens to a worker whose share ran out before the others'); any
-    other ``iter()`` continues an unfinished epoch, or starts the next epoch once the previous
-    pass finished it. So repeated passes give epochs 0, 1, 2... (:meth:`set_epoch` picks
-    another start), and a pass that was saved and restored ends where the uninterrupted one
-    would have.
+    **Corrupt episodes.** ``on_corrupt="raise"`` raises naming file and byte offset;
+    ``"skip"`` logs and counts them (``skipped`` in the state): the window order leaves the
+    episode out, the global order replaces each of its samples by the same position of the
+    next epoch. Which are skipped is a function of the data, so resume stays exact.
 
-    **Batches.** With ``batch_size`` every item is a whole batch: ``batch_size`` consecutive
-    samples of the same stream (the last one of a one-pass epoch shorter, or dropped with
-    ``drop_last``), equal bit for bit to :func:`torch_rlds.collate` of those samples, and the
-    state after a batch is the state after its last sample. It is built straight into one
-    buffer (shared memory inside a DataLoader worker) with each frame decoded into its row and
-    a frame that several of its samples show decoded once: no copy, little Python per sample.
-    :class:`torch_rlds.DataLoader` with a ``batch_size`` batches this way by itself; give
-    torch's own loaders the dataset (or :meth:`batched`) with ``batch_size=None``. A state
-    saved by either form loads into the other: the cursor counts samples, not batches.
-
-    **Threads.** Frames are decoded by ``decode_threads`` threads (simplejpeg releases the GIL)
-    ahead of what the caller asked for: a few samples, or the next batch. While a window is
-    emitted, the next one is read in a background thread, so two windows of encoded episodes
-    are held at once. Neither changes what is emitted nor the state: work done ahead is
-    dropped on a restore, errors surface at the sample (or batch) they belong to, and the
-    state is always the cursor after the last item handed out.
-
-    **Corrupt episodes.** With ``on_corrupt="raise"`` (the default) an episode that does not
-    read raises: its file and byte offset are in the message. With ``on_corrupt="skip"`` an
-    episode whose record fails its CRC, is truncated, does not parse, or holds a frame whose
-    header does not parse or declares another size (every frame's header is checked when the
-    episode is read) is logged with ``logging.warning`` naming file and offset, and counted in
-    the state's ``skipped``: under the window order it is left out of its window; under the
-    global order each of its samples is replaced by the sample at the same position of the next
-    epoch (of the epoch after, if that one is corrupt too). Which episodes are skipped is a
-    function of the data, so the stream, and resume, stay exact. A frame whose header is sound
-    but whose compressed pixels are damaged is found only when a sample decodes it, and raises
-    under either policy.
-
-    Under ``torch.utils.data.DataLoader`` workers each hold a copy; one object is not meant to
-    be iterated from two threads, nor by two live iterators, at once.
+    One object is not meant to be iterated from two threads, or by two live iterators, at once.
 
     Args:
       source: an :class:`RLDSSource`, or a dataset path (with ``split`` and ``data_dir``).
