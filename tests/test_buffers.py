@@ -177,7 +177,7 @@ def _as_main_sees_it(storage: torch.UntypedStorage) -> torch.UntypedStorage:
 
 def test_a_worker_with_no_free_slot_allocates_a_buffer_of_its_own():
     leases = _buffers.Leases(1, 2)
-    pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
+    pool = _buffers.WorkerBuffers(*leases.worker_args(), worker=0)
     a, b, c = (pool.take(100) for _ in range(3))
     flags = leases.flags[0].tolist()
     assert flags == [1, 2]
@@ -228,7 +228,7 @@ def test_only_containers_that_hold_buffer_views_are_rebuilt():
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_leases_free_a_buffer_only_when_nothing_holds_it():
     leases = _buffers.Leases(1, 2)
-    pool = _buffers.WorkerPool(*leases.worker_args(), worker=0)
+    pool = _buffers.WorkerBuffers(*leases.worker_args(), worker=0)
     buffer = pool.take(64)
     assert pool.mapped(buffer) is None  # the first batch in a slot brings the handle
     batch = _arrive(buffer, VIEWS, SKELETON)
@@ -269,7 +269,7 @@ def test_a_batch_by_name_needs_its_buffer_mapped():
 def test_leases_free_only_their_own_slots():
     leases = _buffers.Leases(2, 2)
     other = _buffers.Leases(2, 2)
-    pool = _buffers.WorkerPool(*other.worker_args(), worker=1)
+    pool = _buffers.WorkerBuffers(*other.worker_args(), worker=1)
     foreign = _arrive(pool.take(64), VIEWS, SKELETON)
     assert leases.release() == 0 and leases.flags.sum() == 0
     del foreign
@@ -334,7 +334,7 @@ def test_slots_come_back_after_a_restore_between_snapshots(small_dataset, collat
 def _raise_in_mapped(worker_id):
     def broken(storage):
         raise OSError("no more file descriptors")
-    _buffers.pool().mapped = broken
+    _buffers.worker_buffers().mapped = broken
 
 
 def test_an_error_laying_a_batch_out_is_raised_not_a_hang(small_dataset):

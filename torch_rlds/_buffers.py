@@ -52,8 +52,8 @@ HEADER = 64
 MAGIC = 0x746F7263685F726C  # "torch_rl"
 _FIELDS = 5
 
-# The worker's pool, installed by :func:`install` at worker start.
-_pool: WorkerPool | None = None
+# The worker's reused batch buffers, installed by :func:`install` at worker start.
+_installed: WorkerBuffers | None = None
 # Main process: per live Leases token, the slot buffers mapped so far, the sequence of the
 # batch last unpickled in each and its fields: {(worker, slot): [buffer, sequence, batch]}
 # (a buffer as a uint8 array over all of it, a _fields.Batch).
@@ -145,7 +145,7 @@ class Leases:
         return freed
 
 
-class WorkerPool:
+class WorkerBuffers:
     """A worker's side: its row of the flag table and the buffers of its slots."""
 
     def __init__(self, flags: torch.Tensor, token: int, worker: int) -> None:
@@ -195,14 +195,15 @@ class WorkerPool:
 
 
 def install(flags: torch.Tensor, token: int, worker: int) -> None:
-    """Make :func:`pool` this worker's pool (called at worker start)."""
-    global _pool
-    _pool = WorkerPool(flags, token, worker)
+    """Make :func:`worker_buffers` this worker's buffers (called at worker start)."""
+    global _installed
+    _installed = WorkerBuffers(flags, token, worker)
 
 
-def pool() -> WorkerPool | None:
-    """This process's pool: set inside a worker of a loader that reuses buffers."""
-    return _pool
+def worker_buffers() -> WorkerBuffers | None:
+    """This process's reused batch buffers: set inside a worker of a loader that reuses
+    buffers."""
+    return _installed
 
 
 # -- the crossing ---------------------------------------------------------------------------
@@ -232,10 +233,10 @@ class _Packed:
             self._reduced: tuple[Any, tuple[Any, ...]] = (_plain, (batch,))
             return
         storage = base[0]
-        pool = _pool
-        slot = pool.mapped(storage) if pool is not None else None
-        if pool is not None and slot is not None:
-            self._reduced = (_unpack_mapped, (pool.token, pool.worker, slot, views, skeleton))
+        buffers = _installed
+        slot = buffers.mapped(storage) if buffers is not None else None
+        if buffers is not None and slot is not None:
+            self._reduced = (_unpack_mapped, (buffers.token, buffers.worker, slot, views, skeleton))
             return
         whole = tensor_on(storage, torch.uint8, 0, (storage.nbytes(),))
         self._reduced = (_unpack, (whole, views, skeleton))

@@ -81,13 +81,14 @@ def start_method_for(loader: torch.utils.data.DataLoader) -> str | None:
     return method
 
 
-def init_worker(training_pid: int, pool: tuple[torch.Tensor, int] | None,
+def init_worker(training_pid: int, buffers: tuple[torch.Tensor, int] | None,
                 init: Callable[[int], None] | None, worker_id: int) -> None:
     """A worker's start: exit with the training process (:func:`watch_training_process`),
-    install the worker's buffer pool (``pool``: :meth:`torch_rlds._buffers.Leases.worker_args`),
+    install the worker's reused batch buffers (``buffers``:
+    :meth:`torch_rlds._buffers.Leases.worker_args`),
     then run the caller's ``worker_init_fn``."""
     watch_training_process(training_pid)
-    if pool is not None:
-        _buffers.install(*pool, worker_id)
+    if buffers is not None:
+        _buffers.install(*buffers, worker_id)
     if init is not None:
         init(worker_id)

@@ -59,15 +59,15 @@ def allocate(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch
     """
     if torch.utils.data.get_worker_info() is None:
         return [torch.empty(shape, dtype=dtype) for shape, dtype in specs]
-    pool = _buffers.pool()
+    buffers = _buffers.worker_buffers()
     offsets = []
-    offset = _buffers.HEADER if pool is not None else 0
+    offset = _buffers.HEADER if buffers is not None else 0
     for shape, dtype in specs:
         offset = -(-offset // _ALIGN) * _ALIGN
         offsets.append(offset)
         offset += math.prod(shape) * dtype.itemsize
-    if pool is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
-        storage = pool.take(offset - _buffers.HEADER)
+    if buffers is not None:  # a buffer the worker reuses (see torch_rlds._buffers)
+        storage = buffers.take(offset - _buffers.HEADER)
     else:
         storage = _buffers.new_shared(max(offset, 1))  # as default_collate does
     return [_buffers.tensor_on(storage, dtype, start // dtype.itemsize, shape)
