@@ -286,8 +286,8 @@ class EpisodeDecoder:
                                  format=leaf.encoding)
         if leaf.kind == "text":
             if leaf.per_step:
-                return np.array([_text(v, where) for v in raw], dtype=object)
-            return _text(raw, where)
+                return np.array([text_value(v, where) for v in raw], dtype=object)
+            return text_value(raw, where)
         if leaf.encoding in ("bytes", "zlib"):
             items = list(raw) if leaf.per_step else [raw]
             arrays = [_tensor_from_bytes(v, leaf, where) for v in items]
@@ -310,7 +310,11 @@ class EpisodeDecoder:
             ) from e
 
 
-def _text(value: Any, where: str) -> str:
+def text_value(value: Any, where: str) -> str:
+    """``value`` as ``str``: bytes decoded as UTF-8 (the one way torch_rlds turns stored text
+    into ``str``: text features, instructions stored as string tensors, metadata), anything
+    else written out; bytes that are not UTF-8 raise :class:`EpisodeDecodeError` naming
+    ``where``."""
     try:
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     except UnicodeDecodeError as e:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._features import text_value
 from torch_rlds._rules import Rule, choice_rule, field, int_rule, nullable
 from torch_rlds._trajectory_base import (
     ACTION,
@@ -65,7 +66,7 @@ def metadata_text(traj: Trajectory, key: str, where: str) -> str:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
+        return text_value(value, f"{where}: metadata {key!r}")
     if isinstance(value, (str, int, float, bool, np.generic)):
         return str(value)
     raise TrajectoryError(f"{where}: metadata {key!r} is a {type(value).__name__}, not text "

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from torch_rlds._bijection import derive_key
-from torch_rlds._features import flat_keys
+from torch_rlds._features import flat_keys, text_value
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 
 
@@ -177,7 +177,10 @@ class EpisodeSampler:
 
     def text(self, t: int) -> str:
         """The language instruction of step ``t`` (``""`` without one)."""
-        return "" if self.language is None else _text(self.language[t])
+        # Text features decode to str; several OXE datasets store the instruction as a string
+        # tensor, which decodes to bytes.
+        return "" if self.language is None else text_value(
+            self.language[t], f"{self.name}: step {t}'s instruction")
 
     def sample(self, t: int, obs_window: int, action_horizon: int, epoch: int, *,
                fast_jpeg: bool = False, window_actions: bool = False,
@@ -253,14 +256,6 @@ class EpisodeSampler:
         # Copies: the sample's own arrays are the caller's to change.
         self._recent[key] = {t: out[row].copy() for t, row in rows.items()}
         return out
-
-
-def _text(value: Any) -> str:
-    # Text features decode to str; several OXE datasets store the instruction as a string
-    # Tensor, which decodes to bytes.
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
 
 
 def _lookup(tree: dict[str, Any], key: str) -> Any:

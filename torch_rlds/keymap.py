@@ -29,7 +29,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from torch_rlds._features import flat_keys
+from torch_rlds._features import flat_keys, text_value
 
 STATE = "state"
 ACTION = "action"
@@ -216,7 +216,7 @@ class KeyMap:
         if self.language_key is not None:
             text = _get(steps, self.language_key, "key_map.language", name)
             out_steps[LANGUAGE] = np.array(
-                [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in text],
+                [text_value(v, f"{name}: key_map.language") for v in text],
                 dtype=object)
         for key in _PASSTHROUGH:
             if key in steps and not isinstance(steps[key], Mapping):

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from torch_rlds._features import text_value
 from torch_rlds._trajectory_base import (
     ACTION,
     LANGUAGE,
@@ -109,7 +110,7 @@ def trajectory_from_episode(episode: Mapping[str, Any], key_map: Any, *,
                                   "use")
         value = np.asarray(node)
         if value.dtype == object or value.dtype.kind in "SU":
-            text[key] = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v)
+            text[key] = np.array([text_value(v, f"{name}: {key}")
                                   for v in value], dtype=object)
         elif value.dtype.kind in "biuf":
             numeric[key] = value
@@ -137,7 +138,7 @@ def _metadata(tree: Any, prefix: str = "") -> dict[str, Any]:
         if array.ndim == 0:
             value = array.item()
             if isinstance(value, bytes):
-                value = value.decode("utf-8", errors="replace")
+                value = text_value(value, f"episode_metadata/{path}")
         out[path] = value
     return out
 
