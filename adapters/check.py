@@ -330,11 +330,26 @@ def _comprehensive(run: _Run, args: argparse.Namespace) -> None:
         report.check(ok, f"  {text}")
 
 
+def add_command(commands: Any) -> None:
+    """Add ``check`` to the ``torch-rlds`` command's subparsers ``commands``: how the command
+    line finds this adapter (the ``torch_rlds.commands`` entry point in ``setup.cfg``), so that
+    the core imports no adapter."""
+    parser = commands.add_parser("check", help="the user-facing checkpoint test of a config")
+    add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit status (0 when every check passed)."""
     parser = argparse.ArgumentParser(
         prog="torch-rlds check", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``torch-rlds check``, added to ``parser``."""
     parser.add_argument("--config-name", default="demo",
                         help="a shipped config name or a YAML path (default: demo)")
     parser.add_argument("--comprehensive", action="store_true",
@@ -343,7 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds allowed to each multi-host phase")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. loader.batch_size=64")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``torch-rlds check`` with parsed ``args``; returns the exit status."""
     report = _Report(sys.stdout)
     from torch_rlds.config import load_config
 

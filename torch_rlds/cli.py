@@ -8,6 +8,7 @@ first.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import traceback
@@ -129,6 +130,9 @@ def _first_step_key(source) -> str:
     return next(leaf.path[1] for leaf in source.leaves() if leaf.per_step)
 
 
+COMMANDS_GROUP = "torch_rlds.commands"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``torch-rlds``."""
     from torch_rlds import _stats_command as stats
@@ -178,12 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(config)
     config.set_defaults(run=_config)
 
-    check = commands.add_parser("check", help="the user-facing checkpoint test of a config")
-    _config_arguments(check)
-    check.add_argument("--comprehensive", action="store_true",
-                       help="several save/load cycles, id tracking, two processes")
-    check.set_defaults(run=_check)
-
     stats_parser = commands.add_parser("stats", help="normalization statistics of state and "
                                                      "action (norm_stats.json, openpi's layout)")
     stats.add_arguments(stats_parser)
@@ -197,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "of given global batches")
     ledger_arguments(ledger)
     ledger.set_defaults(run=run_ledger)
+
+    # Commands that adapters add (`check`): found through the torch_rlds.commands entry
+    # points of the installed distribution, so the core names no adapter.
+    for entry in sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP),
+                        key=lambda e: e.name):
+        entry.load()(commands)
 
     # `bench` is dispatched in main() before parsing; listed here for the help text.
     commands.add_parser("bench", help="the benchmark suite (tf.data baseline when tensorflow "
@@ -221,15 +225,6 @@ def _config(args: argparse.Namespace) -> int:
 
     print(format_config(load_config(args.config_name, args.overrides)))
     return 0
-
-
-def _check(args: argparse.Namespace) -> int:
-    from torch_rlds.adapters.check import main as check_main
-
-    argv = ["--config-name", args.config_name, *args.overrides]
-    if args.comprehensive:
-        argv.append("--comprehensive")
-    return check_main(argv)
 
 
 def one_line(error: BaseException) -> str:
