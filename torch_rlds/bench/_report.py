@@ -170,8 +170,8 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
     rows = [(f"torch_rlds num_workers={w}", r) for w, r in through["torch_rlds"].items()]
     rows += [(f"torch_rlds num_workers={w}", r)
              for w, r in through.get("torch_rlds_window", {}).items()]
-    rows += [(f"torch_rlds num_workers={r.get('workers')}, resized to half after a {k} "
-              "decode", r) for k, r in through.get("torch_rlds_resize", {}).items()]
+    rows += [(f"torch_rlds num_workers={(_ok(r) or {}).get('workers')}, resized to half after "
+              f"a {k} decode", r) for k, r in through.get("torch_rlds_resize", {}).items()]
     rows += [("tf.data (Octo/openpi)", through.get("tf_data")),
              (f"decode limit ({s['limit_processes']} processes)", through.get("limit"))]
     for name, record in rows:
