@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from torch_rlds.adapters._common import loader_processes
+from torch_rlds.adapters._common import StatefulLoader, loader_processes
 from torch_rlds.adapters._prefetch import StatefulPrefetcher
 from torch_rlds.loader import DataLoader, default_start_method, to_numpy
 
@@ -156,7 +156,7 @@ class JaxLoader(StatefulPrefetcher):
         put, e.g. to rename or reshape leaves.
     """
 
-    def __init__(self, loader: Any, sharding: Any, prefetch: int = 2, *,
+    def __init__(self, loader: StatefulLoader, sharding: Any, prefetch: int = 2, *,
                  preprocess: Callable[[Any], Any] | None = None) -> None:
         self.sharding = sharding
         self.process_index, self.process_count = loader_processes(loader)

@@ -39,6 +39,7 @@ from torch_rlds import _torchdata
 from torch_rlds._state_file import read_json, write_json_atomic
 from torch_rlds.adapters._common import (
     DATA_LOADER_ITEM,
+    StatefulLoader,
     loader_processes,
     state_filename,
     state_path,
@@ -141,8 +142,8 @@ def initialize_checkpoint_dir(checkpoint_dir: str | epath.PathLike, *, keep_peri
     return manager, resuming and manager.latest_step() is not None
 
 
-def save_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any, data_loader: Any,
-               step: int) -> None:
+def save_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any,
+               data_loader: StatefulLoader, step: int) -> None:
     """Save ``train_state`` (a pytree, ``StandardSave``) and ``data_loader``'s state as step
     ``step`` (openpi's ``save_state`` signature). Call it on every process.
 
@@ -158,8 +159,8 @@ def save_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any, data
     }))
 
 
-def restore_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any, data_loader: Any,
-                  step: int | None = None) -> Any:
+def restore_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any,
+                  data_loader: StatefulLoader | None, step: int | None = None) -> Any:
     """Restore step ``step`` (default: the latest) into ``data_loader`` and return the train
     state, restored with ``train_state`` as its template (concrete or abstract arrays; openpi's
     ``restore_state`` signature). ``data_loader=None`` restores the train state only.
@@ -181,7 +182,7 @@ def restore_state(checkpoint_manager: ocp.CheckpointManager, train_state: Any, d
     return restored[TRAIN_STATE_ITEM]
 
 
-def _loader_needs(manager: ocp.CheckpointManager, loader: Any, step: int) -> bool:
+def _loader_needs(manager: ocp.CheckpointManager, loader: StatefulLoader, step: int) -> bool:
     """Whether ``loader`` is to be restored from ``step``; raises where it cannot be."""
     step_dir = epath.Path(manager.directory) / str(step)
     if step_dir.is_dir() and not (step_dir / DATA_LOADER_ITEM).exists():
@@ -211,7 +212,7 @@ def _loader_needs(manager: ocp.CheckpointManager, loader: Any, step: int) -> boo
     return True
 
 
-def _held(loader: Any, train_state: Any) -> int:
+def _held(loader: StatefulLoader, train_state: Any) -> int:
     """1 where ``loader`` has handed out one batch more than ``train_state`` counts as trained
     on (the caller holds it, not yet used), else 0."""
     trained = _trained_steps(train_state)

@@ -475,3 +475,24 @@ def test_validate_names_what_the_key_map_lacks(droid):
                                               r"droid, not numbers"):
         validate_sections(droid, DROID_KEY_MAP, TrajectoryConfig.from_value(
             [{"op": "concat", "parts": ["language_instruction_2"]}]))
+
+
+def test_resolve_dims_refuses_a_string_that_is_no_slice():
+    from torch_rlds._trajectory_base import TrajectoryError, resolve_dims
+
+    assert resolve_dims("1:3", 5, "clip.dims").tolist() == [1, 2]
+    with pytest.raises(TrajectoryError, match=r"clip.dims: '1-3' is not a slice 'start:stop'"):
+        resolve_dims("1-3", 5, "clip.dims")
+
+
+def test_an_entry_without_call_or_bind_is_refused_when_bound():
+    import dataclasses
+
+    from torch_rlds._trajectory_base import Entry
+
+    @dataclasses.dataclass(frozen=True)
+    class Inert(Entry):
+        op = "inert"
+
+    with pytest.raises(TypeError, match="Inert defines neither __call__ nor bind"):
+        Inert().bind()

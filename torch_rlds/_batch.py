@@ -130,7 +130,7 @@ class BatchBuilder:
                     else:
                         decoded[id(sampler), key, t] = row
                         frames.append((images, t, row, sampler.name))
-        if goals:
+        if goals and recipe.goal_seed is not None:  # goals are made only with a seed
             goal_steps = [goal_step(recipe.goal_seed, e, s.episode_index, t, s.num_steps)
                           for s, t, e in items]
             for key, _, _ in goals:
@@ -219,8 +219,10 @@ class _SampleBySample(_Pending):
         make = [(s.sample, (t, r.obs_window, r.action_horizon, e), r.fast_jpeg,
                  r.window_actions, r.goal_seed, r.decode_sizes)
                 for (s, t, e), r in zip(items, self.recipes)]
+        # Each sample's call (made in result()) or, with a pool, its task on the pool.
+        self.jobs: list[tuple[Any, ...] | concurrent.futures.Future[dict[str, Any]]]
         if builder.pool is None:
-            self.jobs = make
+            self.jobs = list(make)
         else:
             self.jobs = [builder.pool.submit(_make, *job) for job in make]
 

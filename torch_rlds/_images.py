@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import simplejpeg
@@ -49,7 +51,7 @@ class ImageDecodeError(ValueError):
 DCT_SCALES = (8, 4, 2)
 
 
-def reduced_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+def reduced_scale(size: Sequence[int], target: Sequence[int]) -> int:
     """The factor, 1, 2, 4 or 8, by which a JPEG of ``size`` ``(H, W)`` may be decoded smaller
     and still be at least ``target`` ``(h, w)`` in both dimensions: the largest ``f`` with
     ``ceil(H / f) >= h`` and ``ceil(W / f) >= w`` (1: decode at full size).
@@ -86,7 +88,7 @@ def reduced_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
     return 1
 
 
-def reduced_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def reduced_size(size: Sequence[int], target: Sequence[int]) -> tuple[int, int]:
     """The ``(height, width)`` a JPEG of ``size`` decodes to with ``scale_to=target``."""
     factor = reduced_scale(size, target)
     return -(-size[0] // factor), -(-size[1] // factor)
@@ -155,7 +157,7 @@ def decode_image(
         except ValueError as e:  # simplejpeg refuses a buffer too small before decoding
             raise ImageDecodeError(f"{name}: JPEG does not decode ({e})") from e
         _check_shape(image, shape, name)
-        if direct:
+        if direct and out is not None:
             if image.shape != out.shape:  # a smaller image fills only the front of ``out``
                 raise ImageDecodeError(f"{name}: decoded shape {tuple(image.shape)} does not "
                                        f"match the output's {tuple(out.shape)}")
@@ -329,11 +331,11 @@ class EncodedImages:
                                      format=self.format, fast=fast, scale_to=scale_to,
                                      name=f"{self.name}[{indices[0]}]")
                 out = np.empty((len(indices), *first.shape), self.dtype)
-            elif scale_to is not None and self.format == "jpeg":
-                size = reduced_size(self.shape[:2], tuple(scale_to))
-                out = np.empty((len(indices), *size, *self.shape[2:]), self.dtype)
             else:
-                out = np.empty((len(indices), *self.shape), self.dtype)
+                shape = cast("tuple[int, ...]", self.shape)  # every dimension known: see above
+                if scale_to is not None and self.format == "jpeg":
+                    shape = (*reduced_size(shape[:2], scale_to), *shape[2:])
+                out = np.empty((len(indices), *shape), self.dtype)
         done: dict[int, int] = {}
         for row, t in enumerate(indices):
             if t in done:

@@ -45,8 +45,21 @@ class StreamedDataset(torch.utils.data.IterableDataset):
     holds a copy.
     """
 
+    # Set by each subclass (see the module docstring).
     _stream: Any
-    _progress: Any
+    _progress: Progress
+    obs_window: int
+    action_horizon: int
+    fast_jpeg: bool
+    sample_transform: Callable[[dict[str, Any]], dict[str, Any]] | None
+    batch_size: int | None
+    drop_last: bool
+    decode_threads: int | None
+    process_index: int
+    process_count: int
+    repeat: bool
+    # Samples per host batch when the dataset emits samples (see sampling_view).
+    _host_batch: int
 
     @property
     def order(self) -> str:
@@ -195,7 +208,8 @@ class StreamedDataset(torch.utils.data.IterableDataset):
                 yield from self._emit_samples(plans, pool, threads, reads)
             else:
                 yield from self._emit_batches(plans, BatchBuilder(
-                    self._recipe_of_self(), pool=pool, threads=threads), reads)
+                    self._recipe_of_self(), pool=pool, threads=threads), reads,
+                    self.batch_size)
         finally:
             reads.close()
             if pool is not None:
@@ -278,10 +292,11 @@ class StreamedDataset(torch.utils.data.IterableDataset):
             # at most as much work ahead as it handed out.
             depth = min(depth + 1, _LOOKAHEAD * threads) if pool is not None else 1
 
-    def _emit_batches(self, plans: Iterator[_Plan], builder: BatchBuilder,
-                 reads: Any) -> Iterator[dict[str, Any]]:
-        """Batches of ``plans``; with a pool the next batch is decoding while one is handed
-        out (from the second batch on, so that a restore waits for one batch only)."""
+    def _emit_batches(self, plans: Iterator[_Plan], builder: BatchBuilder, reads: Any,
+                      batch_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of ``batch_size`` samples of ``plans``; with a pool the next batch is
+        decoding while one is handed out (from the second batch on, so that a restore waits
+        for one batch only)."""
         pending: collections.deque = collections.deque()
         depth = 1
         done = False
@@ -290,7 +305,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
                 items: list[Item] = []
                 cursor = None
                 try:
-                    while len(items) < self.batch_size:
+                    while len(items) < batch_size:
                         sampler, t, epoch, cursor = next(plans)
                         if sampler is not None:
                             items.append((sampler, t, epoch))
@@ -300,7 +315,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
                     pending.append((None, error))
                     done = True
                     break
-                if items and not (done and self.drop_last and len(items) < self.batch_size):
+                if items and not (done and self.drop_last and len(items) < batch_size):
                     try:
                         pending.append((cursor, builder.start(items)))
                     except Exception as error:

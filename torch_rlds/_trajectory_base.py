@@ -157,6 +157,8 @@ def resolve_dims(spec: str | tuple[int, ...], width: int, where: str) -> np.ndar
     """The indices that a :data:`DIMS` value selects among ``width`` dimensions."""
     if isinstance(spec, str):
         match = _SLICE.match(spec)
+        if match is None:
+            raise TrajectoryError(f"{where}: {spec!r} is not a slice 'start:stop'")
         start, stop = (None if g is None else int(g) for g in match.groups())
         rows = np.arange(width)[slice(start, stop)]
         if rows.size == 0:
@@ -185,6 +187,8 @@ class Entry:
     """
 
     op: ClassVar[str] = ""
+    # Declared for the type checker: every entry class is a dataclass.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         check_fields(self, self.op, TrajectoryError)
@@ -212,6 +216,8 @@ class Entry:
     def bind(self) -> Callable[[Trajectory], Any]:
         """The callable this entry runs as (itself, unless it must look something up first:
         a registered function, a ranges file)."""
+        if not callable(self):
+            raise TypeError(f"{type(self).__name__} defines neither __call__ nor bind()")
         return self
 
     def to_dict(self) -> dict[str, Any]:

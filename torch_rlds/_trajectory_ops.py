@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -53,6 +53,8 @@ def _column_update(traj: Trajectory, key: str, dims: Any, where: str, fn) -> Tra
 
 class _ColumnEntry(Entry):
     """An entry that rewrites some dimensions of one numeric feature, ``self.key``."""
+
+    key: str  # each subclass's dataclass field
 
     def reads(self) -> tuple[str, ...]:
         return (self.key,)
@@ -273,7 +275,8 @@ class Concat(Entry):
         parsed = []
         for part in self.parts:
             if isinstance(part, str):
-                match = _PART.match(part)
+                # A part that is a string matches _PART: _is_parts checked it on construction.
+                match = cast("re.Match[str]", _PART.match(part))
                 dims = None if match["dims"] is None else _dims_text(match["dims"])
                 parsed.append((match["key"], dims, 0.0, 0))
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -238,9 +238,11 @@ class EpisodeSampler:
 
     def _decode_reusing(self, key: str, images: EncodedImages, indices: np.ndarray,
                         fast_jpeg: bool) -> np.ndarray:
-        """``images.decode(indices)``, copying the frames the previous sample decoded."""
+        """``images.decode(indices)``, copying the frames the previous sample decoded. Only
+        for frames of a known shape (no ``None`` in ``images.shape``: the caller checks)."""
         recent = self._recent.get(key, {})
-        out = np.empty((len(indices), *images.shape), images.dtype)
+        shape = cast("tuple[int, ...]", images.shape)
+        out = np.empty((len(indices), *shape), images.dtype)
         rows: dict[int, int] = {}
         for row, t in enumerate(indices.tolist()):
             if t in rows:

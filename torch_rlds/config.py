@@ -11,7 +11,7 @@ import dataclasses
 import importlib.resources
 import os
 from collections.abc import Sequence
-from typing import Any, get_type_hints
+from typing import Any, cast, get_type_hints
 
 import yaml
 
@@ -348,7 +348,8 @@ class Config:
 
         dataset = self.make_dataset(process_index, process_count)
         count = dataset.datasets[0].process_count if self.mixture else dataset.process_count
-        workers = self.loader.num_workers
+        # Never None once the section is built: __post_init__ puts the default in.
+        workers = cast(int, self.loader.num_workers)
         options: dict[str, Any] = dict(
             batch_size=self.local_batch_size(count), num_workers=workers,
             snapshot_every_n_steps=self.loader.snapshot_every_n_steps,
@@ -387,7 +388,7 @@ def format_config(config: Config) -> str:
 def _section_lines(section: Any, indent: str) -> list[str]:
     from torch_rlds._rules import describe
 
-    rows = []
+    rows: list[tuple[str, str | None]] = []
     for name, value, allowed, help in describe(section):
         if hasattr(value, "to_list"):  # data.trajectory: one entry a line
             rows.append((f"{indent}{name}:", f"{allowed}: {help}"))

@@ -160,21 +160,18 @@ class DataLoader(LoaderBase[_T_co]):
         rlds = is_rlds_dataset(dataset)
         workers = isinstance(num_workers, int) and num_workers > 0
         asked = None
-        # (type: ignore[attr-defined] below: each StreamedDataset sets batch_size, which the
-        # class itself does not declare.)
         if (isinstance(dataset, StreamedDataset) and collate_fn is None and batch_sampler is None
-                and (batch_size is not None
-                     or dataset.batch_size is not None)):  # type: ignore[attr-defined]
+                and (batch_size is not None or dataset.batch_size is not None)):
             # Whole batches built by the dataset, in its workers: see "batches built by the
             # dataset".
             if batch_size is not None:
                 asked = (batch_size, bool(drop_last))
-                dataset = _batching(dataset, *asked)  # type: ignore[arg-type]
+                dataset = _batching(dataset, *asked)
                 drop_last = False
             batch_size, collate_fn = None, _whole_batch if workers else _itself
         else:
             if isinstance(dataset, StreamedDataset) and batch_size is not None \
-                    and dataset.batch_size is None and batch_sampler is None:  # type: ignore[attr-defined]
+                    and dataset.batch_size is None and batch_sampler is None:
                 # Collated samples: under the global order a reader takes whole host batches.
                 dataset = dataset.sampling_view(batch_size)
             if batch_size is not None and (collate_fn is collate
@@ -455,11 +452,11 @@ def dataset_states(state: dict[str, Any]) -> list[Any]:
 _SPARE_BUFFERS = 3
 
 
-def _batching(dataset: RLDSDataset, batch_size: int, drop_last: bool) -> RLDSDataset:
+def _batching(dataset: StreamedDataset, batch_size: int, drop_last: bool) -> StreamedDataset:
     """``dataset`` emitting the loader's batches: a batching view of it (one cursor for both),
     or itself when it already emits those batches."""
     if dataset.batch_size is None:
-        return dataset.batching_view(batch_size, drop_last=drop_last)  # type: ignore[return-value]
+        return dataset.batching_view(batch_size, drop_last=drop_last)
     if (dataset.batch_size, dataset.drop_last) != (batch_size, drop_last):
         raise ValueError(
             f"the dataset emits batches already (batch_size={dataset.batch_size}, drop_last="

@@ -123,7 +123,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         return sizes
 
     # -- the choice ------------------------------------------------------------------------
-    def _reader(self) -> int:
+    def _reader_index(self) -> int:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         process = getattr(self.datasets[0], "process_index", 0)
@@ -227,7 +227,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
     # -- iteration -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader = self._reader()
+        reader = self._reader_index()
         if all(self._exhausted):
             # A new pass after the mixture ended: every dataset goes on to its next epoch.
             self._exhausted = [False] * len(self.datasets)

@@ -110,18 +110,15 @@ class RunningStats:
             raise ValueError(f"num_bins must be an even int >= 2 (got {num_bins!r})")
         self.num_bins = num_bins
         self.count = 0
-        self._mean: np.ndarray | None = None
-        self._m2: np.ndarray | None = None
-        self._min: np.ndarray | None = None
-        self._max: np.ndarray | None = None
-        self._lo: np.ndarray | None = None
-        self._width: np.ndarray | None = None
-        self._hist: np.ndarray | None = None
+        # Per dimension; empty until the first rows (their number of dimensions) are seen.
+        self._mean = self._m2 = self._min = self._max = np.empty(0)
+        self._lo = self._width = np.empty(0)
+        self._hist = np.empty((0, num_bins), np.int64)
 
     @property
     def dims(self) -> int | None:
         """The number of dimensions, once a batch has been seen."""
-        return None if self._mean is None else len(self._mean)
+        return None if self.count == 0 else len(self._mean)
 
     def update(self, rows: np.ndarray) -> None:
         """Add ``rows`` ``[N, D]`` (or ``[N]`` for one dimension)."""
@@ -139,7 +136,7 @@ class RunningStats:
         batch_mean = x.mean(axis=0)
         batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
         batch_min, batch_max = x.min(axis=0), x.max(axis=0)
-        if self._mean is None:
+        if self.count == 0:
             self._mean, self._m2 = batch_mean, batch_m2
             self._min, self._max = batch_min, batch_max
             self._lo = batch_min.copy()
@@ -291,29 +288,29 @@ def cache_dir(source: Any, key_map: KeyMap, num_bins: int = NUM_BINS, plan: Any 
 def write_norm_stats(stats: Mapping[str, Stats], path: str | os.PathLike) -> epath.Path:
     """Write ``stats`` as openpi's ``norm_stats.json`` (a folder gets ``norm_stats.json``
     inside it); returns the file."""
-    path = epath.Path(path)
-    if path.is_dir() or not path.name.endswith(".json"):
-        path = path / NORM_STATS_FILE
-    write_json_atomic(path, {"norm_stats": {k: v.to_json(full=False) for k, v in stats.items()}},
+    file = epath.Path(path)
+    if file.is_dir() or not file.name.endswith(".json"):
+        file = file / NORM_STATS_FILE
+    write_json_atomic(file, {"norm_stats": {k: v.to_json(full=False) for k, v in stats.items()}},
                       indent=2)
-    return path
+    return file
 
 
 def read_norm_stats(path: str | os.PathLike) -> dict[str, Stats]:
     """Read a ``norm_stats.json`` (openpi's layout; a folder means the file inside it) or a
     torch_rlds ``stats.json``."""
-    path = epath.Path(path)
-    if path.is_dir():
-        path = path / NORM_STATS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no normalization statistics there; write them with "
+    file = epath.Path(path)
+    if file.is_dir():
+        file = file / NORM_STATS_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no normalization statistics there; write them with "
                                 "`torch-rlds stats --config-name NAME --output PATH`")
-    raw = read_json(path, "statistics")
+    raw = read_json(file, "statistics")
     table = raw.get("norm_stats") if isinstance(raw, dict) else None
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected {{'norm_stats': {{'state': ..., 'actions': ...}}}} "
+        raise ValueError(f"{file}: expected {{'norm_stats': {{'state': ..., 'actions': ...}}}} "
                          f"(found keys {sorted(raw) if isinstance(raw, dict) else raw!r:.100})")
-    return {k: Stats.from_json(v, f"{path}: norm_stats.{k}") for k, v in table.items()}
+    return {k: Stats.from_json(v, f"{file}: norm_stats.{k}") for k, v in table.items()}
 
 
 def load_or_compute_stats(source: Any, key_map: KeyMap, *, recompute: bool = False,

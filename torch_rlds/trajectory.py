@@ -343,7 +343,7 @@ class FilterConfig:
 
     def metadata_keys(self) -> tuple[str, ...]:
         """The ``episode_metadata`` paths the filters read."""
-        keys = []
+        keys: list[str] = []
         for entry in self.episode + self.sample:
             if isinstance(entry, StepRanges):
                 keys += entry.fields()

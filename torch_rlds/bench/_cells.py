@@ -7,8 +7,9 @@ import statistics
 from typing import Any
 
 
-def ok(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The result of a measurement that worked, else ``None``."""
+def ok(record: dict[str, Any] | None) -> Any:
+    """The result of a measurement that worked (a dict, or a list of rows: whatever its task
+    returned), else ``None``."""
     return record["result"] if record and record.get("ok") else None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from torch_rlds._torchdata import worker_processes
 from torch_rlds.bench._settings import BenchSettings
 from torch_rlds.bench._torch import make_loader
 
@@ -38,7 +39,7 @@ def worker_memory(settings: dict[str, Any], dataset: str, order: str,
     _build_step_index(source)
     loader = make_loader(s, dataset, workers, order=order, cameras=("image",))
     iterator = iter(loader)
-    pids = [w.pid for w in getattr(iterator, "_workers", [])]
+    pids = [w.pid for w in worker_processes(iterator)]
     processes = [psutil.Process(pid) for pid in pids]
     uss = [0] * len(processes)
     pss = [0] * len(processes)

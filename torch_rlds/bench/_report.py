@@ -44,8 +44,11 @@ def _best_rates(results: dict[str, Any]) -> list[float | None]:
     if not per_workers:
         return [None]
     rounds = max(len(rates) for rates in per_workers)
-    return [max((rates[i] for rates in per_workers if i < len(rates) and rates[i]),
-                default=None) for i in range(rounds)]
+    best: list[float | None] = []
+    for i in range(rounds):
+        measured = [rates[i] for rates in per_workers if i < len(rates)]
+        best.append(max((rate for rate in measured if rate), default=None))
+    return best
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:

@@ -33,8 +33,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     for axis, orders in results.get("memory", {}).items():
         for order, points in orders.items():
             uss = [(_ok(r) or {}).get("max_uss_mb") for r in points.values()]
+            measured = [u for u in uss if u]
             name = MEMORY_SPREAD.format(axis=AXES.get(axis, axis), order=order)
-            out[name] = max(uss) / min(uss) if uss and all(uss) else None
+            out[name] = (max(measured) / min(measured) if uss and len(measured) == len(uss)
+                         else None)
     index = results.get("index", {})
     build = _ok(index.get("build"))
     out[INDEX_SPEED] = build["build_mb_per_s"] / build["read_mb_per_s"] if build else None

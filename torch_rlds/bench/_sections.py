@@ -127,7 +127,7 @@ class Bench:
         sizes = [list(size) for size in sizes_for(s.episodes)]
         out["startup"] = self.steps.run(
             f"start-up from a bucket at {LATENCY_S * 1e3:.0f} ms per request: "
-            + ", ".join(label for label, _, _ in sizes), "remote_startup",
+            + ", ".join(label for label, _, _ in sizes_for(s.episodes)), "remote_startup",
             {"sizes": sizes, "latency_s": LATENCY_S, "work": self.work},
             lambda r: "; ".join(f"{label} cold {row['cold']['seconds']:.1f} s" for label, row
                                 in r["sizes"].items()))

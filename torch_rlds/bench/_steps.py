@@ -8,8 +8,9 @@ from typing import Any
 
 from torch_rlds.bench._subprocess import run_task
 
-# (label, task, kwargs, show): one measurement as Steps.run takes it.
-Job = tuple[str, str, dict[str, Any], Callable[[dict[str, Any]], str]]
+# (label, task, kwargs, show): one measurement as Steps.run takes it; show gets the task's
+# result (a dict, or a list of rows).
+Job = tuple[str, str, dict[str, Any], Callable[[Any], str]]
 
 BUSY_PCT = 25.0  # CPU use by others, before a measurement, above which it waits
 FOREIGN_PCT = 10.0  # CPU share others took during a measurement above which it is redone
@@ -58,7 +59,7 @@ class Steps:
         return busy
 
     def run(self, label: str, task: str, kwargs: dict[str, Any],
-            show: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+            show: Callable[[Any], str]) -> dict[str, Any]:
         """The record of ``task`` run in a fresh process (see the class docstring)."""
         self.done += 1
         print(f"[{self.done}/{self.total}] {label}", flush=True)
@@ -115,7 +116,7 @@ class Steps:
         return record
 
     def _say(self, label: str, record: dict[str, Any],
-             show: Callable[[dict[str, Any]], str]) -> None:
+             show: Callable[[Any], str]) -> None:
         if record.get("ok"):
             memory = record.get("memory") or {}
             print(f"      {show(record['result'])}; peak RSS {memory.get('peak_rss_mb')} MiB "

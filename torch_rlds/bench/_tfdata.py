@@ -22,7 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from torch_rlds.bench._batches import batch_digest, batch_shapes
+from torch_rlds._trees import batch_digest
+from torch_rlds.bench._batches import batch_shapes
 
 _CAMERAS = ("image", "wrist_image")
 
