@@ -168,7 +168,7 @@ def test_frames_shared_by_samples_are_decoded_once(varied, monkeypatch):
 
     monkeypatch.setattr(_images, "decode_image", counting)
     monkeypatch.setattr("torch_rlds._batch.decode_image", counting)
-    monkeypatch.setattr("torch_rlds._windows.decode_image", counting)
+    monkeypatch.setattr("torch_rlds._samples.decode_image", counting)
     frames = sum(VARIED["episode_lengths"]) * len(VARIED["cameras"])
     for options in ({"batch_size": 64}, {}):  # one batch; samples one after another
         calls.clear()

@@ -7,7 +7,7 @@ import pytest
 
 import torch_rlds
 from torch_rlds import _published, synthetic
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._samples import EpisodeSamples
 from torch_rlds.keymap import KeyMap, KeyMapError, key_map_from_config
 
 SYNTHETIC = KeyMap(state_keys=("observation/state",),
@@ -166,7 +166,7 @@ def test_samples_of_a_mapped_episode(small_dataset):
     """What the dataset hook does: key map, then the usual windows (images decoded there)."""
     source = torch_rlds.RLDSSource(small_dataset)
     episode = SYNTHETIC.apply(source.episode(2))
-    sampler = EpisodeSampler(episode, SYNTHETIC.observation_keys(), "action",
+    sampler = EpisodeSamples(episode, SYNTHETIC.observation_keys(), "action",
                              "language_instruction", 2, source.describe(2))
     sample = sampler.sample(1, obs_window=2, action_horizon=3, epoch=0)
     assert sample["observation"]["image_primary"].shape == (2, 64, 64, 3)

@@ -12,7 +12,7 @@ import yaml
 import torch_rlds
 from torch_rlds import _published, synthetic
 from torch_rlds._features import iter_leaves
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._samples import EpisodeSamples
 from torch_rlds.config import DataConfig, config_names, load_config
 from torch_rlds.keymap import KeyMap
 from torch_rlds.transforms import TransformConfig
@@ -108,7 +108,7 @@ def test_config_sections_and_transform_chain(written, config):
         assert TransformConfig.from_dict(loaded.data.transform) == transform
     source = torch_rlds.RLDSSource(written[config])
     episode = key_map.apply(source.episode(0))
-    sampler = EpisodeSampler(episode, key_map.observation_keys(), "action",
+    sampler = EpisodeSamples(episode, key_map.observation_keys(), "action",
                              "language_instruction", 0, source.describe(0))
     sample = transform.build(seed=0)(sampler.sample(2, 1, data["action_horizon"], 0))
     for role in transform.cameras:

@@ -9,7 +9,7 @@ import pytest
 
 import torch_rlds
 from torch_rlds import synthetic, transforms
-from torch_rlds._windows import EpisodeSampler
+from torch_rlds._samples import EpisodeSamples
 from torch_rlds.keymap import KeyMap
 from torch_rlds.testing import assert_resumes_exactly
 from torch_rlds.transforms import (
@@ -36,7 +36,7 @@ def source(small_dataset):
 def sample_of(source, episode: int, t: int, obs_window: int = 2, horizon: int = 4,
               key_map: KeyMap = KEY_MAP, epoch: int = 0) -> dict:
     mapped = key_map.apply(source.episode(episode))
-    sampler = EpisodeSampler(mapped, key_map.observation_keys(), "action",
+    sampler = EpisodeSamples(mapped, key_map.observation_keys(), "action",
                              "language_instruction", episode, source.describe(episode))
     return sampler.sample(t, obs_window, horizon, epoch)
 

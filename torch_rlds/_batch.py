@@ -1,7 +1,7 @@
 """Whole batches of step samples, built straight into one buffer, frames decoded by threads.
 
 A batch built here equals, bit for bit, :func:`torch_rlds.collate` of the same samples as
-:meth:`EpisodeSampler.sample` makes them; it only skips the work in between: every image is
+:meth:`EpisodeSamples.sample` makes them; it only skips the work in between: every image is
 decoded straight into its row of the batch (in shared memory inside a DataLoader worker), a
 frame that several samples of the batch show is decoded once, and index arithmetic, masks and
 metadata are computed for the whole batch at once.
@@ -19,11 +19,11 @@ import torch
 
 from torch_rlds._images import EncodedImages, ImageDecodeError, decode_image
 from torch_rlds._limits import check_batch_bytes
-from torch_rlds._windows import EpisodeSampler, Recipe, goal_step
+from torch_rlds._samples import EpisodeSamples, Recipe, goal_step
 from torch_rlds.collate import allocate, collate
 
 # One step sample to make: (sampler, step, epoch).
-Item = tuple[EpisodeSampler, int, int]
+Item = tuple[EpisodeSamples, int, int]
 
 
 class BatchBuilder:
@@ -34,7 +34,7 @@ class BatchBuilder:
     yet (all of them without a pool), waits for the others and gives the batch. Several batches
     may be in flight at once.
 
-    Every item's sample is made as its sampler's :class:`~torch_rlds._windows.Recipe` says (a
+    Every item's sample is made as its sampler's :class:`~torch_rlds._samples.Recipe` says (a
     mixture's datasets each have theirs), else as ``recipe`` says. Items whose recipes make
     samples alike (the same windows and JPEG mode, no transform) and whose samplers lay steps
     out alike are built straight into the batch buffer, datasets mixed or not; others are made
@@ -53,7 +53,7 @@ class BatchBuilder:
         self.pool = pool
         self.chunks = 4 * threads if pool is not None else 1
 
-    def recipe_of(self, sampler: EpisodeSampler) -> Recipe:
+    def recipe_of(self, sampler: EpisodeSamples) -> Recipe:
         """The recipe ``sampler``'s samples are made by."""
         return sampler.recipe or self.recipe
 

@@ -5,7 +5,7 @@ batches ``w, w + W, ...`` of the global stream (:mod:`torch_rlds._global_order`)
 sample it reads the steps its observation window and action chunk need
 (:class:`~torch_rlds._step_reader.StepReader`: byte ranges where the step index is built, else
 the whole record) into a sparse episode, maps it with the key map, and hands the sample's
-:class:`~torch_rlds._windows.EpisodeSampler` to the dataset's sample or batch emitter. The
+:class:`~torch_rlds._samples.EpisodeSamples` to the dataset's sample or batch emitter. The
 plan it yields is the same whatever the timing, the reader count or how far the step index
 build got.
 """
@@ -23,6 +23,7 @@ from torch_rlds._corrupt import CORRUPT_ERRORS
 from torch_rlds._global_order import GlobalOrder, host_samples, worker_batches
 from torch_rlds._images import EncodedImages
 from torch_rlds._plan import KeptSteps
+from torch_rlds._samples import EpisodeSamples, goal_step
 from torch_rlds._state import (
     GlobalCursor,
     data_fingerprint,
@@ -31,7 +32,6 @@ from torch_rlds._state import (
 )
 from torch_rlds._step_reader import StepFiles, StepReader
 from torch_rlds._window_stream import shutdown
-from torch_rlds._windows import EpisodeSampler, goal_step
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class GlobalStream:
         return GroupReads()
 
     def plan(self, dataset: Any, cursor: GlobalCursor, num_workers: int, worker: int,
-             reads: Any = None) -> Iterator[tuple[EpisodeSampler | None, int, int,
+             reads: Any = None) -> Iterator[tuple[EpisodeSamples | None, int, int,
                                                   GlobalCursor]]:
         """The stream of this reader from ``cursor`` on: ``(sampler, step, epoch, cursor
         after)`` per sample, the cursor moving past a host batch with its last sample; a
@@ -224,7 +224,7 @@ class GlobalStream:
 
     def _items(self, dataset: Any, positions: np.ndarray, epochs: np.ndarray,
                episodes: np.ndarray, steps: np.ndarray
-               ) -> tuple[list[tuple[EpisodeSampler, int, int]], np.ndarray]:
+               ) -> tuple[list[tuple[EpisodeSamples, int, int]], np.ndarray]:
         """The ``(sampler, step, epoch)`` of each sample, samples of one episode whose steps
         lie close together sharing one sampler; and how many corrupt samples each replaced."""
         items: list[Any] = [None] * len(positions)
@@ -258,7 +258,7 @@ class GlobalStream:
         return items, replaced
 
     def _item(self, dataset: Any, position: int, epoch: int, episode: int,
-              step: int) -> tuple[tuple[EpisodeSampler, int, int], int]:
+              step: int) -> tuple[tuple[EpisodeSamples, int, int], int]:
         """The sample at ``position``, or with ``on_corrupt="skip"`` the first healthy one at
         the same position of a later epoch; returns it and how many were replaced."""
         replaced = 0
@@ -278,7 +278,7 @@ class GlobalStream:
             epoch, episode, step = int(epochs[0]), int(episodes[0]), int(steps[0])
 
     def sampler(self, dataset: Any, episode: int, first: int, last: int | None = None, *,
-                epoch: int = 0, steps: list[int] | None = None) -> EpisodeSampler:
+                epoch: int = 0, steps: list[int] | None = None) -> EpisodeSamples:
         """The sampler of the samples of ``steps`` (default: ``first``) between ``first`` and
         ``last`` of ``episode`` at ``epoch``: the steps those samples need, read."""
         last = first if last is None else last
@@ -303,14 +303,14 @@ class GlobalStream:
                                                                       for k in images}))
         if dataset.key_map is not None:
             episode_tree = dataset.key_map.apply(episode_tree, name=name)
-        return EpisodeSampler(episode_tree, dataset.observation_keys, dataset.action_key,
+        return EpisodeSamples(episode_tree, dataset.observation_keys, dataset.action_key,
                               dataset.language_key, episode, name,
                               check_images=dataset.on_corrupt == "skip",
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)
 
 
     def _planned_sampler(self, dataset: Any, episode: int, first: int, last: int,
-                         epoch: int, steps: list[int]) -> EpisodeSampler:
+                         epoch: int, steps: list[int]) -> EpisodeSamples:
         """A sampler of trajectory steps ``first..last`` of ``episode`` under the dataset's
         plan: the numbers of the whole episode read and transformed, then the frames of the
         rows the samples' observation windows need."""
@@ -332,7 +332,7 @@ class GlobalStream:
                 _merge_frames(tree, self.reader.read(episode, {k: (at, at) for k in cameras}))
             rows = np.concatenate([rows, np.asarray(goals, dtype=np.int64)])
         frames = _leaves_at(tree, cameras)
-        return EpisodeSampler(plan.standard_episode(traj, frames, rows),
+        return EpisodeSamples(plan.standard_episode(traj, frames, rows),
                               dataset.observation_keys, dataset.action_key,
                               dataset.language_key, episode, name,
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)

@@ -11,7 +11,7 @@ epochs and sample settings (windows, transforms); the draws may use other weight
 restore (every dataset goes on from its own count).
 
 A worker holds one decode pool and one batch builder for all datasets (their samplers carry
-their dataset's :class:`~torch_rlds._windows.Recipe`), and only the samples in flight: its
+their dataset's :class:`~torch_rlds._samples.Recipe`), and only the samples in flight: its
 memory grows with what is in flight, not with the number of datasets.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from torch_rlds._global_order import MixtureDraws, host_samples, worker_batches
 from torch_rlds._global_stream import _GROUP_SAMPLES, global_batch_size, host_batch_size
+from torch_rlds._samples import EpisodeSamples, Recipe
 from torch_rlds._state import MixtureCursor, load_mixture_cursor, make_mixture_state
-from torch_rlds._windows import EpisodeSampler, Recipe
 
 
 class MixtureStream:
@@ -113,7 +113,7 @@ class MixtureStream:
         return self.datasets[0]._stream.reads(self.datasets[0])
 
     def plan(self, mixture: Any, cursor: MixtureCursor, num_workers: int, worker: int,
-             reads: Any = None) -> Iterator[tuple[EpisodeSampler, int, int, MixtureCursor]]:
+             reads: Any = None) -> Iterator[tuple[EpisodeSamples, int, int, MixtureCursor]]:
         """The stream of this reader from ``cursor`` on (see
         :meth:`torch_rlds._global_stream.GlobalStream.plan`)."""
         batch_size = global_batch_size(mixture)
@@ -201,7 +201,7 @@ class MixtureStream:
         return samples, drawn, index
 
     def _items(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-               ) -> tuple[list[tuple[EpisodeSampler, int, int]], np.ndarray]:
+               ) -> tuple[list[tuple[EpisodeSamples, int, int]], np.ndarray]:
         """The samplers of every sample of ``parts``, each dataset's read together."""
         drawn = np.concatenate([p[1] for p in parts])
         index = np.concatenate([p[2] for p in parts])

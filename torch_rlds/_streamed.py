@@ -24,12 +24,12 @@ import torch.utils.data
 
 from torch_rlds._batch import BatchBuilder, Item
 from torch_rlds._rules import check_int
+from torch_rlds._samples import EpisodeSamples, Recipe
 from torch_rlds._window_stream import shutdown
-from torch_rlds._windows import EpisodeSampler, Recipe
 
 # One step of the stream: (sampler, step, epoch, cursor after it). A sampler of None is a
 # marker: the cursor moves (past an empty window, at the end) without a sample.
-_Plan = tuple[EpisodeSampler | None, int, int, Any]
+_Plan = tuple[EpisodeSamples | None, int, int, Any]
 # Samples made ahead per decode thread: enough to keep the threads busy while the consumer
 # collates a batch of a few dozen.
 _LOOKAHEAD = 16
@@ -221,14 +221,14 @@ class StreamedDataset(torch.utils.data.IterableDataset):
                       self.sample_transform, None, getattr(self, "window_actions", False),
                       getattr(self, "goal_seed", None), getattr(self, "decode_sizes", ()))
 
-    def _decoded(self, sampler: EpisodeSampler, t: int, epoch: int) -> dict[str, Any]:
+    def _decoded(self, sampler: EpisodeSamples, t: int, epoch: int) -> dict[str, Any]:
         """The sample of step ``t``, its frames decoded (the part that runs on the pool)."""
         recipe = sampler.recipe or self._recipe_of_self()
         return sampler.sample(t, recipe.obs_window, recipe.action_horizon, epoch,
                               fast_jpeg=recipe.fast_jpeg, window_actions=recipe.window_actions,
                               goal_seed=recipe.goal_seed, decode_sizes=recipe.decode_sizes)
 
-    def _finished(self, sampler: EpisodeSampler, sample: dict[str, Any]) -> dict[str, Any]:
+    def _finished(self, sampler: EpisodeSamples, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` transformed as its dataset says (in the iterating thread)."""
         recipe = sampler.recipe or self._recipe_of_self()
         return recipe.finish(sample)
@@ -345,10 +345,10 @@ class Progress:
     def __init__(self, cursor: Any, resume: bool = False) -> None:
         self.cursor = cursor
         self.resume = resume
-        self.windows: dict[tuple[int, int, int, int], tuple[list[EpisodeSampler], int]] = {}
+        self.windows: dict[tuple[int, int, int, int], tuple[list[EpisodeSamples], int]] = {}
 
     def take_window(self, key: tuple[int, int, int, int]
-                    ) -> tuple[list[EpisodeSampler], int] | None:
+                    ) -> tuple[list[EpisodeSamples], int] | None:
         """The window ``key`` if a check read it; the others are dropped (a worker forked
         after the checks holds every worker's)."""
         window = self.windows.pop(key, None)

@@ -21,13 +21,13 @@ import numpy as np
 
 from torch_rlds import _order
 from torch_rlds._corrupt import CORRUPT_ERRORS
+from torch_rlds._samples import EpisodeSamples
 from torch_rlds._state import Cursor, data_fingerprint, load_cursor, make_state
-from torch_rlds._windows import EpisodeSampler
 
 logger = logging.getLogger(__name__)
 
 # (sampler, step, epoch, cursor after it); a sampler of None moves the cursor without a sample.
-Plan = tuple[EpisodeSampler | None, int, int, Any]
+Plan = tuple[EpisodeSamples | None, int, int, Any]
 
 
 class WindowStream:
@@ -196,7 +196,7 @@ class WindowStream:
                 else Cursor(epoch, windows, skipped=skipped))
 
     def read_window(self, dataset: Any, episodes: np.ndarray, epoch: int = 0
-                    ) -> tuple[list[EpisodeSampler], int]:
+                    ) -> tuple[list[EpisodeSamples], int]:
         """The samplers of ``episodes`` (at ``epoch``) and how many were skipped as corrupt."""
         indices = episodes.tolist()
         try:
@@ -217,14 +217,14 @@ class WindowStream:
         return samplers, len(episodes) - len(samplers)
 
     def _sampler(self, dataset: Any, episode_index: int, payload: Any = None,
-                 epoch: int = 0) -> EpisodeSampler:
+                 epoch: int = 0) -> EpisodeSamples:
         name = dataset.source.describe(episode_index)
         episode = (dataset.source.episode(episode_index) if payload is None
                    else dataset.source.decoder.decode(payload, name=name))
         if dataset._plan is not None:
             traj, kept = dataset._plan.sampled(episode, episode_index, epoch, name)
             frames = {k: _leaf(episode, k) for k in dataset._plan.camera_features()}
-            sampler = EpisodeSampler(dataset._plan.standard_episode(traj, frames),
+            sampler = EpisodeSamples(dataset._plan.standard_episode(traj, frames),
                                      dataset.observation_keys, dataset.action_key,
                                      dataset.language_key, episode_index, name,
                                      check_images=dataset.on_corrupt == "skip",
@@ -233,7 +233,7 @@ class WindowStream:
             return sampler
         if dataset.key_map is not None:
             episode = dataset.key_map.apply(episode, name=name)
-        return EpisodeSampler(episode, dataset.observation_keys, dataset.action_key,
+        return EpisodeSamples(episode, dataset.observation_keys, dataset.action_key,
                               dataset.language_key, episode_index, name,
                               check_images=dataset.on_corrupt == "skip",
                               keep_recent=not dataset.shuffle and dataset.obs_window > 1)

@@ -9,7 +9,7 @@ import pytest
 
 import torch_rlds
 from torch_rlds import synthetic
-from torch_rlds._windows import action_indices, observation_indices
+from torch_rlds._samples import action_indices, observation_indices
 
 
 def test_observation_indices_repeat_the_first_step():
@@ -105,13 +105,13 @@ def test_unknown_keys_are_named(small_dataset, field, value):
 def test_text_that_is_not_utf8_is_refused_naming_where_it_is():
     from torch_rlds import EpisodeDecodeError
     from torch_rlds._features import text_value
-    from torch_rlds._windows import EpisodeSampler
+    from torch_rlds._samples import EpisodeSamples
 
     assert text_value(b"pick up the cup", "x") == "pick up the cup"
     assert text_value("already text", "x") == "already text"
     episode = {"steps": {"observation": {}, "action": np.zeros((2, 3), np.float32),
                          "language_instruction": np.array([b"ok", b"\xff\xfe"], dtype=object)}}
-    sampler = EpisodeSampler(episode, (), "action", "language_instruction", 0, "shard record 4")
+    sampler = EpisodeSamples(episode, (), "action", "language_instruction", 0, "shard record 4")
     assert sampler.text(0) == "ok"
     with pytest.raises(EpisodeDecodeError, match=r"shard record 4: step 1's instruction: text "
                                                  r"is not UTF-8"):

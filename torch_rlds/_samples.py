@@ -55,7 +55,7 @@ _GOAL_TAG = 0x474F414C
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How a dataset makes its samples from its samplers: the windows, the JPEG mode, the
+    """How a dataset makes its samples from its episodes: the windows, the JPEG mode, the
     sample transform, and, in a mixture, the dataset's index (``meta["dataset_index"]``).
 
     ``window_actions``: an action chunk for every row of the observation window
@@ -66,7 +66,7 @@ class Recipe:
     (height, width))`` pairs of JPEG cameras decoded at the smallest of libjpeg's reduced
     scales that is at least that size (the size a later resize makes of them).
 
-    Immutable; one is shared by every sampler of a dataset."""
+    Immutable; one is shared by every EpisodeSamples of a dataset."""
 
     obs_window: int
     action_horizon: int
@@ -78,7 +78,7 @@ class Recipe:
     decode_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
 
     def finish(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """``sample`` (as :meth:`EpisodeSampler.sample` makes it) transformed, and marked with
+        """``sample`` (as :meth:`EpisodeSamples.sample` makes it) transformed, and marked with
         the dataset's index in a mixture."""
         if self.transform is not None:
             sample = self.transform(sample)
@@ -97,7 +97,7 @@ class Recipe:
                     other.window_actions, other.goal_seed))
 
 
-class EpisodeSampler:
+class EpisodeSamples:
     """Makes the step samples of one decoded episode.
 
     Immutable after construction but for a cache of recently decoded frames (see
