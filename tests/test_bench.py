@@ -58,7 +58,7 @@ def test_quick_run_produces_every_torch_rlds_figure_and_file(quick_run):
         assert _number(r["samples_per_s"]) and _number(r["first_batch_s"])
         assert r["shapes"]["observation/image"] == [settings.batch_size, 1, 64, 64, 3]
         assert r["shapes"]["action"] == [settings.batch_size, settings.action_horizon, 7]
-        assert _number(r["stats"]["samples_per_s"]) and _number(r["stats"]["wait_fraction"])
+        assert _number(r["metrics"]["samples_per_s"]) and _number(r["metrics"]["wait_fraction"])
     limit = _assert_child(throughput["limit"], torch=False)
     assert _number(limit["samples_per_s"]) and _number(limit["us_per_image"])
     assert "tf_data" not in throughput

@@ -11,7 +11,7 @@ from typing import Any
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from torch_rlds import _buffers, _fields, _torchdata
-from torch_rlds._loader_stats import StatsTracker
+from torch_rlds._loader_metrics import MetricsTracker
 from torch_rlds._torchdata import DATASET_STATE, MultiProcessIterBase, SingleProcessIterBase
 from torch_rlds._workers import (
     WorkerError,
@@ -30,14 +30,14 @@ class Run:
     reference (and its workers with it), not at the next garbage collection of a cycle.
 
     Args:
-      stats: the loader's serving figures.
+      metrics: the loader's serving figures.
       as_numpy: hand out numpy views of the batch tensors.
       ends_on_error: an error ends the pass (see :class:`Counting`).
     """
 
-    def __init__(self, stats: StatsTracker, *, as_numpy: bool, ends_on_error: bool) -> None:
+    def __init__(self, metrics: MetricsTracker, *, as_numpy: bool, ends_on_error: bool) -> None:
         self.batches_seen = 0
-        self.stats = stats
+        self.metrics = metrics
         self.as_numpy = as_numpy
         self.ends_on_error = ends_on_error
 
@@ -83,7 +83,7 @@ class Counting:
         if self._ended is not None:
             raise self._ended_error()
         run = self._run
-        started = run.stats.started()
+        started = run.metrics.started()
         mark = self._mark() if self._mark is not None else None
         if self._leases is not None:
             self._leases.release()
@@ -103,7 +103,7 @@ class Counting:
                 raise failure from e
             raise
         run.batches_seen += 1
-        run.stats.served(batch, started)
+        run.metrics.served(batch, started)
         return _fields.to_numpy(batch) if run.as_numpy else batch
 
     def _end_pass(self, error: BaseException, mark: Callable[[], Any] | None) -> None:

@@ -20,7 +20,7 @@ from etils import epath
 from torch_rlds import _buffers, _torchdata
 from torch_rlds._bootstrap import explain_start_failure, refuse_inside_bootstrap
 from torch_rlds._fields import to_numpy
-from torch_rlds._loader_stats import LoaderStats, StatsTracker
+from torch_rlds._loader_metrics import LoaderMetrics, MetricsTracker
 from torch_rlds._pass import MultiProcessIter, Run, SingleProcessIter
 from torch_rlds._start import default_start_method, init_worker, start_method_for
 from torch_rlds._state import (
@@ -79,7 +79,7 @@ class DataLoader(LoaderBase[_T_co]):
     arguments (positional ones included), batches (torch's ``default_collate``), ``iter()``
     semantics, errors (a dataset's error passes and the pass goes on) and states (it loads
     every state ``StatefulDataLoader`` loads, and only checks their types and ranges first).
-    What it adds there: :attr:`batches_seen`, :meth:`stats`, :meth:`save_state` /
+    What it adds there: :attr:`batches_seen`, :meth:`metrics`, :meth:`save_state` /
     :meth:`load_state`, ``as_numpy``, workers that never outlive the training process, and
     dead or silent workers named by :class:`WorkerError` (a ``RuntimeError`` in torch's
     words), raised from ``next()`` only; the pass ends with it (its other workers are stopped
@@ -199,7 +199,7 @@ class DataLoader(LoaderBase[_T_co]):
         self.reuse_buffers = reuse_buffers
         self.as_numpy = as_numpy
         self._rlds = rlds
-        self._run = Run(StatsTracker(_episodes_per_epoch(dataset) if rlds else None),
+        self._run = Run(MetricsTracker(_episodes_per_epoch(dataset) if rlds else None),
                         as_numpy=as_numpy, ends_on_error=rlds)
 
     @property
@@ -315,10 +315,10 @@ class DataLoader(LoaderBase[_T_co]):
             _torchdata.set_pending_state(self, None)
             _torchdata.forget_iterator(self)
 
-    def stats(self) -> LoaderStats:
+    def metrics(self) -> LoaderMetrics:
         """Throughput, time the caller waited for data, epoch progress and steps and episodes
-        served per dataset, since this loader was built (see :class:`LoaderStats`)."""
-        return self._run.stats.snapshot()
+        served per dataset, since this loader was built (see :class:`LoaderMetrics`)."""
+        return self._run.metrics.snapshot()
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

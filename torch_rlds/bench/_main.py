@@ -264,9 +264,9 @@ def _comparison_notes(results: dict[str, Any], settings: BenchSettings,
     if busy:
         notes.append("Other processes took a share of the CPUs during these measurements, so "
                      "their figures are suspect: " + "; ".join(busy))
-    stats = [(r.get("result") or {}).get("stats") for r in torch_rates.values()]
+    stats = [(r.get("result") or {}).get("metrics") for r in torch_rates.values()]
     if torch_rates and not any(stats):
-        notes.append("DataLoader.stats() is not available in this torch_rlds; not recorded.")
+        notes.append("DataLoader.metrics() is not available in this torch_rlds; not recorded.")
     return notes
 
 

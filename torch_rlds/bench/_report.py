@@ -166,7 +166,7 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
     s, through = results["settings"], results["throughput"]
     lines = ["", "## Throughput", "",
              "| pipeline | order | samples/s | rounds | / tf.data | / limit | first batch s | "
-             "stats() | peak RSS | peak PSS | |",
+             "metrics() | peak RSS | peak PSS | |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     tf_rates = _rates(through.get("tf_data"))
     limit = _rates(through.get("limit"))
@@ -186,7 +186,7 @@ def _throughput_table(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {order} | {_fmt(r.get('samples_per_s'), 0)} | {_rounds(r)} | "
                      f"{_fmt(paired_ratio(rates, tf_rates))} | "
                      f"{_fmt(paired_ratio(rates, limit))} | {_fmt(r.get('first_batch_s'))} | "
-                     f"{_stats(r.get('stats'))} | {' | '.join(_memory(record))} | "
+                     f"{_stats(r.get('metrics'))} | {' | '.join(_memory(record))} | "
                      f"{_error(record)} |")
     rounds = s.get("throughput_rounds", 1)
     if rounds > 1:
@@ -206,7 +206,7 @@ def _rounds(result: dict[str, Any], key: str = "samples_per_s") -> str:
 
 
 def _stats(stats: dict[str, Any] | None) -> str:
-    """What ``DataLoader.stats()`` said at the end of a run (warm-up included)."""
+    """What ``DataLoader.metrics()`` said at the end of a run (warm-up included)."""
     if not stats or "samples_per_s" not in stats:
         return "-"
     wait = stats.get("wait_fraction")

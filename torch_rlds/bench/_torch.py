@@ -102,7 +102,7 @@ def throughput(settings: dict[str, Any], dataset: str, workers: int,
         "seconds": seconds,
         "first_batch_s": first,
         "shapes": batch_shapes(batch),
-        "stats": loader_stats(loader),
+        "metrics": loader_metrics(loader),
     }
 
 
@@ -204,9 +204,9 @@ def state_cost(settings: dict[str, Any], dataset: str, workers: int,
     return rows
 
 
-def loader_stats(loader: Any) -> Any:
-    """``loader.stats()`` where the loader has it (JSON-safe), else ``None``."""
-    stats = getattr(loader, "stats", None)
+def loader_metrics(loader: Any) -> Any:
+    """``loader.metrics()`` where the loader has it (JSON-safe), else ``None``."""
+    stats = getattr(loader, "metrics", None)
     return _plain(stats()) if callable(stats) else None
 
 

@@ -1,4 +1,4 @@
-"""What a loader has served, for ``DataLoader.stats()``: the figures people look at when
+"""What a loader has served, for ``DataLoader.metrics()``: the figures people look at when
 accelerators starve (throughput, time the caller waited for data, epoch progress)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class LoaderStats:
+class LoaderMetrics:
     """A snapshot of a loader's serving figures since it was built (or ``reset``).
 
     Attributes:
@@ -49,8 +49,8 @@ class LoaderStats:
         return min(1.0, self.epoch_episodes / self.episodes_per_epoch)
 
 
-class StatsTracker:
-    """Accumulates :class:`LoaderStats` from the batches a loader hands out. Not thread-safe:
+class MetricsTracker:
+    """Accumulates :class:`LoaderMetrics` from the batches a loader hands out. Not thread-safe:
     the thread that iterates the loader updates it."""
 
     def __init__(self, episodes_per_epoch: int | None = None) -> None:
@@ -108,10 +108,10 @@ class StatsTracker:
                 seen = entry["recent"][epoch] = set()
             seen.add(episode)
 
-    def snapshot(self) -> LoaderStats:
+    def snapshot(self) -> LoaderMetrics:
         """The figures so far."""
         elapsed = 0.0 if self._start is None else time.perf_counter() - self._start
-        return LoaderStats(
+        return LoaderMetrics(
             batches=self.batches,
             samples=self.samples,
             elapsed_s=elapsed,
