@@ -34,19 +34,24 @@ def _build_wheel(session: nox.Session) -> str:
     return os.path.abspath(wheel)
 
 
+PARALLEL = ("-n", "2", "--dist", "loadfile")
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Build the wheel, install it with its test and jax extras and run pytest on it.
 
     ``PYTHONSAFEPATH`` keeps the checkout's root off ``sys.path`` in pytest and in every
     process the tests start, so ``import torch_rlds`` is the installed copy everywhere
-    (``tests/test_packaging.py`` checks it).
+    (``tests/test_packaging.py`` checks it). The tests run in two processes (pytest-xdist),
+    each test file in one of them (its module fixtures built once); each process has a cache
+    folder of its own (``tests/conftest.py``). Arguments after ``--`` replace these.
     """
     wheel = _build_wheel(session)
     session.install("-c", CONSTRAINTS, f"{wheel}[{EXTRAS}]")
     # The same version number as an earlier build: reinstall, or pip keeps the old files.
     session.install("--no-deps", "--force-reinstall", wheel)
-    session.run("pytest", *session.posargs,
+    session.run("pytest", *(session.posargs or PARALLEL),
                 env={"PYTHONSAFEPATH": "1", "TORCH_RLDS_WHEEL": wheel,
                      "TORCH_RLDS_EXPECT_INSTALLED": "1"})
 
