@@ -129,15 +129,7 @@ def map_regular(path: str, limit: int) -> memoryview | bytes | None:
         if not 0 < st.st_size <= limit:
             return None
         mapped = _map(fd, st.st_size)
-        if mapped is not None:
-            return mapped
-        data = bytearray()
-        while len(data) < st.st_size:
-            chunk = os.read(fd, st.st_size - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return bytes(data)
+        return mapped if mapped is not None else _read_fd(fd, limit)
     finally:
         os.close(fd)
 
@@ -180,18 +172,22 @@ def read_regular(path: str, limit: int) -> bytes | None:
     """
     fd, st = open_regular(path)
     try:
-        if st.st_size > limit:
-            return None
-        parts, got = [], 0
-        while got <= limit:
-            part = os.pread(fd, limit + 1 - got, got)
-            if not part:
-                break
-            parts.append(part)
-            got += len(part)
-        return None if got > limit else b"".join(parts)
+        return None if st.st_size > limit else _read_fd(fd, limit)
     finally:
         os.close(fd)
+
+
+def _read_fd(fd: int, limit: int) -> bytes | None:
+    """Every byte of ``fd`` from its start, or ``None`` past ``limit`` (reads ``limit + 1`` at
+    most)."""
+    parts, got = [], 0
+    while got <= limit:
+        part = os.pread(fd, limit + 1 - got, got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return None if got > limit else b"".join(parts)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, *,

@@ -301,12 +301,7 @@ class GlobalStream:
             for g in sorted(goals):
                 _merge_frames(episode_tree, self.reader.read(episode, {k: (g, g)
                                                                       for k in images}))
-        if dataset.key_map is not None:
-            episode_tree = dataset.key_map.apply(episode_tree, name=name)
-        return EpisodeSamples(episode_tree, dataset.observation_keys, dataset.action_key,
-                              dataset.language_key, episode, name,
-                              check_images=dataset.on_corrupt == "skip",
-                              keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+        return dataset._samples_of(episode_tree, episode, name)
 
 
     def _planned_sampler(self, dataset: Any, episode: int, first: int, last: int,
@@ -331,11 +326,9 @@ class GlobalStream:
                 at = int(traj.frame_steps[g])
                 _merge_frames(tree, self.reader.read(episode, {k: (at, at) for k in cameras}))
             rows = np.concatenate([rows, np.asarray(goals, dtype=np.int64)])
-        frames = _leaves_at(tree, cameras)
-        return EpisodeSamples(plan.standard_episode(traj, frames, rows),
-                              dataset.observation_keys, dataset.action_key,
-                              dataset.language_key, episode, name,
-                              keep_recent=not dataset.shuffle and dataset.obs_window > 1)
+        # The frames were read sparsely: only those of the samples' rows are there to check.
+        return dataset._samples_of(plan.standard_episode(traj, tree, rows), episode, name,
+                                   check_images=False)
 
 
 def _merge_frames(tree: dict[str, Any], other: dict[str, Any]) -> None:
@@ -351,17 +344,6 @@ def _merge_frames(tree: dict[str, Any], other: dict[str, Any]) -> None:
                                       format=mine.format)
         elif mine is None:
             tree[key] = value
-
-
-def _leaves_at(tree: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The values at ``names`` (``steps/observation/image``) of a read episode tree."""
-    out = {}
-    for name in names:
-        node: Any = tree
-        for part in name.split("/"):
-            node = node[part]
-        out[name] = node
-    return out
 
 
 def global_batch_size(dataset: Any) -> int:

@@ -44,8 +44,7 @@ class MixtureStream:
         self.datasets = datasets
         self.weights = np.asarray(weights, dtype=np.float64)
         self.draws = MixtureDraws(self.weights, seed)
-        self.recipes = [Recipe(d.obs_window, d.action_horizon, d.fast_jpeg, d.sample_transform,
-                               i, d.window_actions, d.goal_seed, d.decode_sizes) for i, d in enumerate(datasets)]
+        self.recipes = [Recipe.of(d, i) for i, d in enumerate(datasets)]
 
     # -- identity and state --------------------------------------------------------------------
     def initial(self, mixture: Any) -> MixtureCursor:

@@ -31,7 +31,7 @@ import numpy as np
 
 from torch_rlds._corrupt import CORRUPT_ERRORS
 from torch_rlds._images import EncodedImages
-from torch_rlds.keymap import ACTION, LANGUAGE, STATE, image_key
+from torch_rlds.keymap import ACTION, LANGUAGE, STATE, image_key, lookup
 from torch_rlds.trajectory import (
     FilterConfig,
     Trajectory,
@@ -94,13 +94,6 @@ class EpisodePlan:
         return tuple(dict.fromkeys([f"steps/{k}" for k in steps]
                                    + [f"episode_metadata/{k}" for k in meta]))
 
-    def camera_features(self) -> tuple[str, ...]:
-        """Every image feature a camera may read (the key map's and the transforms')."""
-        keys = [self.key_map.image_keys[role] for role in self.key_map.cameras()]
-        if self.trajectory_config is not None:
-            keys += self.trajectory_config.image_keys()
-        return tuple(dict.fromkeys(f"steps/{k}" for k in keys))
-
     # -- making and judging ---------------------------------------------------------------------
     def trajectory(self, episode: Mapping[str, Any], episode_index: int, epoch: int,
                    name: str) -> Trajectory:
@@ -120,14 +113,9 @@ class EpisodePlan:
         the episode filter that rejects ``traj`` and no step."""
         if self.filters is None:
             return KEPT, np.arange(traj.num_steps, dtype=np.int64)
-        for i, keep in enumerate(self.filters.episode):
-            verdict = keep(traj)
-            if not isinstance(verdict, (bool, np.bool_)):
-                raise TrajectoryError(f"data.filters.episode[{i}] "
-                                      f"({self.filters.episode_names[i]}) returned {verdict!r}, "
-                                      "not a bool")
-            if not verdict:
-                return i, np.zeros(0, np.int64)
+        rejecting = self.filters.rejecting(traj)
+        if rejecting is not None:
+            return rejecting, np.zeros(0, np.int64)
         return KEPT, np.flatnonzero(self.filters.sample_mask(traj)).astype(np.int64)
 
     def sampled(self, episode: Mapping[str, Any], episode_index: int, epoch: int,
@@ -141,19 +129,19 @@ class EpisodePlan:
                                   "choose values at random, not the number of steps")
         return traj, self.judge(judged)[1]
 
-    def standard_episode(self, traj: Trajectory, frames: Mapping[str, EncodedImages],
+    def standard_episode(self, traj: Trajectory, episode: Mapping[str, Any],
                          rows: np.ndarray | None = None) -> dict[str, Any]:
         """The episode in the key map's standard layout as ``traj`` makes it, one step per
-        trajectory row: each camera's frames are those of its chosen feature (``frames``, by
-        ``steps/...`` name, over the dataset's steps) at the rows' ``frame_steps``; only
-        ``rows`` get frames (all rows when ``None``)."""
+        trajectory row: each camera's frames are those of its chosen feature in the read
+        ``episode`` (over the dataset's steps) at the rows' ``frame_steps``; only ``rows`` get
+        frames (all rows when ``None``)."""
         observation: dict[str, Any] = {}
         if STATE in traj.numeric:
             observation[STATE] = np.asarray(traj.numeric[STATE], dtype=np.float32)
         count = traj.num_steps
         wanted = range(count) if rows is None else np.unique(rows).tolist()
         for role in self.key_map.cameras():
-            source = frames[f"steps/{traj.cameras[role]}"]
+            source = lookup(episode["steps"], traj.cameras[role])
             encoded: list[Any] = [None] * count
             for r in wanted:
                 encoded[r] = source.encoded[int(traj.frame_steps[r])]
@@ -173,10 +161,15 @@ class EpisodePlan:
         from the per-shard cache or counted now (numbers read through ``reader``)."""
         from tqdm import tqdm
 
+        # shard -> {record: episode}, for the split's episodes
+        episodes: list[dict[int, int]] = [{} for _ in range(files.num_shards)]
+        for e, (s, r) in enumerate(zip(files.shard_of.tolist(), files.record_of.tolist())):
+            episodes[s][r] = e
         per_shard: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         for shard in tqdm(range(files.num_shards), desc="Applying filters", unit="shard",
                           delay=1.0, leave=False, disable=not progress):
-            per_shard.append(self._shard_kept(files, shard, lengths, reader, on_corrupt))
+            per_shard.append(self._shard_kept(files, shard, episodes[shard], lengths, reader,
+                                              on_corrupt))
         reasons = np.empty(len(lengths), np.int64)
         sizes = np.empty(len(lengths), np.int64)
         steps: list[np.ndarray] = [np.zeros(0, np.int64)] * len(lengths)
@@ -186,11 +179,8 @@ class EpisodePlan:
             steps[e] = per_shard[s][2][r]
         return KeptSteps(steps, reasons, sizes, self.episode_filters)
 
-    def _records(self, files: Any, shard: int) -> np.ndarray:
-        return np.flatnonzero(files.shard_of == shard)
-
-    def _shard_kept(self, files: Any, shard: int, lengths: np.ndarray, reader: Any,
-                    on_corrupt: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    def _shard_kept(self, files: Any, shard: int, by_record: dict[int, int],
+                    lengths: np.ndarray, reader: Any, on_corrupt: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         index = files.shard(shard)
         records = index.num_records
         path = files._path(shard, f"{self.digest}.kept")
@@ -202,7 +192,6 @@ class EpisodePlan:
         trajectory_steps = np.zeros(records, np.int64)
         kept: list[np.ndarray] = [np.zeros(0, np.int64)] * records
         features = self.number_features()
-        by_record = {int(files.record_of[e]): int(e) for e in self._records(files, shard)}
         for record in range(records):
             e = by_record.get(record)
             if e is None or lengths[e] < 0:

@@ -77,6 +77,15 @@ class Recipe:
     goal_seed: int | None = None
     decode_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()
 
+    @classmethod
+    def of(cls, dataset: Any, dataset_index: int | None = None) -> Recipe:
+        """How ``dataset`` (an :class:`~torch_rlds.RLDSDataset`, or a stream without the
+        sample options, which then take their defaults) makes its samples."""
+        return cls(dataset.obs_window, dataset.action_horizon, dataset.fast_jpeg,
+                   dataset.sample_transform, dataset_index,
+                   getattr(dataset, "window_actions", False),
+                   getattr(dataset, "goal_seed", None), getattr(dataset, "decode_sizes", ()))
+
     def finish(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` (as :meth:`EpisodeSamples.sample` makes it) transformed, and marked with
         the dataset's index in a mixture."""

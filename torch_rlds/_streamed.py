@@ -217,9 +217,7 @@ class StreamedDataset(torch.utils.data.IterableDataset):
 
     def _recipe_of_self(self) -> Recipe:
         """How this dataset's own samples are made (a mixture's carry their dataset's)."""
-        return Recipe(self.obs_window, self.action_horizon, self.fast_jpeg,
-                      self.sample_transform, None, getattr(self, "window_actions", False),
-                      getattr(self, "goal_seed", None), getattr(self, "decode_sizes", ()))
+        return Recipe.of(self)
 
     def _decoded(self, sampler: EpisodeSamples, t: int, epoch: int) -> dict[str, Any]:
         """The sample of step ``t``, its frames decoded (the part that runs on the pool)."""

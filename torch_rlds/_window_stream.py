@@ -221,29 +221,13 @@ class WindowStream:
         name = dataset.source.describe(episode_index)
         episode = (dataset.source.episode(episode_index) if payload is None
                    else dataset.source.decoder.decode(payload, name=name))
-        if dataset._plan is not None:
-            traj, kept = dataset._plan.sampled(episode, episode_index, epoch, name)
-            frames = {k: _leaf(episode, k) for k in dataset._plan.camera_features()}
-            sampler = EpisodeSamples(dataset._plan.standard_episode(traj, frames),
-                                     dataset.observation_keys, dataset.action_key,
-                                     dataset.language_key, episode_index, name,
-                                     check_images=dataset.on_corrupt == "skip",
-                                     keep_recent=not dataset.shuffle and dataset.obs_window > 1)
-            sampler.sample_steps = kept
-            return sampler
-        if dataset.key_map is not None:
-            episode = dataset.key_map.apply(episode, name=name)
-        return EpisodeSamples(episode, dataset.observation_keys, dataset.action_key,
-                              dataset.language_key, episode_index, name,
-                              check_images=dataset.on_corrupt == "skip",
-                              keep_recent=not dataset.shuffle and dataset.obs_window > 1)
-
-
-def _leaf(episode: dict[str, Any], name: str) -> Any:
-    node: Any = episode
-    for part in name.split("/"):
-        node = node[part]
-    return node
+        if dataset._plan is None:
+            return dataset._samples_of(episode, episode_index, name)
+        traj, kept = dataset._plan.sampled(episode, episode_index, epoch, name)
+        sampler = dataset._samples_of(dataset._plan.standard_episode(traj, episode),
+                                      episode_index, name)
+        sampler.sample_steps = kept
+        return sampler
 
 
 class WindowReads:

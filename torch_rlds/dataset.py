@@ -13,6 +13,7 @@ from torch_rlds._global_stream import GlobalStream
 from torch_rlds._info import DatasetFormatError
 from torch_rlds._plan import EpisodePlan
 from torch_rlds._rules import check_int
+from torch_rlds._samples import EpisodeSamples
 from torch_rlds._state import MAX_INT
 from torch_rlds._step_index import NotStepAddressable
 from torch_rlds._step_reader import IndexBuilder, StepFiles, StepReader
@@ -262,6 +263,19 @@ class RLDSDataset(StreamedDataset):
             self._global_language = (None if self.language_key is None
                                      else f"steps/{self.language_key}")
         return stream
+
+    def _samples_of(self, episode: dict[str, Any], index: int, name: str, *,
+                    check_images: bool | None = None) -> EpisodeSamples:
+        """The step samples of the read ``episode`` (in the standard layout where a plan made
+        it; mapped here by the key map otherwise). Frame headers are checked under
+        ``on_corrupt="skip"`` unless ``check_images`` says otherwise (a sparse read)."""
+        if self.key_map is not None and self._plan is None:
+            episode = self.key_map.apply(episode, name=name)
+        return EpisodeSamples(episode, self.observation_keys, self.action_key,
+                              self.language_key, index, name,
+                              check_images=(self.on_corrupt == "skip" if check_images is None
+                                            else check_images),
+                              keep_recent=not self.shuffle and self.obs_window > 1)
 
     def _default_observation_keys(self) -> tuple[str, ...]:
         prefix = ("steps", "observation")

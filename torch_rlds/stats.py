@@ -234,19 +234,17 @@ def compute_stats(source: Any, key_map: KeyMap, *, progress: bool = True,
         if plan is not None:
             traj = plan.trajectory(source.episode(i), i, 0, where)
             kept = plan.judge(traj)[1]
-            steps = {"observation": {STATE: traj.numeric.get(STATE)},
-                     ACTION: traj.numeric[ACTION][kept]}
-            if steps["observation"][STATE] is not None:
-                steps["observation"][STATE] = traj.numeric[STATE][kept]
+            values = {name: traj.numeric[key][kept] for name, key in parts.items()}
         else:
             steps = key_map.apply(source.episode(i), name=where)["steps"]
-        for name, key in parts.items():
-            value = steps["observation"][STATE] if key == STATE else steps[ACTION]
+            values = {name: steps["observation"][STATE] if key == STATE else steps[ACTION]
+                      for name, key in parts.items()}
+        for name, value in values.items():
             if not np.isfinite(value).all():
                 raise ValueError(f"{where}: {name} holds non-finite values; statistics need "
                                  "finite values")
             pending[name].append(value)
-        rows += len(steps[ACTION])
+        rows += len(values["actions"])
         if rows >= _FLUSH_ROWS:
             flush()
             rows = 0

@@ -204,17 +204,23 @@ class Filters:
     sample: tuple[Callable[[Trajectory], Any], ...]
     sample_names: tuple[str, ...]
 
-    def rejected_by(self, traj: Trajectory) -> str | None:
-        """``None`` when every episode filter keeps ``traj``, else ``"episode[i] (op)"`` of the
-        first that does not (what a count of skipped episodes is keyed by)."""
+    def rejecting(self, traj: Trajectory) -> int | None:
+        """``None`` when every episode filter keeps ``traj``, else the index of the first that
+        does not."""
         for i, (keep, name) in enumerate(zip(self.episode, self.episode_names)):
             verdict = keep(traj)
             if not isinstance(verdict, (bool, np.bool_)):
                 raise TrajectoryError(f"data.filters.episode[{i}] ({name}) returned "
                                       f"{verdict!r}, not a bool")
             if not verdict:
-                return f"episode[{i}] ({name})"
+                return i
         return None
+
+    def rejected_by(self, traj: Trajectory) -> str | None:
+        """``None`` when every episode filter keeps ``traj``, else ``"episode[i] (op)"`` of the
+        first that does not (what a count of skipped episodes is keyed by)."""
+        i = self.rejecting(traj)
+        return None if i is None else f"episode[{i}] ({self.episode_names[i]})"
 
     def keep_episode(self, traj: Trajectory) -> bool:
         """Whether every episode filter keeps ``traj``."""
